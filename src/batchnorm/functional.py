@@ -1,0 +1,335 @@
+"""`batch_norm`: torch.nn.functional.batch_norm's contract on a hand-derived autograd core.
+
+Training (Algorithm 1 of Ioffe & Szegedy 2015), per channel c over the m values
+of every other axis:
+
+    mean_c = 1/m sum x,   var_c = 1/m sum (x - mean_c)**2,   invstd_c = (var_c + eps)**-1/2
+    y      = x * scale_c + shift_c,   scale_c = gamma_c * invstd_c,   shift_c = beta_c - mean_c * scale_c
+
+Backward (see `batchnorm.reference.backward` for the derivation), with the two
+reductions s1 = sum(dy) and s2 = sum(dy * (x - mean)):
+
+    dbeta  = s1,   dgamma = s2 * invstd
+    dx     = k * dy + b * x + c   where k = gamma * invstd,
+                                        b = -k * invstd**2 * s2 / m,
+                                        c = -k * s1 / m - b * mean
+
+so the backward is one reduction pass and one elementwise pass. Running
+statistics follow PyTorch: momentum weights the new batch, the unbiased
+variance is stored. A batch whose statistics are not finite never reaches the
+running statistics: the update is skipped with a warning.
+
+Numerical choices: half inputs (float16, bfloat16) are computed in float32 and
+the result cast back; statistics come from `torch.var_mean` (a two-pass /
+Welford reduction, never E[x^2] - E[x]^2); float32 statistics and parameters
+may go with half inputs (mixed precision).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+__all__ = ["batch_norm"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+) -> Tensor:
+    """Batch normalization with torch.nn.functional.batch_norm's signature and semantics.
+
+    y = (x - mean) / sqrt(var + eps) * weight + bias, per channel along `axis`
+    (default 1, as torch; -1 for (N, L, C) sequences or channels-last data
+    stored that way). In training the batch's own mean and biased variance are
+    used and, when given, `running_mean` / `running_var` are updated in place:
+    running = (1 - momentum) * running + momentum * batch (unbiased variance).
+    Otherwise the running statistics normalize.
+
+    Shapes: input (N, C, *) with C on `axis`; running_mean, running_var,
+    weight, bias (C,) or None.
+
+    Raises ValueError for a wrong rank or channel count, eps <= 0 or a
+    momentum outside [0, 1] in training, and one value per channel in
+    training; TypeError for a non-floating input.
+
+    >>> x = torch.randn(8, 3, 4, 4)
+    >>> y = batch_norm(x, None, None, training=True)
+    >>> bool(y.mean((0, 2, 3)).abs().max() < 1e-5)
+    True
+    """
+    y, _ = batch_norm_with_status(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, axis=axis
+    )
+    return y
+
+
+def batch_norm_with_status(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+) -> tuple[Tensor, bool]:
+    """`batch_norm`, also saying whether the running statistics may count this batch.
+
+    The second value is False only when a training batch had non-finite
+    statistics and the running statistics were left as they were; the layers
+    then do not count the batch in `num_batches_tracked` either.
+    """
+    axis = _check_input(input, axis)
+    C = input.shape[axis]
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        _check_channels(name, t, C, input, axis)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must be given together or both be None, "
+            f"got running_mean={_describe(running_mean)} and running_var={_describe(running_var)}"
+        )
+
+    if not training:
+        if running_mean is None:
+            raise ValueError(
+                "batch_norm with training=False normalizes with running_mean and running_var, "
+                "but both are None; pass them, or training=True to use the batch's statistics"
+            )
+        return _inference(input, running_mean, running_var, weight, bias, eps, axis), True
+
+    _check_training(input, axis, momentum, eps)
+    if input.numel() == 0:
+        # As torch: an empty batch gives an empty output (zero parameter
+        # gradients) and leaves the running statistics alone.
+        stats = input.new_zeros(C, dtype=_acc_dtype(input.dtype))
+        return _inference(input, stats, stats + 1, weight, bias, eps, axis), True
+
+    y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps, axis)
+    if running_mean is None:
+        return y, True
+    return y, _update_running_stats(running_mean, running_var, mean, var, input.numel() // C, momentum)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _describe(t: Tensor | None) -> str:
+    return "None" if t is None else f"tensor of shape {tuple(t.shape)}"
+
+
+def _check_input(input: Tensor, axis: int) -> int:
+    """Validate dtype and rank; return the channel axis as a non-negative index."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm expected a torch.Tensor input, got {type(input).__name__}")
+    if input.dtype not in _FLOATS:
+        raise TypeError(
+            f"batch_norm expected a floating-point input (float16, bfloat16, float32 or float64), "
+            f"got {input.dtype}; convert it first, e.g. x.float()"
+        )
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_norm expected an input of at least 2 dimensions (N, C, ...), "
+            f"got {input.dim()}D input of shape {tuple(input.shape)}"
+        )
+    if not -input.dim() <= axis < input.dim():
+        raise ValueError(
+            f"channel axis {axis} is out of range for {input.dim()}D input of shape "
+            f"{tuple(input.shape)}; expected an axis in [{-input.dim()}, {input.dim() - 1}]"
+        )
+    return axis % input.dim()
+
+
+def _check_channels(name: str, t: Tensor | None, C: int, input: Tensor, axis: int) -> None:
+    if t is None:
+        return
+    if t.dim() != 1 or t.shape[0] != C:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)} but the input of shape {tuple(input.shape)} "
+            f"has {C} channels on axis {axis}; expected {name} of shape ({C},). "
+            "Check num_features, or the channel axis (axis=-1 for (N, L, C) data)"
+        )
+
+
+def _check_training(input: Tensor, axis: int, momentum: float, eps: float) -> None:
+    if not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(
+            f"momentum must be in [0, 1] (PyTorch convention: the weight of the new batch, "
+            f"default 0.1), got {momentum}. A Keras/Flax momentum of 0.99 is momentum=0.01 here"
+        )
+    C = input.shape[axis]
+    m = input.numel() // C if C else 0
+    if m == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{tuple(input.shape)}: each of the {C} channels has a single value, so its batch "
+            "variance is 0 and the output would be beta whatever the input. Use eval mode "
+            "(running statistics), a larger batch, virtual batches, or GroupNorm/LayerNorm, "
+            "which do not depend on the batch"
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(ndim: int, axis: int) -> list[int]:
+    return [d for d in range(ndim) if d != axis]
+
+
+def _view(v: Tensor, ndim: int, axis: int) -> Tensor:
+    """(C,) -> shape broadcasting along `axis` of an ndim tensor, e.g. (1, C, 1, 1)."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.view(shape)
+
+
+def _inference(
+    input: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    axis: int,
+) -> Tensor:
+    """y = x * scale + shift with fixed statistics: one fused multiply-add pass.
+
+    Composed of differentiable torch ops, so gradients (of any order) flow to
+    input, weight and bias as in torch.
+    """
+    acc = _acc_dtype(input.dtype)
+    scale = torch.rsqrt(var.to(acc) + eps)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    shift = -mean.to(acc) * scale
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    x = input if input.dtype == acc else input.to(acc)
+    y = torch.addcmul(_view(shift, input.dim(), axis), x, _view(scale, input.dim(), axis))
+    return y.to(input.dtype)
+
+
+@torch.no_grad()
+def _update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, m: int, momentum: float
+) -> bool:
+    """running = (1 - momentum) * running + momentum * batch, skipped if the batch is not finite."""
+    if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+        warnings.warn(
+            "batchnorm: the batch statistics contain NaN or Inf (non-finite values in the "
+            "input); running_mean and running_var were left unchanged for this batch",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    unbiased = var * (m / (m - 1))
+    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return True
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Training-mode BN with the closed-form backward of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int):
+        ndim = input.dim()
+        dims = _reduce_dims(ndim, axis)
+        acc = _acc_dtype(input.dtype)
+        x = input if input.dtype == acc else input.to(acc)
+        var, mean = torch.var_mean(x, dim=dims, correction=0)  # (C,), (C,)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.to(acc)
+        y = torch.addcmul(_view(shift, ndim, axis), x, _view(scale, ndim, axis)).to(input.dtype)
+
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.eps, ctx.axis = eps, axis
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None):
+        input, weight, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: gradients of gradients are wanted, so build the
+            # backward from differentiable ops that see x again.
+            return (*_backward_differentiable(ctx, input, weight, dy), None, None)
+
+        axis, ndim = ctx.axis, input.dim()
+        dims = _reduce_dims(ndim, axis)
+        acc = mean.dtype
+        x = input if input.dtype == acc else input.to(acc)
+        g = dy if dy.dtype == acc else dy.to(acc)
+        m = input.numel() // input.shape[axis]
+
+        s1 = g.sum(dims)  # (C,) sum(dy)
+        s2 = ((x - _view(mean, ndim, axis)) * g).sum(dims)  # (C,) sum(dy * (x - mean))
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_x:
+            k = invstd if weight is None else invstd * weight.to(acc)
+            b = -k * invstd * invstd * s2 / m
+            c = -k * s1 / m - b * mean
+            dx = torch.addcmul(_view(c, ndim, axis), x, _view(b, ndim, axis))
+            dx.addcmul_(g, _view(k, ndim, axis))
+            dx = dx.to(input.dtype)
+        if need_w and weight is not None:
+            dw = (s2 * invstd).to(weight.dtype)
+        if need_b and ctx.bias_dtype is not None:
+            db = s1.to(ctx.bias_dtype)
+        return dx, dw, db, None, None
+
+
+def _backward_differentiable(ctx, input: Tensor, weight: Tensor | None, dy: Tensor):
+    """The backward recomputed from x with differentiable ops (for double backward).
+
+    dx = gamma * invstd / m * (m * dy - sum(dy) - x_hat * sum(dy * x_hat))
+    """
+    axis, ndim = ctx.axis, input.dim()
+    dims = _reduce_dims(ndim, axis)
+    acc = _acc_dtype(input.dtype)
+    x, g = input.to(acc), dy.to(acc)
+    m = input.numel() // input.shape[axis]
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    invstd = torch.rsqrt(var + ctx.eps)
+    x_hat = (x - _view(mean, ndim, axis)) * _view(invstd, ndim, axis)
+    s1 = g.sum(dims)
+    s2 = (g * x_hat).sum(dims)
+    k = invstd if weight is None else invstd * weight.to(acc)
+    dx = _view(k / m, ndim, axis) * (m * g - _view(s1, ndim, axis) - x_hat * _view(s2, ndim, axis))
+    dw = s2.to(weight.dtype) if weight is not None else None
+    db = s1.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    return dx.to(input.dtype), dw, db
