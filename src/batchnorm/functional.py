@@ -4,7 +4,8 @@ Training (Algorithm 1 of Ioffe & Szegedy 2015), per channel c over the m values
 of every other axis:
 
     mean_c = 1/m sum x,   var_c = 1/m sum (x - mean_c)**2,   invstd_c = (var_c + eps)**-1/2
-    y      = x * scale_c + shift_c,   scale_c = gamma_c * invstd_c,   shift_c = beta_c - mean_c * scale_c
+    y      = x * scale_c + shift_c,   scale_c = gamma_c * invstd_c,
+                                      shift_c = beta_c - mean_c * scale_c
 
 Backward (see `batchnorm.reference.backward` for the derivation), with the two
 reductions s1 = sum(dy) and s2 = sum(dy * (x - mean)):
@@ -265,14 +266,21 @@ class _BatchNormTrain(torch.autograd.Function):
         ndim = input.dim()
         dims = _reduce_dims(ndim, axis)
         acc = _acc_dtype(input.dtype)
-        x = input if input.dtype == acc else input.to(acc)
-        var, mean = torch.var_mean(x, dim=dims, correction=0)  # (C,), (C,)
+        m = input.numel() // input.shape[axis]
+        # Two-pass statistics: the mean, then the sum of squared deviations from
+        # it (no E[x^2] - E[x]^2 cancellation). The output buffer holds x - mean
+        # in between, so the whole forward allocates one tensor of x's size.
+        mean = input.sum(dims, dtype=acc) / m  # (C,)
+        y = torch.empty_like(input, dtype=acc)
+        torch.sub(input, _view(mean, ndim, axis), out=y)
+        var = y.square_().sum(dims) / m  # (C,) biased
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight.to(acc)
         shift = -mean * scale
         if bias is not None:
             shift = shift + bias.to(acc)
-        y = torch.addcmul(_view(shift, ndim, axis), x, _view(scale, ndim, axis)).to(input.dtype)
+        torch.addcmul(_view(shift, ndim, axis), input, _view(scale, ndim, axis), out=y)
+        y = y.to(input.dtype)
 
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.eps, ctx.axis = eps, axis
@@ -291,21 +299,25 @@ class _BatchNormTrain(torch.autograd.Function):
         axis, ndim = ctx.axis, input.dim()
         dims = _reduce_dims(ndim, axis)
         acc = mean.dtype
-        x = input if input.dtype == acc else input.to(acc)
-        g = dy if dy.dtype == acc else dy.to(acc)
         m = input.numel() // input.shape[axis]
 
-        s1 = g.sum(dims)  # (C,) sum(dy)
-        s2 = ((x - _view(mean, ndim, axis)) * g).sum(dims)  # (C,) sum(dy * (x - mean))
+        # One reduction pass (s1, s2), one elementwise pass (dx); the dx buffer
+        # holds (x - mean) * dy in between, so nothing else of x's size is made.
+        s1 = dy.sum(dims, dtype=acc)  # (C,) sum(dy)
+        dx = torch.empty_like(input, dtype=acc)
+        torch.sub(input, _view(mean, ndim, axis), out=dx)
+        s2 = dx.mul_(dy).sum(dims)  # (C,) sum(dy * (x - mean))
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = dw = db = None
+        dw = db = None
         if need_x:
             k = invstd if weight is None else invstd * weight.to(acc)
             b = -k * invstd * invstd * s2 / m
             c = -k * s1 / m - b * mean
-            dx = torch.addcmul(_view(c, ndim, axis), x, _view(b, ndim, axis))
-            dx.addcmul_(g, _view(k, ndim, axis))
+            torch.addcmul(_view(c, ndim, axis), input, _view(b, ndim, axis), out=dx)
+            dx.addcmul_(dy, _view(k, ndim, axis))
             dx = dx.to(input.dtype)
+        else:
+            dx = None
         if need_w and weight is not None:
             dw = (s2 * invstd).to(weight.dtype)
         if need_b and ctx.bias_dtype is not None:
