@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 try:
     import typer
@@ -94,10 +95,99 @@ def explain(
     for name in ("i", "x", "x - mu", "x_hat = (x - mu) / std", "y"):
         table.add_column(name, justify="right")
     for i in range(m):
-        table.add_row(
-            str(i + 1), f"{x[i]:.6g}", f"{x[i] - mean:.6g}", _fmt(cache.x_hat[i, 0]), _fmt(y[i, 0])
-        )
+        table.add_row(str(i + 1), f"{x[i]:.6g}", f"{x[i] - mean:.6g}", _fmt(cache.x_hat[i, 0]), _fmt(y[i, 0]))
     console.print(table)
+
+
+@app.command()
+def lab(
+    only: list[str] = typer.Option(None, "--only", help="Run only this experiment (repeatable)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer steps and seeds: about a minute."),
+    full: bool = typer.Option(False, "--full", help="The paper's scale (50,000 steps): long."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first run; results are deterministic on CPU."),
+    out: Path = typer.Option(Path("lab-report"), "--out", help="Directory for index.html and results.json."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    data: str = typer.Option("digits", "--data", help="digits (embedded), mnist:DIR or npz:PATH."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Reuse the finished experiments of an interrupted run."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing report."),
+    scale: str = typer.Option(None, "--scale", hidden=True, help="quick, default, full or tiny (tests)."),
+) -> None:
+    """Test the paper's claims about BN on real data; write lab-report/index.html and results.json.
+
+    Experiments: faster_training, stable_inputs, learning_rates, initialization.
+    """
+    from .lab.data import DataError
+    from .lab.experiments import EXPERIMENTS
+    from .lab.runner import LabError, run_lab
+
+    if quick and full:
+        _fail("--quick and --full exclude each other; pick one")
+    scale = scale or ("quick" if quick else "full" if full else "default")
+    console.print(f"[bold]batchnorm lab[/] ({scale}): {len(only or EXPERIMENTS)} experiment(s) on {data}")
+    try:
+        results = run_lab(
+            out,
+            only,
+            scale,
+            seed,
+            device,
+            data,
+            resume,
+            force,
+            progress_factory=_Progress,
+            log=lambda m: console.print(m, highlight=False),
+        )
+    except (LabError, DataError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        Console(stderr=True).print(
+            f"interrupted: finished experiments are saved in {out / 'experiments'}; "
+            "run again with --resume to continue"
+        )
+        raise typer.Exit(130) from None
+
+    table = Table(title="The claims, measured")
+    for col in ("claim", "measured", "verdict"):
+        table.add_column(col, overflow="fold")
+    style = {"supported": "green", "not supported": "red", "mixed": "yellow"}
+    for s in results["summary"]:
+        table.add_row(s["title"], s["headline"], f"[{style[s['verdict']]}]{s['verdict']}[/]")
+    console.print(table)
+    console.print(
+        f"report: {out / 'index.html'}   numbers: {out / 'results.json'}  ({results['duration_s']:.0f} s)",
+        highlight=False,
+    )
+
+
+class _Progress:
+    """A rich progress bar over training steps, for run_lab."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task = self._bar.add_task("starting", total=max(total, 1))
+
+    def __enter__(self):
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._bar.stop()
+        return False
+
+    def advance(self, n: int, description: str) -> None:
+        self._bar.update(self._task, advance=n, description=description)
 
 
 def main() -> None:
