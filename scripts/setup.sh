@@ -23,4 +23,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing batchnorm[$extras]"
 $pip install --quiet -e ".[$extras]"
+if [ "$extras" = "lab,dev" ] && ! command -v chromium >/dev/null 2>&1; then
+    # The report test opens the lab's page in a real headless browser; it
+    # skips (with a message) where none can be installed.
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing Debian's chromium for the report test"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+            >/dev/null 2>&1 || echo "setup: chromium could not be installed; the browser test will skip"
+    fi
+fi
 echo "setup: done; run .venv/bin/batchnorm --help"
