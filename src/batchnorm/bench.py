@@ -1,0 +1,743 @@
+"""`batchnorm bench`: our batch_norm against PyTorch eager, torch.compile and the memory roofline.
+
+Batch normalization is memory-bound, so each timing is compared with the time
+the data movement alone must take. The traffic model, for E elements of s
+bytes (data larger than the last-level cache):
+
+    train forward       3 passes   read x for one-pass statistics; read x, write y
+    train fwd+bwd       8 passes   forward's 3, then backward's 5: read x and dy for
+                                   sum(dy), sum(dy * x_hat); read both again, write dx
+    eval forward        2 passes   read x, write y
+
+    floor = passes * E * s / copy bandwidth,    % of roofline = floor / time
+
+where the copy bandwidth (bytes read + bytes written per second of a large
+tensor copy) is measured in the same run, at its start and its end; the larger
+of the two sets the floor. Parameters and statistics are (C,)
+vectors and are not counted. bfloat16 cases use float32 weight, bias and running
+statistics (mixed precision), so s = 2 there.
+
+Method: for each case and mode, every implementation is warmed up (the first
+call of torch.compile compiles; its time is recorded as `compile_s`), then the
+implementations are timed round-robin over the repetitions (the starting one
+rotates) and the median is reported (the minimum and every sample go to the
+JSON). Each call makes fresh outputs; forward
+modes run under torch.no_grad(); fwd+bwd takes the gradients of x, weight and
+bias for a fixed upstream gradient with torch.autograd.grad. On CUDA the device
+is synchronized before and after each timed call. No timing is asserted
+anywhere: this module prints tables and writes JSON.
+
+    >>> report = run_suite([Case((8, 4, 16, 16), torch.float32)], repeats=3, compile=False)
+    >>> sorted(report["rows"][0]["times_ms"])
+    ['compile', 'eager', 'ours']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import torch.nn.functional as F
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .functional import batch_norm
+
+__all__ = [
+    "MODES",
+    "PASSES",
+    "Case",
+    "markdown",
+    "measure_copy_bandwidth",
+    "register",
+    "render",
+    "run_suite",
+    "suite",
+]
+
+MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
+MODE_LABELS = {"train_fwd": "train fwd", "train_fwd_bwd": "train fwd+bwd", "eval_fwd": "eval fwd"}
+PASSES = {"train_fwd": 3, "train_fwd_bwd": 8, "eval_fwd": 2}  # the traffic model, in passes of E*s bytes
+# Distinct tensors of x's size a mode touches (x, y; x, y, dy, dx): its working set.
+_TENSORS_TOUCHED = {"train_fwd": 2, "train_fwd_bwd": 4, "eval_fwd": 2}
+IMPLS = ("ours", "eager", "compile")
+COPY_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}  # copy-bandwidth tensor: far above the last-level cache
+MOMENTUM, EPS = 0.1, 1e-5
+_DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input of the suite: shape (N, C, *), dtype, and for 4-D inputs the memory layout."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.channels_last and len(self.shape) != 4:
+            raise ValueError(f"channels_last needs a 4-D shape (N, C, H, W), got {self.shape}")
+
+    @property
+    def layout(self) -> str:
+        if len(self.shape) != 4:
+            return "contiguous"
+        return "channels_last" if self.channels_last else "nchw"
+
+    @property
+    def name(self) -> str:
+        """E.g. '32x64x56x56 nhwc f32'; `--only` matches a substring of this."""
+        dims = "x".join(map(str, self.shape))
+        layout = {"nchw": " nchw", "channels_last": " nhwc", "contiguous": ""}[self.layout]
+        return f"{dims}{layout} {_DTYPE_NAMES.get(self.dtype, str(self.dtype))}"
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+
+_RESNET50 = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7)]
+
+
+def suite(quick: bool = False) -> list[Case]:
+    """The shape suite of issue 3, or with `quick` a subset that takes about a minute on 2 cores.
+
+    Full: ResNet-50 stage shapes at batch 32 and a 3-channel 224x224 image batch,
+    each NCHW and channels_last; 2-D (4096, 1024) and 3-D (32, 128, 512);
+    everything in float32 and bfloat16 (28 cases).
+    """
+    if quick:
+        return [
+            Case((32, 64, 56, 56)),
+            Case((32, 64, 56, 56), channels_last=True),
+            Case((8, 3, 224, 224)),
+            Case((4096, 1024)),
+            Case((32, 128, 512)),
+            Case((32, 64, 56, 56), torch.bfloat16),
+        ]
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in [*_RESNET50, (8, 3, 224, 224)]:
+            cases += [Case(shape, dtype), Case(shape, dtype, channels_last=True)]
+        cases += [Case((4096, 1024), dtype), Case((32, 128, 512), dtype)]
+    return cases
+
+
+# --------------------------------------------------------------------------- device and machine
+
+
+def resolve_device(name: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' -> torch.device; ValueError with a remedy otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device '{name}'; expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device '{name}'; expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                f"built for CUDA: {torch.version.cuda or 'no'}); run on a machine with an NVIDIA GPU "
+                "and a CUDA build of torch, or use --device cpu"
+            )
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: no such GPU; {torch.cuda.device_count()} visible (cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1})"
+            )
+        device = torch.device("cuda", index)
+    return device
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _last_level_cache_bytes(device: torch.device) -> int | None:
+    """L2 of a GPU; the highest-level CPU cache from Linux sysfs (None where unknown)."""
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None)
+    best: tuple[int, int] | None = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()  # e.g. '32768K'
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        nbytes = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        if best is None or level > best[0]:
+            best = (level, nbytes)
+    return None if best is None else best[1]
+
+
+def _git_state() -> dict[str, Any] | None:
+    """The commit the package was run from and the files modified since (None outside a checkout)."""
+    root = Path(__file__).resolve().parents[2]  # src/batchnorm/bench.py -> the checkout
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "modified": [line[3:] for line in status.splitlines()]}
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Where the numbers came from: platform, cores, threads, torch, device name, cache, commit."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "last_level_cache_bytes": _last_level_cache_bytes(device),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "git": _git_state(),
+    }
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _time_call(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
+    """Seconds for one call; its outputs are dropped after the clock stops."""
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    elapsed = time.perf_counter() - t0
+    del out
+    return elapsed
+
+
+def measure_copy_bandwidth(
+    device: torch.device | str = "cpu", nbytes: int | None = None, repeats: int = 10
+) -> float:
+    """Bytes read + bytes written per second of `dst.copy_(src)` on a large tensor (median).
+
+    Default size: 256 MiB on the CPU, 1 GiB on a GPU, far above the last-level cache.
+    """
+    device = torch.device(device)
+    if nbytes is None:
+        nbytes = COPY_BYTES[device.type]
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    sync = _synchronizer(device)
+    for _ in range(2):
+        dst.copy_(src)
+
+    def copy() -> None:
+        dst.copy_(src)
+
+    times = [_time_call(copy, sync) for _ in range(repeats)]
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def _one_thread(fn: Callable[[], float]) -> float:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _make_inputs(case: Case, device: torch.device) -> dict[str, torch.Tensor]:
+    """x (requires grad) in the case's layout, fixed upstream gradient dy, float32 (C,) parameters."""
+    g = torch.Generator().manual_seed(0)
+    C = case.shape[1]
+    x = torch.randn(case.shape, generator=g).to(device=device, dtype=case.dtype)
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(case.shape, generator=g).to(device=device, dtype=case.dtype)
+    if case.channels_last:
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    params = dict(
+        weight=(1 + 0.1 * torch.randn(C, generator=g)).to(device),
+        bias=(0.1 * torch.randn(C, generator=g)).to(device),
+        running_mean=(0.1 * torch.randn(C, generator=g)).to(device),
+        running_var=(1 + 0.1 * torch.rand(C, generator=g)).to(device),
+    )
+    return {"x": x.requires_grad_(), "dy": dy, **params}
+
+
+def _calls(impl: Callable[..., torch.Tensor], t: dict[str, torch.Tensor]) -> dict[str, Callable[[], Any]]:
+    """One zero-argument call per mode for one implementation, with its own running statistics."""
+    x, dy, w, b = t["x"], t["dy"], t["weight"].requires_grad_(), t["bias"].requires_grad_()
+    rm, rv = t["running_mean"].clone(), t["running_var"].clone()
+
+    def train_fwd():
+        with torch.no_grad():
+            return impl(x, rm, rv, w, b, True, MOMENTUM, EPS)
+
+    def train_fwd_bwd():
+        y = impl(x, rm, rv, w, b, True, MOMENTUM, EPS)
+        return torch.autograd.grad(y, (x, w, b), dy)
+
+    def eval_fwd():
+        with torch.no_grad():
+            return impl(x, rm, rv, w, b, False, MOMENTUM, EPS)
+
+    return {"train_fwd": train_fwd, "train_fwd_bwd": train_fwd_bwd, "eval_fwd": eval_fwd}
+
+
+def _max_rel_diff(ours: Any, ref: Any) -> float:
+    """max over output tensors of max|ours - ref| / max|ref|: a sanity check, not a parity test."""
+    ours = ours if isinstance(ours, tuple) else (ours,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    worst = 0.0
+    for a, r in zip(ours, ref, strict=True):
+        r = r.float()
+        worst = max(worst, float((a.float() - r).abs().max() / r.abs().max().clamp_min(1e-30)))
+    return worst
+
+
+def _describe_error(exc: BaseException) -> str:
+    """'RuntimeError: first line of the message'."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or den is None else num / den
+
+
+def _geomean(values: Sequence[float]) -> float | None:
+    return math.exp(statistics.fmean(math.log(v) for v in values)) if values else None
+
+
+def run_suite(
+    cases: Sequence[Case] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    repeats: int = 20,
+    warmup: int = 2,
+    compile: bool = True,
+    modes: Sequence[str] = MODES,
+    copy_bytes: int | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Time ours, torch eager and torch.compile of F.batch_norm on each case and mode.
+
+    Returns the report that `render` prints and `--json` writes: machine info,
+    settings, the copy bandwidth, one row per (case, mode) with median times in
+    ms (None for compile when it is off or failed), speedups (> 1: ours is
+    faster), ours' GB/s and % of the roofline, and per-mode geometric means.
+    `console` shows a progress bar there; None runs silently.
+    """
+    device = resolve_device(str(device))
+    cases = suite() if cases is None else list(cases)
+    if not cases:
+        raise ValueError("no cases to run")
+    if repeats < 1 or warmup < 1:
+        raise ValueError(f"repeats and warmup must be at least 1, got repeats={repeats}, warmup={warmup}")
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown modes {sorted(unknown)}; expected some of {list(MODES)}")
+    machine = machine_info(device)  # before the run, so the load average is other programs'
+    sync = _synchronizer(device)
+    llc = machine["last_level_cache_bytes"]
+    started = time.perf_counter()
+
+    progress = (
+        Progress(
+            TextColumn("{task.description:<34}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        if console is not None
+        else None
+    )
+    rows: list[dict[str, Any]] = []
+    with progress or contextlib.nullcontext():
+        task = progress.add_task("copy bandwidth", total=2 + len(cases) * len(modes)) if progress else None
+        copy = {"start": measure_copy_bandwidth(device, copy_bytes)}
+        if device.type == "cpu" and torch.get_num_threads() > 1:
+            copy["start_1_thread"] = _one_thread(lambda: measure_copy_bandwidth(device, copy_bytes))
+        if progress:
+            progress.advance(task)
+        for case in cases:
+            tensors = _make_inputs(case, device)
+            impls: dict[str, Callable[..., torch.Tensor]] = {"ours": batch_norm, "eager": F.batch_norm}
+            compile_error: str | None = None
+            if compile:
+                try:
+                    torch.compiler.reset()  # a fresh cache per case: no recompile limit, no dynamic shapes
+                    impls["compile"] = torch.compile(F.batch_norm, dynamic=False)
+                except Exception as exc:  # torch.compile unsupported on this platform / Python
+                    compile_error = _describe_error(exc)
+            calls = {name: _calls(impl, tensors) for name, impl in impls.items()}
+            for mode in modes:
+                if progress:
+                    progress.update(task, description=f"{case.name} · {MODE_LABELS[mode]}")
+                rows.append(_run_mode(case, mode, calls, repeats, warmup, sync, llc, compile_error))
+                if progress:
+                    progress.advance(task)
+            del tensors, calls, impls
+        if progress:
+            progress.update(task, description="copy bandwidth")
+        copy["end"] = measure_copy_bandwidth(device, copy_bytes)
+        if progress:
+            progress.advance(task)
+    if compile:
+        torch.compiler.reset()
+
+    # The roofline uses the better of the two full-thread copies: the stricter floor.
+    copy_bw = max(copy["start"], copy["end"])
+    for row in rows:
+        ms = row["times_ms"]["ours"]
+        row["floor_ms"] = row["model_bytes"] / copy_bw * 1e3
+        row["ours_gbps"] = row["model_bytes"] / ms / 1e6
+        row["roofline_pct"] = 100 * row["floor_ms"] / ms
+    geomean = {}
+    for mode in modes:
+        mode_rows = [r for r in rows if r["mode"] == mode]
+        vs_compile = [r["speedup_vs_compile"] for r in mode_rows if r["speedup_vs_compile"] is not None]
+        geomean[mode] = {
+            "vs_eager": _geomean([r["speedup_vs_eager"] for r in mode_rows]),
+            "vs_compile": _geomean(vs_compile),
+            "n_eager": len(mode_rows),
+            "n_compile": len(vs_compile),
+        }
+    return {
+        "schema": 1,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "settings": {"device": str(device), "repeats": repeats, "warmup": warmup, "compile": compile},
+        "copy_bandwidth_gbps": copy_bw / 1e9,
+        "copy_bandwidth_runs_gbps": {k: v / 1e9 for k, v in copy.items()},
+        "traffic_model_passes": dict(PASSES),
+        "rows": rows,
+        "geomean_speedup": geomean,
+        "elapsed_s": time.perf_counter() - started,
+    }
+
+
+def _run_mode(
+    case: Case,
+    mode: str,
+    calls: dict[str, dict[str, Callable[[], Any]]],
+    repeats: int,
+    warmup: int,
+    sync: Callable[[], None],
+    llc: int | None,
+    compile_error: str | None,
+) -> dict[str, Any]:
+    """Warm up every implementation, then time them round-robin; one result row."""
+    active = dict(calls)
+    outputs: dict[str, Any] = {}
+    compile_s = None
+    for name, per_mode in calls.items():
+        try:
+            t0 = time.perf_counter()
+            outputs[name] = per_mode[mode]()
+            sync()
+            if name == "compile":
+                compile_s = time.perf_counter() - t0
+            for _ in range(warmup - 1):
+                per_mode[mode]()
+        except Exception as exc:
+            if name != "compile":
+                raise
+            compile_error = _describe_error(exc)
+            del active[name]
+    max_rel_diff = _max_rel_diff(outputs["ours"], outputs["eager"])
+    del outputs
+
+    samples: dict[str, list[float]] = {name: [] for name in active}
+    names = list(active)
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:  # rotate who goes first
+            samples[name].append(_time_call(active[name][mode], sync))
+
+    ms = {name: statistics.median(samples[name]) * 1e3 if name in samples else None for name in IMPLS}
+    element_size = torch.empty((), dtype=case.dtype).element_size()
+    model_bytes = PASSES[mode] * case.elements * element_size
+    working_set = _TENSORS_TOUCHED[mode] * case.elements * element_size
+    return {
+        "case": case.name,
+        "shape": list(case.shape),
+        "layout": case.layout,
+        "dtype": str(case.dtype).removeprefix("torch."),
+        "mode": mode,
+        "elements": case.elements,
+        "element_size": element_size,
+        "model_bytes": model_bytes,
+        "fits_in_cache": llc is not None and working_set <= llc,
+        "times_ms": ms,
+        "min_ms": {name: min(samples[name]) * 1e3 if name in samples else None for name in IMPLS},
+        "speedup_vs_eager": _ratio(ms["eager"], ms["ours"]),
+        "speedup_vs_compile": _ratio(ms["compile"], ms["ours"]),
+        "compile_s": compile_s,
+        "compile_error": compile_error if "compile" not in active else None,
+        "max_rel_diff_vs_eager": max_rel_diff,
+        "samples_ms": {name: [t * 1e3 for t in ts] for name, ts in samples.items()},
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt_ms(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+
+
+def _fmt_x(v: float | None) -> str:
+    if v is None:
+        return "—"
+    colour = "green" if v >= 1 else "red" if v < 0.9 else "yellow"
+    return f"[{colour}]{v:.2f}x[/]"
+
+
+_COLUMNS = (
+    "case",
+    "mode",
+    "ours ms",
+    "eager ms",
+    "compile ms",
+    "vs eager",
+    "vs compile",
+    "GB/s",
+    "% roofline",
+)
+_TOLERANCE = {"float32": 1e-4, "float64": 1e-10}  # half types: 2e-2
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    """The table (one row per case and mode), the geometric means, and any warnings."""
+    m = report["machine"]
+    console.print(
+        f"[bold]batchnorm bench[/] on {m['device_name']} ({m['device']}, {m['cpu_count']} CPUs, "
+        f"{m['torch_threads']} torch threads), torch {m['torch']}; copy bandwidth "
+        f"{report['copy_bandwidth_gbps']:.1f} GB/s (read + write); median of "
+        f"{report['settings']['repeats']} runs",
+        highlight=False,
+    )
+    load = m.get("load_average")
+    if load and load[0] > 0.5:
+        console.print(
+            f"[yellow]note:[/] the 1-minute load average was {load[0]:.2f} when the run started: "
+            "other programs may have competed for the cores, and the timings are then noisy",
+            highlight=False,
+        )
+    runs = report.get("copy_bandwidth_runs_gbps", {})
+    if "start_1_thread" in runs and runs["start_1_thread"] > 1.1 * runs["start"]:
+        console.print(
+            f"[yellow]note:[/] a copy on 1 thread ({runs['start_1_thread']:.1f} GB/s) beat one on "
+            f"{m['torch_threads']} ({runs['start']:.1f} GB/s): the other cores were busy or slow to "
+            "wake (another program, or a contended virtual machine); multi-threaded timings are suspect",
+            highlight=False,
+        )
+    if runs.get("end") and not 0.8 < runs["end"] / runs["start"] < 1.25:
+        console.print(
+            f"[yellow]note:[/] the copy bandwidth changed during the run ({runs['start']:.1f} GB/s at "
+            f"the start, {runs['end']:.1f} at the end): the machine's state changed; timings are noisy",
+            highlight=False,
+        )
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("case", no_wrap=True)
+    table.add_column("mode", no_wrap=True)
+    for col in _COLUMNS[2:]:
+        table.add_column(col, justify="right", no_wrap=True)
+    previous = None
+    cached = False
+    for row in report["rows"]:
+        if previous is not None and row["case"] != previous:
+            table.add_section()
+        label = row["case"] if row["case"] != previous else ""
+        previous = row["case"]
+        mark = "*" if row["fits_in_cache"] else ""
+        cached |= row["fits_in_cache"]
+        t = row["times_ms"]
+        table.add_row(
+            label,
+            MODE_LABELS[row["mode"]] + mark,
+            _fmt_ms(t["ours"]),
+            _fmt_ms(t["eager"]),
+            _fmt_ms(t["compile"]),
+            _fmt_x(row["speedup_vs_eager"]),
+            _fmt_x(row["speedup_vs_compile"]),
+            f"{row['ours_gbps']:.1f}",
+            f"{row['roofline_pct']:.0f}%",
+        )
+    console.print(table)
+    if cached:
+        llc = m["last_level_cache_bytes"]
+        console.print(
+            f"* the mode's working set fits in the {llc / 2**20:.0f} MiB last-level cache: "
+            "GB/s and % roofline may exceed the streaming limit",
+            highlight=False,
+        )
+    for mode, g in report["geomean_speedup"].items():
+        vs_compile = f"{g['vs_compile']:.2f}x" if g["vs_compile"] is not None else "—"
+        console.print(
+            f"geometric-mean speedup, {MODE_LABELS[mode]:<13}: {g['vs_eager']:.2f}x vs eager "
+            f"({g['n_eager']} cases), {vs_compile} vs compile ({g['n_compile']} cases)",
+            highlight=False,
+        )
+    for row in report["rows"]:
+        tol = _TOLERANCE.get(row["dtype"], 2e-2)
+        if row["max_rel_diff_vs_eager"] > tol:
+            console.print(
+                f"[yellow]warning:[/] {row['case']} {MODE_LABELS[row['mode']]}: ours differs from torch "
+                f"eager by {row['max_rel_diff_vs_eager']:.2g} (relative to max |torch|), above {tol:g}",
+                highlight=False,
+            )
+    errors = {row["compile_error"] for row in report["rows"] if row["compile_error"]}
+    for error in sorted(errors):
+        console.print(f"torch.compile: {error}", highlight=False, style="dim")
+    console.print(f"took {report['elapsed_s']:.0f} s", highlight=False, style="dim")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The table as GitHub markdown (for benchmarks/README.md), geometric means below it."""
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * 2 + "---:|" * (len(_COLUMNS) - 2)]
+    for row in report["rows"]:
+        t = row["times_ms"]
+        cells = [
+            row["case"],
+            MODE_LABELS[row["mode"]] + ("*" if row["fits_in_cache"] else ""),
+            _fmt_ms(t["ours"]),
+            _fmt_ms(t["eager"]),
+            _fmt_ms(t["compile"]),
+            _plain_x(row["speedup_vs_eager"]),
+            _plain_x(row["speedup_vs_compile"]),
+            f"{row['ours_gbps']:.1f}",
+            f"{row['roofline_pct']:.0f}%",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for mode, g in report["geomean_speedup"].items():
+        lines.append(
+            f"- geometric-mean speedup, {MODE_LABELS[mode]}: {_plain_x(g['vs_eager'])} vs eager, "
+            f"{_plain_x(g['vs_compile'])} vs torch.compile"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plain_x(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}x"
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------- command
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr, exit status 2, no traceback."""
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="A representative subset (about a minute on 2 cores)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    repeats: int = typer.Option(20, "--repeats", help="Timed runs per implementation and mode."),
+    json_path: Path | None = typer.Option(
+        None, "--json", help="Also write the full results as JSON to this path."
+    ),
+    compile: bool = typer.Option(
+        True, "--compile/--no-compile", help="Also time torch.compile(F.batch_norm)."
+    ),
+    only: str | None = typer.Option(
+        None, "--only", help="Run only cases whose name contains this, e.g. nhwc, bf16."
+    ),
+) -> None:
+    """Time our batch_norm against torch eager, torch.compile and the memory roofline.
+
+    Training forward, training forward+backward and eval forward over a suite of
+    ResNet-50, image, 2-D and 3-D shapes; NCHW and channels_last; float32 and bfloat16.
+    """
+    try:
+        dev = resolve_device(device)
+    except ValueError as exc:
+        _fail(str(exc))
+    if repeats < 1:
+        _fail(f"--repeats must be at least 1, got {repeats}")
+    cases = suite(quick)
+    if only is not None:
+        cases = [c for c in cases if only.lower() in c.name.lower()]
+        if not cases:
+            names = ", ".join(c.name for c in suite(quick))
+            _fail(f"--only '{only}' matches no case; the cases are: {names}")
+    # Piped or captured output gets rich's 80 columns unless COLUMNS says otherwise: too narrow.
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=140)
+    report = run_suite(cases, device=dev, repeats=repeats, compile=compile, console=Console(stderr=True))
+    report["settings"].update(quick=quick, only=only)
+    render(report, console)
+    if json_path is not None:
+        write_json(report, json_path)
+        console.print(f"wrote {json_path}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `bench` command to a typer app (the `batchnorm` command calls this)."""
+    app.command("bench")(bench)
+
+
+def main() -> None:
+    """`python -m batchnorm.bench [OPTIONS]`: the same command without the `batchnorm` entry point."""
+    app = typer.Typer(add_completion=False)
+    app.command()(bench)
+    app()
+
+
+if __name__ == "__main__":
+    main()
