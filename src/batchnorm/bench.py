@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ._console import fail as _fail
 from .functional import batch_norm
 
 __all__ = [
@@ -676,12 +677,6 @@ def write_json(report: dict[str, Any], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- command
-
-
-def _fail(message: str) -> NoReturn:
-    """One line on stderr, exit status 2, no traceback."""
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
 
 
 def bench(

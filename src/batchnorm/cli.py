@@ -17,7 +17,8 @@ except ImportError as exc:  # the core installs without the command line's extra
 
 import numpy as np
 
-from . import reference
+from . import bench, reference
+from ._console import fail as _fail
 
 app = typer.Typer(
     add_completion=False,
@@ -30,12 +31,6 @@ console = Console()
 @app.callback()
 def _root() -> None:
     """Batch Normalization (Ioffe & Szegedy 2015): explain it, test its claims, time it."""
-
-
-def _fail(message: str) -> None:
-    """One line on stderr, exit status 2, no traceback."""
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
 
 
 def _parse_numbers(words: list[str]) -> np.ndarray:
@@ -188,6 +183,9 @@ class _Progress:
 
     def advance(self, n: int, description: str) -> None:
         self._bar.update(self._task, advance=n, description=description)
+
+
+bench.register(app)
 
 
 def main() -> None:
