@@ -6,20 +6,36 @@ The public surface, on one screen:
   `BatchNorm` (any rank, any channel axis);
 - `functional.batch_norm`: torch's functional signature plus `axis`;
 - `reference`: the paper's math in NumPy, the oracle of the tests;
-- `moments`: (count, mean, M2) and Chan's merge.
+- `moments`: (count, mean, M2) and Chan's merge;
+- model tools: `population_statistics` (exact Algorithm 2), `fold_batchnorm`,
+  `convert_batchnorm`, `freeze_batchnorm` / `unfreeze_batchnorm`, `diagnose`.
 """
 
 from . import functional, moments, reference
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .tools import (
+    convert_batchnorm,
+    diagnose,
+    fold_batchnorm,
+    freeze_batchnorm,
+    population_statistics,
+    unfreeze_batchnorm,
+)
 
 __all__ = [
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "convert_batchnorm",
+    "diagnose",
+    "fold_batchnorm",
+    "freeze_batchnorm",
     "functional",
     "moments",
+    "population_statistics",
     "reference",
+    "unfreeze_batchnorm",
 ]
 
 __version__ = "0.1.0"

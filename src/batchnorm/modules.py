@@ -22,12 +22,36 @@ class _Forward:
     Differences from torch, all on bad input: the checks run before any state
     changes, and a batch with non-finite statistics neither updates the
     running statistics nor counts in `num_batches_tracked`.
+
+    A frozen layer (`frozen = True`, see `batchnorm.freeze_batchnorm`)
+    normalizes with its running statistics in training too and never updates
+    them: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias,
+    torchvision's FrozenBatchNorm2d for any rank. weight and bias train or
+    not as their requires_grad says.
     """
 
     axis: int = 1
+    frozen: bool = False
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if self.frozen:
+            if self.running_mean is None or self.running_var is None:
+                raise ValueError(
+                    "a frozen BN layer normalizes with its running statistics, but this one has none "
+                    "(track_running_stats=False); unfreeze it or build it with track_running_stats=True"
+                )
+            return batch_norm_with_status(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                False,
+                0.0,
+                self.eps,
+                axis=self.axis,
+            )[0]
         tracking = self.training and self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
         if tracking and self.num_batches_tracked is not None and self.momentum is None:
@@ -49,6 +73,9 @@ class _Forward:
         if tracking and counted and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", frozen=True" if self.frozen else "")
 
 
 def _check_rank(input: Tensor, ranks: tuple[int, ...], layout: str) -> None:
@@ -115,9 +142,7 @@ class BatchNorm(_Forward, _BatchNorm):
         axis: int = 1,
         bias: bool = True,
     ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.axis = axis
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -128,4 +153,5 @@ class BatchNorm(_Forward, _BatchNorm):
             )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", axis={self.axis}"
+        frozen = ", frozen=True" if self.frozen else ""
+        return _BatchNorm.extra_repr(self) + f", axis={self.axis}" + frozen
