@@ -29,9 +29,13 @@ may go with half inputs (mixed precision).
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from ._general import general_train
 
 __all__ = ["batch_norm"]
 
@@ -49,6 +53,10 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     axis: int = 1,
+    mask: Tensor | None = None,
+    virtual_batch_size: int | None = None,
+    renorm: tuple[float, float] | None = None,
+    process_group: Any = None,
 ) -> Tensor:
     """Batch normalization with torch.nn.functional.batch_norm's signature and semantics.
 
@@ -62,6 +70,22 @@ def batch_norm(
     Shapes: input (N, C, *) with C on `axis`; running_mean, running_var,
     weight, bias (C,) or None.
 
+    Variants (training only, any combination; see `batchnorm._general`):
+
+    - mask: bool, shaped like input without the channel axis, True = real
+      element. Statistics and gradients use real elements only; padded
+      positions output 0 (in eval mode too) and get no gradient.
+    - virtual_batch_size=k: ghost batches, statistics per chunk of k samples
+      along axis 0; the last chunk may be smaller (not a single value per
+      channel). One running-statistics update per step, from all chunks'
+      moments merged (the statistics of the whole batch).
+    - renorm=(r_max, d_max): batch renormalization (Ioffe 2017) against the
+      running statistics (sigma = sqrt(running_var + eps)); needs them.
+    - process_group: a torch.distributed group (or dist.group.WORLD): SyncBN,
+      statistics of the batch concatenated over its processes.
+
+    In eval mode the variants change nothing but the mask's zeros.
+
     Raises ValueError for a wrong rank or channel count, eps <= 0 or a
     momentum outside [0, 1] in training, and one value per channel in
     training; TypeError for a non-floating input.
@@ -72,7 +96,19 @@ def batch_norm(
     True
     """
     y, _ = batch_norm_with_status(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, axis=axis
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        axis=axis,
+        mask=mask,
+        virtual_batch_size=virtual_batch_size,
+        renorm=renorm,
+        process_group=process_group,
     )
     return y
 
@@ -88,6 +124,10 @@ def batch_norm_with_status(
     eps: float = 1e-5,
     *,
     axis: int = 1,
+    mask: Tensor | None = None,
+    virtual_batch_size: int | None = None,
+    renorm: tuple[float, float] | None = None,
+    process_group: Any = None,
 ) -> tuple[Tensor, bool]:
     """`batch_norm`, also saying whether the running statistics may count this batch.
 
@@ -110,13 +150,38 @@ def batch_norm_with_status(
             f"got running_mean={_describe(running_mean)} and running_var={_describe(running_var)}"
         )
 
+    if mask is not None:
+        _check_mask(mask, input, axis)
+
     if not training:
         if running_mean is None:
             raise ValueError(
                 "batch_norm with training=False normalizes with running_mean and running_var, "
                 "but both are None; pass them, or training=True to use the batch's statistics"
             )
-        return _inference(input, running_mean, running_var, weight, bias, eps, axis), True
+        y = _inference(input, running_mean, running_var, weight, bias, eps, axis)
+        if mask is not None:
+            y = y.masked_fill(~mask.unsqueeze(axis), 0)
+        return y, True
+
+    if mask is not None or virtual_batch_size is not None or renorm is not None or process_group is not None:
+        _check_variants(input, axis, momentum, eps, virtual_batch_size, renorm, running_mean, process_group)
+        y, total = general_train(
+            input,
+            weight,
+            bias,
+            eps,
+            axis,
+            mask,
+            virtual_batch_size,
+            renorm,
+            running_mean,
+            running_var,
+            process_group,
+        )
+        if running_mean is None or float(total.count[0]) < 2:
+            return y, True
+        return y, _update_running_stats(running_mean, running_var, total.mean, total.unbiased_var, momentum)
 
     _check_training(input, axis, momentum, eps)
     if input.numel() == 0:
@@ -128,7 +193,8 @@ def batch_norm_with_status(
     y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps, axis)
     if running_mean is None:
         return y, True
-    return y, _update_running_stats(running_mean, running_var, mean, var, input.numel() // C, momentum)
+    m = input.numel() // C
+    return y, _update_running_stats(running_mean, running_var, mean, var * (m / (m - 1)), momentum)
 
 
 # --------------------------------------------------------------------------- checks
@@ -171,7 +237,51 @@ def _check_channels(name: str, t: Tensor | None, C: int, input: Tensor, axis: in
         )
 
 
-def _check_training(input: Tensor, axis: int, momentum: float, eps: float) -> None:
+def _check_mask(mask: Tensor, input: Tensor, axis: int) -> None:
+    want = tuple(s for d, s in enumerate(input.shape) if d != axis)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(
+            f"mask must be a bool tensor (True = real element), got "
+            f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}; e.g. lengths_to_mask > 0"
+        )
+    if tuple(mask.shape) != want:
+        raise ValueError(
+            f"mask must have the input's shape without the channel axis {axis}: expected {want} for input "
+            f"of shape {tuple(input.shape)}, got mask of shape {tuple(mask.shape)}"
+        )
+    if axis == 0:
+        raise ValueError("mask needs the batch on axis 0 and the channels elsewhere; got channel axis 0")
+
+
+def _check_variants(input, axis, momentum, eps, k, renorm, running_mean, process_group) -> None:
+    """Checks of the general path (its own single-value check runs per group)."""
+    _check_training(input, axis, momentum, eps, single_value_check=False)
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(
+                f"virtual_batch_size must be a positive int (samples per ghost batch), got {k!r}"
+            )
+        if axis == 0:
+            raise ValueError("virtual_batch_size splits axis 0 (the batch), but the channel axis is 0")
+    if renorm is not None:
+        r_max, d_max = renorm
+        if not (r_max >= 1 and d_max >= 0):
+            raise ValueError(f"renorm needs r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+        if running_mean is None:
+            raise ValueError(
+                "batch renormalization corrects the batch statistics towards the running statistics, "
+                "but running_mean/running_var are None (track_running_stats=False)"
+            )
+    if process_group is not None and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "process_group given (SyncBN) but torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group first, or pass process_group=None"
+        )
+
+
+def _check_training(
+    input: Tensor, axis: int, momentum: float, eps: float, single_value_check: bool = True
+) -> None:
     if not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if not 0.0 <= momentum <= 1.0:
@@ -181,7 +291,7 @@ def _check_training(input: Tensor, axis: int, momentum: float, eps: float) -> No
         )
     C = input.shape[axis]
     m = input.numel() // C if C else 0
-    if m == 1:
+    if m == 1 and single_value_check:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size "
             f"{tuple(input.shape)}: each of the {C} channels has a single value, so its batch "
@@ -238,10 +348,13 @@ def _inference(
 
 @torch.no_grad()
 def _update_running_stats(
-    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, m: int, momentum: float
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, unbiased: Tensor, momentum: float
 ) -> bool:
-    """running = (1 - momentum) * running + momentum * batch, skipped if the batch is not finite."""
-    if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+    """running = (1 - momentum) * running + momentum * batch, skipped if the batch is not finite.
+
+    `unbiased` is the batch's unbiased variance m / (m - 1) * sigma2_B, what running_var stores.
+    """
+    if not bool(torch.isfinite(mean).all() & torch.isfinite(unbiased).all()):
         warnings.warn(
             "batchnorm: the batch statistics contain NaN or Inf (non-finite values in the "
             "input); running_mean and running_var were left unchanged for this batch",
@@ -249,7 +362,6 @@ def _update_running_stats(
             stacklevel=3,
         )
         return False
-    unbiased = var * (m / (m - 1))
     running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
     running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
     return True
