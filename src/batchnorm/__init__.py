@@ -4,6 +4,9 @@ The public surface, on one screen:
 
 - layers: `BatchNorm1d`, `BatchNorm2d`, `BatchNorm3d` (drop-ins for torch's),
   `BatchNorm` (any rank, any channel axis);
+- variants: `virtual_batch_size=` (ghost batches), `renorm=Renorm(...)`
+  (batch renormalization), `layer(x, mask=...)`, frozen layers;
+- `SyncBatchNorm`, `convert_sync_batchnorm`: on every backend, gloo included;
 - `functional.batch_norm`: torch's functional signature plus `axis`;
 - `reference`: the paper's math in NumPy, the oracle of the tests;
 - `moments`: (count, mean, M2) and Chan's merge;
@@ -12,7 +15,9 @@ The public surface, on one screen:
 """
 
 from . import functional, moments, reference
+from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .renorm import Renorm
 from .tools import (
     convert_batchnorm,
     diagnose,
@@ -27,7 +32,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "Renorm",
+    "SyncBatchNorm",
     "convert_batchnorm",
+    "convert_sync_batchnorm",
     "diagnose",
     "fold_batchnorm",
     "freeze_batchnorm",

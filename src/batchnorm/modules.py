@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .functional import batch_norm_with_status
+from .renorm import Renorm
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -32,9 +33,35 @@ class _Forward:
 
     axis: int = 1
     frozen: bool = False
+    virtual_batch_size: int | None = None
+    renorm: Renorm | None = None
 
-    def forward(self, input: Tensor) -> Tensor:
+    def __init__(self, *args, virtual_batch_size: int | None = None, renorm: Renorm | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if virtual_batch_size is not None:
+            if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
+                raise TypeError(f"virtual_batch_size must be an int or None, got {virtual_batch_size!r}")
+            if virtual_batch_size < 1:
+                raise ValueError(f"virtual_batch_size must be >= 1, got {virtual_batch_size}")
+            self.virtual_batch_size = virtual_batch_size
+        if renorm is not None:
+            if not isinstance(renorm, Renorm):
+                raise TypeError(f"renorm must be a batchnorm.Renorm, got {type(renorm).__name__}")
+            if not self.track_running_stats:
+                raise ValueError(
+                    "batch renormalization corrects batch statistics towards the running statistics: "
+                    "it needs track_running_stats=True"
+                )
+            self.renorm = renorm
+
+    def _sync_group(self, input: Tensor):
+        """The process group to synchronize statistics over; None here, SyncBatchNorm overrides."""
+        return None
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """y = gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta; mask: True = real element (optional)."""
         self._check_input_dim(input)
+        _check_num_features(self, input)
         if self.frozen:
             if self.running_mean is None or self.running_var is None:
                 raise ValueError(
@@ -51,6 +78,7 @@ class _Forward:
                 0.0,
                 self.eps,
                 axis=self.axis,
+                mask=mask,
             )[0]
         tracking = self.training and self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
@@ -59,6 +87,13 @@ class _Forward:
         # Batch statistics in training, and in eval when there are no running statistics.
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
         keep = not self.training or self.track_running_stats
+        variants = {}
+        if use_batch:
+            variants["virtual_batch_size"] = self.virtual_batch_size
+            variants["process_group"] = self._sync_group(input)
+            if self.renorm is not None and tracking:
+                step = 0 if self.num_batches_tracked is None else int(self.num_batches_tracked)
+                variants["renorm"] = self.renorm.limits(step)
         y, counted = batch_norm_with_status(
             input,
             self.running_mean if keep else None,
@@ -69,13 +104,52 @@ class _Forward:
             factor,
             self.eps,
             axis=self.axis,
+            mask=mask,
+            **variants,
         )
         if tracking and counted and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         return y
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", frozen=True" if self.frozen else "")
+        return super().extra_repr() + _variants_repr(self)
+
+
+def _variants_repr(layer: _Forward) -> str:
+    """What we add to torch's repr, only when set (so plain layers print exactly as torch's)."""
+    parts = []
+    if layer.virtual_batch_size is not None:
+        parts.append(f"virtual_batch_size={layer.virtual_batch_size}")
+    if layer.renorm is not None:
+        parts.append(f"renorm={layer.renorm!r}")
+    if layer.frozen:
+        parts.append("frozen=True")
+    return "".join(", " + p for p in parts)
+
+
+def _retype(layer: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """The same layer state under another class: shares every tensor, copies the containers."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in layer.__dict__.items()})
+    return new
+
+
+def _check_num_features(layer: _BatchNorm, input: Tensor) -> None:
+    """The channel axis must hold num_features values, with or without parameters.
+
+    torch only notices a wrong channel count through the shape of weight or
+    running_mean, and says so in their terms; we name the layer's contract.
+    """
+    axis = layer.axis % input.dim()
+    if input.shape[axis] != layer.num_features:
+        want = list(input.shape)
+        want[axis] = layer.num_features
+        raise ValueError(
+            f"{type(layer).__name__}({layer.num_features}) expected input of shape {tuple(want)} "
+            f"({layer.num_features} channels on axis {layer.axis}), got input of shape "
+            f"{tuple(input.shape)} ({input.shape[axis]} channels). Check num_features, or the "
+            "channel axis (axis=-1 for (N, L, C) data)"
+        )
 
 
 def _check_rank(input: Tensor, ranks: tuple[int, ...], layout: str) -> None:
@@ -153,5 +227,4 @@ class BatchNorm(_Forward, _BatchNorm):
             )
 
     def extra_repr(self) -> str:
-        frozen = ", frozen=True" if self.frozen else ""
-        return _BatchNorm.extra_repr(self) + f", axis={self.axis}" + frozen
+        return _BatchNorm.extra_repr(self) + f", axis={self.axis}" + _variants_repr(self)

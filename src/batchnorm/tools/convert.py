@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import modules as ours
+from ..modules import _retype
 
 __all__ = ["convert_batchnorm", "freeze_batchnorm", "unfreeze_batchnorm"]
 
@@ -22,24 +23,19 @@ _TO_OURS: dict[type, type] = {
 _TO_TORCH: dict[type, type] = {v: k for k, v in _TO_OURS.items()}
 
 
-def _retype(layer: nn.Module, cls: type) -> nn.Module:
-    """The same layer state under another class: shares every tensor, copies the containers."""
-    new = cls.__new__(cls)
-    state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in layer.__dict__.items()}
-    new.__dict__.update(state)
-    return new
-
-
 def _convert(module: nn.Module, table: dict[type, type], prefix: str) -> nn.Module:
     target = table.get(type(module))
     if target is not None:
-        if getattr(module, "frozen", False) and target.__module__.startswith("torch"):
-            raise ValueError(
-                f"{prefix or 'the model'} is a frozen BN layer and torch has no frozen BN class; "
-                "call batchnorm.unfreeze_batchnorm first"
-            )
+        if table is _TO_TORCH:
+            extras = [k for k in ("frozen", "virtual_batch_size", "renorm") if getattr(module, k, None)]
+            if extras:
+                raise ValueError(
+                    f"{prefix or 'the model'} uses {', '.join(extras)}, which torch's BN layers do not have; "
+                    "unfreeze it (batchnorm.unfreeze_batchnorm) or drop the variant first"
+                )
         module = _retype(module, target)
-        module.__dict__.pop("frozen", None)
+        for key in ("frozen", "virtual_batch_size", "renorm"):
+            module.__dict__.pop(key, None)
         return module
     if isinstance(module, ours.BatchNorm) and table is _TO_TORCH:
         raise ValueError(

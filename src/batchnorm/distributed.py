@@ -1,0 +1,113 @@
+"""SyncBatchNorm on every torch.distributed backend: gloo on the CPU as well as NCCL on GPUs.
+
+Each process computes (count, mean, M2) per channel of its own batch; one
+all_gather of the packed moments merges them with Chan's formula
+(`batchnorm.moments`, never E[x^2] - E[x]^2 across ranks), so every process
+normalizes with the statistics of the concatenated global batch and updates
+identical running statistics. The backward all-reduces the two per-channel
+sums it needs (sum g, sum g * x_hat) once. Input gradients are exactly those
+of BN over the global batch; parameter gradients stay local, as in PyTorch
+(DistributedDataParallel averages them). Uneven batches and processes with an
+empty batch work; `process_group` restricts the synchronisation to a subgroup.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .modules import _Forward, _retype
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
+
+
+class SyncBatchNorm(_Forward, nn.SyncBatchNorm):
+    r"""Drop-in `torch.nn.SyncBatchNorm` that works on any backend (gloo included) and device.
+
+    y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta with E and Var over the
+    batch concatenated across the processes of `process_group` (default: the
+    whole world) in training; running statistics in eval. Without an
+    initialized process group, or with one process, it is plain BN.
+
+    Same constructor, buffers and state_dict keys as torch's; also
+    `virtual_batch_size`, `renorm` and `layer(x, mask=...)` as the other
+    layers. On the first synchronized forward the processes compare their
+    channel counts, so a mismatched model gives a clear error on every rank
+    instead of a hang.
+    """
+
+    _peers_checked: bool = False
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(
+                f"expected at least 2D input (N, C, ...), got {input.dim()}D input "
+                f"of shape {tuple(input.shape)}"
+            )
+
+    def _sync_group(self, input: Tensor):
+        """The process group to synchronize over in this forward, or None for plain BN."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        if dist.get_world_size(group) == 1:
+            return None
+        if not self._peers_checked:
+            self._check_peers(input, group)
+        return group
+
+    def _check_peers(self, input: Tensor, group) -> None:
+        """One small all_gather: every rank must bring the same channel count (and its input must match)."""
+        channels = input.shape[self.axis % input.dim()] if input.dim() >= 2 else -1
+        mine = torch.tensor([self.num_features, channels], dtype=torch.long, device=_device(self))
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine, group=group)
+        table = torch.stack(parts).tolist()
+        if any(row != table[0] or row[0] != row[1] for row in table):
+            desc = ", ".join(
+                f"rank {i}: num_features {f}, input channels {c}" for i, (f, c) in enumerate(table)
+            )
+            raise ValueError(
+                f"SyncBatchNorm: the processes disagree on the channel count ({desc}); every process must "
+                "build the same layer and feed it inputs with num_features channels"
+            )
+        self._peers_checked = True
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        return convert_sync_batchnorm(module, process_group)
+
+
+def _device(layer: nn.Module) -> torch.device:
+    for t in layer.buffers():
+        return t.device
+    # gloo needs CPU tensors; NCCL needs the current GPU
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every BN layer (torch's, ours, torch's SyncBatchNorm) by `batchnorm.SyncBatchNorm`.
+
+    Same API as torch.nn.SyncBatchNorm.convert_sync_batchnorm: recursive, in
+    place on the children, returns the (possibly new) root. Every tensor,
+    device, dtype, requires_grad and training flag is kept (the layers share
+    the tensors), and our layers keep their axis and variants.
+    """
+    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+        out = _retype(module, SyncBatchNorm)
+        out.process_group = process_group
+        out.__dict__.pop("_peers_checked", None)
+        return out
+    if isinstance(module, SyncBatchNorm):
+        module.process_group = process_group
+        return module
+    for name, child in module.named_children():
+        new = convert_sync_batchnorm(child, process_group)
+        if new is not child:
+            setattr(module, name, new)
+    return module
