@@ -1,0 +1,34 @@
+"""Shared fixtures of the core tests: seeded generators and per-dtype tolerances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+# Tolerances against torch or the float64 reference, per input dtype. Half
+# inputs are computed in float32 by both sides and rounded once, so they may
+# differ by about one unit in the last place of a bfloat16 (2**-8 relative).
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same torch generator state."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def tol():
+    """tol(dtype) -> keyword tolerances for torch.testing.assert_close."""
+    return lambda dtype: TOLERANCES[dtype]

@@ -1,0 +1,252 @@
+"""Bad input: a clear error that says what was expected and what arrived, and nothing corrupted."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+
+import batchnorm as bn
+from batchnorm.functional import batch_norm
+
+
+def _snapshot(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def _assert_unchanged(layer: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = layer.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed"
+
+
+def _moved(layer: bn.BatchNorm2d) -> bn.BatchNorm2d:
+    """A 3-channel 2d layer whose buffers are off their defaults, so any write would show."""
+    layer(torch.randn(4, 3, 3, 3) * 2 + 1)
+    return layer
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize(
+    "layer, shape, expected",
+    [
+        (bn.BatchNorm2d(3), (8, 3, 32), "4D"),
+        (bn.BatchNorm2d(3), (8, 3, 4, 4, 4), "4D"),
+        (bn.BatchNorm1d(3), (2, 3, 4, 5), "2D or 3D"),
+        (bn.BatchNorm3d(3), (2, 3, 4, 5), "5D"),
+        (bn.BatchNorm(3), (3,), "at least 2 dimensions"),
+    ],
+    ids=["2d-got-3d", "2d-got-5d", "1d-got-4d", "3d-got-4d", "generic-got-1d"],
+)
+def test_wrong_rank_names_expected_and_received(layer, shape, expected):
+    with pytest.raises(ValueError) as info:
+        layer(torch.randn(shape))
+    msg = str(info.value)
+    assert expected in msg
+    assert str(shape) in msg  # the shape that arrived
+    assert f"{len(shape)}D" in msg or "at least" in msg
+
+
+def test_wrong_rank_message_reads_like_the_style_guide():
+    want = "expected 4D input (N, C, H, W), got 3D input of shape (8, 3, 32)"
+    with pytest.raises(ValueError, match=re.escape(want)):
+        bn.BatchNorm2d(3)(torch.randn(8, 3, 32))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(affine=False), dict(affine=False, track_running_stats=False)],
+    ids=["default", "no-affine", "no-params-no-buffers"],
+)
+def test_wrong_channel_count_names_expected_and_received(kwargs):
+    layer = bn.BatchNorm2d(3, **kwargs)
+    with pytest.raises(ValueError) as info:
+        layer(torch.randn(2, 4, 5, 5))
+    msg = str(info.value)
+    assert "(2, 4, 5, 5)" in msg  # received
+    assert "(2, 3, 5, 5)" in msg  # expected
+    assert "num_features" in msg
+
+
+def test_wrong_channel_axis_for_sequences_hints_at_axis():
+    layer = bn.BatchNorm(8)  # axis=1, but the data is (N, L, C)
+    with pytest.raises(ValueError, match=r"axis=-1") as info:
+        layer(torch.randn(4, 10, 8))
+    assert "(4, 10, 8)" in str(info.value) and "(4, 8, 8)" in str(info.value)
+
+
+def test_functional_wrong_parameter_shape_names_both_shapes():
+    with pytest.raises(ValueError) as info:
+        batch_norm(torch.randn(2, 3, 4), None, None, torch.ones(4), None, training=True)
+    msg = str(info.value)
+    assert "(4,)" in msg and "(2, 3, 4)" in msg and "(3,)" in msg
+
+
+def test_functional_rank_and_axis_errors():
+    with pytest.raises(ValueError, match=r"at least 2 dimensions.*\(5,\)"):
+        batch_norm(torch.randn(5), None, None, training=True)
+    with pytest.raises(ValueError, match=r"axis 3 is out of range.*\(2, 3, 4\)"):
+        batch_norm(torch.randn(2, 3, 4), None, None, training=True, axis=3)
+
+
+def test_functional_running_stats_must_come_together():
+    with pytest.raises(ValueError, match="together"):
+        batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=True)
+    with pytest.raises(ValueError, match="training=True"):
+        batch_norm(torch.randn(4, 3), None, None, training=False)
+
+
+# --------------------------------------------------------------------------- one value per channel
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1, 1)], ids=str)
+def test_one_value_per_channel_in_training_names_remedies(shape):
+    layer = bn.BatchNorm1d(3) if len(shape) == 2 else bn.BatchNorm2d(3)
+    before = _snapshot(layer)
+    with pytest.raises(ValueError) as info:
+        layer(torch.randn(shape))
+    msg = str(info.value)
+    assert "more than 1 value per channel" in msg
+    assert "variance" in msg  # why: the batch variance of one value is 0
+    for remedy in ("eval", "larger batch", "virtual batch", "GroupNorm"):
+        assert remedy in msg, remedy
+    _assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1, 1)], ids=str)
+def test_batch_of_one_in_eval_works(shape):
+    layer = bn.BatchNorm1d(3) if len(shape) == 2 else bn.BatchNorm2d(3)
+    with torch.no_grad():
+        layer.running_mean.fill_(1.0)
+        layer.running_var.fill_(4.0)
+    layer.eval()
+    x = torch.full(shape, 3.0)
+    y = layer(x)
+    assert y.shape == shape
+    torch.testing.assert_close(y, torch.full(shape, 2.0 / (4.0 + 1e-5) ** 0.5))
+
+
+def test_one_value_per_channel_is_fine_with_more_positions():
+    # N=1 but H*W=4 values per channel: batch statistics exist
+    y = bn.BatchNorm2d(3)(torch.randn(1, 3, 2, 2))
+    assert y.shape == (1, 3, 2, 2)
+
+
+# --------------------------------------------------------------------------- dtypes and settings
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_non_floating_input_raises_type_error(dtype):
+    layer = bn.BatchNorm2d(3)
+    before = _snapshot(layer)
+    x = torch.ones(2, 3, 2, 2).to(dtype)
+    with pytest.raises(TypeError, match=r"floating-point.*x\.float\(\)"):
+        layer(x)
+    _assert_unchanged(layer, before)
+    with pytest.raises(TypeError, match=str(dtype)):
+        batch_norm(x, None, None, training=True)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+def test_non_positive_eps_in_training(eps):
+    layer = _moved(bn.BatchNorm2d(3))
+    layer.eps = eps
+    before = _snapshot(layer)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        layer(torch.randn(2, 3, 2, 2))
+    _assert_unchanged(layer, before)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        batch_norm(torch.randn(4, 3), None, None, training=True, eps=eps)
+
+
+@pytest.mark.parametrize("momentum", [-0.1, -1.0])
+def test_negative_momentum_raises(momentum):
+    layer = _moved(bn.BatchNorm2d(3))
+    layer.momentum = momentum
+    before = _snapshot(layer)
+    with pytest.raises(ValueError, match=r"momentum.*\[0, 1\]") as info:
+        layer(torch.randn(2, 3, 2, 2))
+    assert str(momentum) in str(info.value)
+    _assert_unchanged(layer, before)
+    with pytest.raises(ValueError, match="momentum"):
+        batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=momentum)
+
+
+def test_keras_style_momentum_is_refused_with_a_translation():
+    with pytest.raises(ValueError, match=r"momentum=0\.01"):
+        batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=1.5)
+
+
+# --------------------------------------------------------------------------- non-finite batches
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "mNone"])
+def test_non_finite_batch_never_reaches_running_stats(bad, momentum):
+    layer = _moved(bn.BatchNorm2d(3, momentum=momentum))
+    layer(torch.randn(4, 3, 3, 3))
+    before = _snapshot(layer)
+    assert int(before["num_batches_tracked"]) == 2
+    x = torch.randn(4, 3, 3, 3)
+    x[1, 0, 2, 2] = bad  # one value in one channel
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        layer(x)
+    _assert_unchanged(layer, before)  # running_mean, running_var, num_batches_tracked, weight, bias
+
+    # the next finite batch is counted as the third, with momentum=None's 1/3 weight
+    y = torch.randn(4, 3, 3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(y)
+    assert int(layer.num_batches_tracked) == 3
+    f = 1 / 3 if momentum is None else momentum
+    torch.testing.assert_close(
+        layer.running_mean, (1 - f) * before["running_mean"] + f * y.mean((0, 2, 3)), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_non_finite_batch_functional_leaves_stats():
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    before = rm.clone(), rv.clone()
+    x = torch.randn(5, 3)
+    x[0, 2] = float("nan")
+    with pytest.warns(RuntimeWarning):
+        y = batch_norm(x, rm, rv, training=True)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+    assert torch.isfinite(y[:, :2]).all()  # the clean channels are still normalised
+
+
+def test_torch_itself_would_poison_the_stats():
+    """Why the check above matters: torch writes the NaN into running_mean (pytorch#88474)."""
+    layer = torch.nn.BatchNorm1d(3)
+    x = torch.randn(5, 3)
+    x[0, 2] = float("nan")
+    layer(x)
+    assert torch.isnan(layer.running_mean[2])
+
+
+# --------------------------------------------------------------------------- nothing corrupted
+
+
+@pytest.mark.parametrize(
+    "make_input",
+    [
+        lambda: torch.randn(2, 4, 3, 3),  # wrong channels
+        lambda: torch.randn(2, 3, 3),  # wrong rank
+        lambda: torch.ones(2, 3, 3, 3, dtype=torch.long),  # wrong dtype
+        lambda: torch.randn(1, 3, 1, 1),  # one value per channel
+    ],
+    ids=["channels", "rank", "dtype", "one-value"],
+)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "mNone"])
+def test_an_error_leaves_every_buffer_unchanged(make_input, momentum):
+    layer = _moved(bn.BatchNorm2d(3, momentum=momentum))
+    before = _snapshot(layer)
+    with pytest.raises((ValueError, TypeError)):
+        layer(make_input())
+    _assert_unchanged(layer, before)
