@@ -47,7 +47,7 @@ def _all_ranks(mom: Moments, layer: nn.Module) -> Moments:
     """Merge the moments of every rank of the layer's process group (SyncBN under torch.distributed)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (isinstance(layer, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()):
         return mom
     group = getattr(layer, "process_group", None)
     world = dist.get_world_size(group)
@@ -74,8 +74,10 @@ def population_statistics(
     batch's statistics, as during training (the convention of PreciseBN and
     update_bn); other modules keep their mode. Each BN layer's inputs are
     merged exactly; then running_mean = E[x] and running_var = Var[x]
-    (unbiased), as PyTorch stores them. Layers under torch.distributed that
-    carry a `process_group` attribute (SyncBatchNorm) merge across its ranks.
+    (unbiased), as PyTorch stores them. SyncBatchNorm layers (torch's or
+    ours) under torch.distributed merge across the ranks of their process
+    group, so every rank gets the statistics of all the data; every rank must
+    then call this function, with its share of the data.
 
     Loader items may be tensors (the input), tuples/lists (first element is the
     input) or dicts (keyword arguments); `forward(model, item)` handles anything
