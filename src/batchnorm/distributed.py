@@ -23,8 +23,8 @@ from .modules import _Forward, _retype
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
 
-class SyncBatchNorm(_Forward, nn.SyncBatchNorm):
-    r"""Drop-in `torch.nn.SyncBatchNorm` that works on any backend (gloo included) and device.
+class SyncBatchNorm(_Forward, _BatchNorm):
+    r"""Drop-in for `torch.nn.SyncBatchNorm` that works on any backend (gloo included) and device.
 
     y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta with E and Var over the
     batch concatenated across the processes of `process_group` (default: the
@@ -32,13 +32,46 @@ class SyncBatchNorm(_Forward, nn.SyncBatchNorm):
     initialized process group, or with one process, it is plain BN.
 
     Same constructor, buffers and state_dict keys as torch's; also
-    `virtual_batch_size`, `renorm` and `layer(x, mask=...)` as the other
-    layers. On the first synchronized forward the processes compare their
+    `virtual_batch_size`, `renorm`, `axis` and `layer(x, mask=...)` as the
+    other layers. It is deliberately not a subclass of torch.nn.SyncBatchNorm:
+    DistributedDataParallel refuses those on the CPU ("SyncBatchNorm layers
+    only work with GPU modules"). On the first synchronized forward the processes compare their
     channel counts, so a mismatched model gives a clear error on every rank
     instead of a hang.
     """
 
     _peers_checked: bool = False
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        axis: int = 1,
+        bias: bool = True,
+        virtual_batch_size: int | None = None,
+        renorm=None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            virtual_batch_size=virtual_batch_size,
+            renorm=renorm,
+        )
+        self.process_group = process_group
+        self.axis = axis
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:

@@ -47,7 +47,10 @@ def _all_ranks(mom: Moments, layer: nn.Module) -> Moments:
     """Merge the moments of every rank of the layer's process group (SyncBN under torch.distributed)."""
     import torch.distributed as dist
 
-    if not (isinstance(layer, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()):
+    from ..distributed import SyncBatchNorm
+
+    synced = isinstance(layer, (nn.SyncBatchNorm, SyncBatchNorm))
+    if not (synced and dist.is_available() and dist.is_initialized()):
         return mom
     group = getattr(layer, "process_group", None)
     world = dist.get_world_size(group)
