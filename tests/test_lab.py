@@ -15,6 +15,7 @@ import pytest
 
 from batchnorm.lab import data as labdata
 from batchnorm.lab import experiments as E
+from batchnorm.lab.registry import EXPERIMENTS
 from batchnorm.lab.report import SCHEMA
 from batchnorm.lab.runner import LabError, run_lab
 
@@ -37,14 +38,14 @@ def test_results_json_schema(tiny_report):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert on_disk["schema"] == SCHEMA
-    assert set(on_disk["experiments"]) == set(E.EXPERIMENTS)
-    assert [s["name"] for s in on_disk["summary"]] == list(E.EXPERIMENTS)
+    assert set(on_disk["experiments"]) == set(EXPERIMENTS)
+    assert [s["name"] for s in on_disk["summary"]] == list(EXPERIMENTS)
     st = on_disk["settings"]
     assert st["scale"] == "tiny" and st["seed"] == 0 and st["data"]["name"] == "digits"
     assert st["data"]["train_size"] + st["data"]["test_size"] == 1797
     assert {"torch", "numpy", "python", "batchnorm"} <= set(st["versions"])
     for exp in on_disk["experiments"].values():
-        for key in ("claim", "source", "method", "rule", "headline", "figures", "series"):
+        for key in ("claim", "source", "method", "rule", "headline", "figures"):
             assert exp[key], key
         assert exp["verdict"] in VERDICTS
         assert exp["duration_s"] > 0
@@ -65,9 +66,7 @@ def test_verdicts_follow_from_numbers(tiny_report):
     assert speed["verdict"] == _by_rule([p["speedup"] > 1 for p in speed["per_seed"]])
 
     inputs = ex["stable_inputs"]
-    assert inputs["verdict"] == _by_rule(
-        [p["drift_with_bn"] < p["drift_without_bn"] for p in inputs["per_seed"]]
-    )
+    assert inputs["verdict"] == _by_rule([p["drift_with_bn"] < p["drift_without_bn"] for p in inputs["per_seed"]])
 
     lr = ex["learning_rates"]
     top = max(r["value"] for r in lr["table"])
@@ -94,11 +93,62 @@ def test_verdicts_follow_from_numbers(tiny_report):
         return max(accs) - min(accs)
 
     assert init["figures"]["sensitivity_with_bn"] == pytest.approx(sensitivity(True))
-    holds = (
-        max(max(r["max_abs_output_diff"], r["grad_rel_diff"]) for r in init["invariance"]) < E.INVARIANCE_TOL
-    )
+    holds = max(max(r["max_abs_output_diff"], r["grad_rel_diff"]) for r in init["invariance"]) < E.INVARIANCE_TOL
     assert init["figures"]["invariance_holds"] == holds
     assert init["verdict"] == _by_rule([sensitivity(True) < sensitivity(False), holds])
+
+
+def test_part2_verdicts_follow_from_numbers(tiny_report):
+    _, results = tiny_report
+    ex = results["experiments"]
+
+    infer = ex["train_vs_inference"]
+    rows = infer["table"]
+    better = all(r["population"] >= r["batch_stats"] for r in rows)
+    grows = rows[0]["population"] - rows[0]["batch_stats"] > rows[-1]["population"] - rows[-1]["batch_stats"]
+    assert [r["batch"] for r in rows] == [2, 4, 8, 32]
+    assert infer["verdict"] == _by_rule([better, grows])
+    assert infer["diagnosis"] and all("train_eval_gap" in d for d in infer["diagnosis"])
+
+    small = ex["small_batches"]
+    err = {(r["method"], r["batch"]): r["error"] for r in small["table"]}
+    assert {m for m, _ in err} == {"bn", "gn", "ln", "in", "renorm", "ghost"}
+    flags = [err[("bn", 2)] - err[("bn", 32)] > err[("gn", 2)] - err[("gn", 32)]]
+    sync = small["sync"]
+    if "error" not in sync:  # the SyncBN run over 2 gloo processes took place
+        assert small["figures"]["syncbn_2x2_error"] == pytest.approx(1 - sync["final_acc"])
+        flags.append(1 - sync["final_acc"] < err[("bn", 2)])
+    assert small["verdict"] == _by_rule(flags)
+
+    reg = ex["regularization"]
+    assert reg["verdict"] == _by_rule([p["gap_with_bn"] < p["gap_without_bn"] for p in reg["per_seed"]])
+    for r in reg["table"]:
+        assert r["gap"] == pytest.approx(r["train_acc"] - r["test_acc"])
+
+    shift = ex["covariate_shift"]
+    f = shift["figures"]
+    tol = 0.03
+    a = f["acc"]["bn_noisy"] >= f["acc"]["bn"] - tol and f["drift"]["bn_noisy"] > f["drift"]["bn"]
+    b = f["acc"]["none_noisy"] < f["acc"]["bn_noisy"] - tol
+    land = f["landscape_median"]
+    c = (
+        land["bn"]["loss_range"] < land["none"]["loss_range"]
+        and land["bn"]["grad_change"] < land["none"]["grad_change"]
+    )
+    assert shift["verdict"] == _by_rule([a, b, c])
+
+
+def test_sync_run_matches_its_single_process_twin():
+    """SyncBN over 2 processes at batch 2 follows BN at batch 4 on the same global batches."""
+    from batchnorm.lab.models import Setup, train_setup
+    from batchnorm.lab.sync import train_sync
+
+    data = labdata.load()
+    setup = Setup("cnn", "bn", 2, steps=20, lr=0.05, momentum=0.9, seed=0, eval_every=10)
+    synced = train_sync(data, setup, world=2)
+    single = train_setup(data, Setup("cnn", "bn", 4, steps=20, lr=0.05, momentum=0.9, seed=0, eval_every=10))
+    assert synced["steps"] == single["steps"] == [10, 20]
+    assert synced["test_acc"] == pytest.approx(single["test_acc"], abs=0.02)
 
 
 def test_scale_invariance_is_measured_not_assumed():
@@ -175,16 +225,11 @@ def test_interrupt_then_resume_redoes_nothing_finished(tmp_path):
     # Resume: the finished experiment is not trained again.
     run_lab(out, scale="tiny", resume=True, progress_factory=interrupting)
     tiny = E.SCALES["tiny"]
-    others = {
-        E.run_key(r): r
-        for n in E.EXPERIMENTS
-        if n != "initialization"
-        for r in E.EXPERIMENTS[n].runs(tiny, 0)
-    }
+    others = {E.run_key(r): r for n in EXPERIMENTS if n != "initialization" for r in EXPERIMENTS[n].runs(tiny, 0)}
     assert made[-1].total == sum(r.steps for r in others.values())
     results = json.loads((out / "results.json").read_text())
     assert results["experiments"]["initialization"] == first
-    assert set(results["experiments"]) == set(E.EXPERIMENTS)
+    assert set(results["experiments"]) == set(EXPERIMENTS)
 
 
 def test_resume_ignores_other_settings(tmp_path):
@@ -251,9 +296,7 @@ def test_mnist_idx_reader(tmp_path, gz):
 
 
 def test_mnist_errors_name_the_file(tmp_path):
-    _write_mnist(
-        tmp_path / "magic", corrupt=("train-labels-idx1-ubyte", lambda r: (2051).to_bytes(4, "big") + r[4:])
-    )
+    _write_mnist(tmp_path / "magic", corrupt=("train-labels-idx1-ubyte", lambda r: (2051).to_bytes(4, "big") + r[4:]))
     with pytest.raises(labdata.DataError, match=r"train-labels-idx1-ubyte: magic number 2051.*expected 2049"):
         labdata.load(f"mnist:{tmp_path / 'magic'}")
     _write_mnist(tmp_path / "short", corrupt=("t10k-images-idx3-ubyte", lambda r: r[:-100]))
@@ -309,9 +352,7 @@ def _browser() -> str | None:
 def test_report_renders_in_headless_browser(tiny_report, tmp_path):
     browser = _browser()
     if browser is None:
-        pytest.skip(
-            "no chromium found; scripts/setup.sh --dev installs Debian's chromium where apt-get works"
-        )
+        pytest.skip("no chromium found; scripts/setup.sh --dev installs Debian's chromium where apt-get works")
     out, _ = tiny_report
     shot = tmp_path / "shot.png"
     cmd = [

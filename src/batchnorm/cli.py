@@ -111,10 +111,11 @@ def lab(
 ) -> None:
     """Test the paper's claims about BN on real data; write lab-report/index.html and results.json.
 
-    Experiments: faster_training, stable_inputs, learning_rates, initialization.
+    Experiments: faster_training, stable_inputs, learning_rates, initialization (part 1);
+    train_vs_inference, small_batches, regularization, covariate_shift (part 2).
     """
     from .lab.data import DataError
-    from .lab.experiments import EXPERIMENTS
+    from .lab.registry import EXPERIMENTS
     from .lab.runner import LabError, run_lab
 
     if quick and full:

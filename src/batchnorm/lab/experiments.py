@@ -42,15 +42,63 @@ class Scale:
     eval_every: int
     sweep_seeds: int  # seeds for the learning-rate and initialization sweeps
     sweep_steps: int
+    # part 2
+    part2_seeds: int = 1
+    small_batch_epochs: int = 2  # experiment 5: epochs at each batch size
+    cnn_steps: int = 1000  # experiment 6: steps of every (method, batch) run
+    reg_steps: int = 3000  # experiment 7
+    smooth_steps: int = 1500  # experiment 8
 
 
 SCALES = {
-    "quick": Scale("quick", seeds=1, steps=800, eval_every=20, sweep_seeds=1, sweep_steps=600),
-    "default": Scale("default", seeds=3, steps=3000, eval_every=25, sweep_seeds=2, sweep_steps=1500),
+    "quick": Scale(
+        "quick",
+        seeds=1,
+        steps=800,
+        eval_every=20,
+        sweep_seeds=1,
+        sweep_steps=600,
+        small_batch_epochs=1,
+        cnn_steps=300,
+        reg_steps=1000,
+        smooth_steps=600,
+    ),
+    "default": Scale(
+        "default",
+        seeds=3,
+        steps=3000,
+        eval_every=25,
+        sweep_seeds=2,
+        sweep_steps=1500,
+        part2_seeds=2,
+    ),
     # The paper's Fig. 1 runs 50,000 steps of 60 examples.
-    "full": Scale("full", seeds=3, steps=50_000, eval_every=250, sweep_seeds=3, sweep_steps=10_000),
+    "full": Scale(
+        "full",
+        seeds=3,
+        steps=50_000,
+        eval_every=250,
+        sweep_seeds=3,
+        sweep_steps=10_000,
+        part2_seeds=3,
+        small_batch_epochs=10,
+        cnn_steps=5000,
+        reg_steps=20_000,
+        smooth_steps=10_000,
+    ),
     # For the test suite: seconds, not minutes.
-    "tiny": Scale("tiny", seeds=2, steps=60, eval_every=10, sweep_seeds=1, sweep_steps=40),
+    "tiny": Scale(
+        "tiny",
+        seeds=2,
+        steps=60,
+        eval_every=10,
+        sweep_seeds=1,
+        sweep_steps=40,
+        small_batch_epochs=1,
+        cnn_steps=30,
+        reg_steps=60,
+        smooth_steps=40,
+    ),
 }
 
 BASE_LR = 0.5  # public reproductions of Fig. 1 use plain SGD at about 0.5
@@ -76,7 +124,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        return "with BN" if self.bn else "without BN"
+        return f"{'with' if self.bn else 'without'} BN, lr {self.lr:g}, init {self.init_std:g}"
 
 
 def build_mlp(num_features: int, num_classes: int, bn: bool, init_std: float, seed: int) -> nn.Sequential:
@@ -220,7 +268,7 @@ class Experiment:
     method: str
     runs: Callable[[Scale, int], list[Run]]
     analyze: Callable[[Scale, int, list[Run], list[dict]], dict]
-    extra: Callable[[], dict] | None = field(default=None)
+    trainer: Callable | None = field(default=None)  # train(data, run, device, on_steps); None: train
 
 
 def _seeds(n: int, seed: int) -> list[int]:
@@ -562,5 +610,5 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 
-def run_key(run: Run) -> str:
-    return ",".join(f"{k}={v}" for k, v in asdict(run).items())
+def run_key(run) -> str:
+    return type(run).__name__ + ":" + ",".join(f"{k}={v}" for k, v in asdict(run).items())

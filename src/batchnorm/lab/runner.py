@@ -29,7 +29,8 @@ import torch
 
 from . import report
 from .data import load
-from .experiments import EXPERIMENTS, SCALES, run_key, train
+from .experiments import SCALES, run_key, train
+from .registry import EXPERIMENTS
 
 # The settings that must match for --resume to reuse an earlier experiment.
 _RESUME_KEYS = ("scale", "seed", "data_spec", "device")
@@ -132,9 +133,10 @@ def run_lab(
             for i, r in enumerate(plans[name]):
                 key = run_key(r)
                 if key not in cache:
-                    desc = f"{exp.title}: run {i + 1}/{len(plans[name])} ({r.label}, lr {r.lr:g})"
+                    desc = f"{exp.title}: run {i + 1}/{len(plans[name])} ({r.label})"
                     bar.advance(0, desc)
-                    cache[key] = train(dataset, r, device, on_steps=lambda n, d=desc: bar.advance(n, d))
+                    trainer = exp.trainer or train
+                    cache[key] = trainer(dataset, r, device, on_steps=lambda n, d=desc: bar.advance(n, d))
                 results.append(cache[key])
             analysis = exp.analyze(sc, seed, plans[name], results)
             record = {
