@@ -45,7 +45,8 @@ class Scale:
     # part 2
     part2_seeds: int = 1
     small_batch_epochs: int = 2  # experiment 5: epochs at each batch size
-    cnn_steps: int = 1000  # experiment 6: steps of every (method, batch) run
+    cnn_steps: int = 500  # experiment 6: steps of every (method, batch) run
+    cnn_seeds: int = 1  # experiment 6: 6 methods x 5 batch sizes per seed
     reg_steps: int = 3000  # experiment 7
     smooth_steps: int = 1500  # experiment 8
 
@@ -83,6 +84,7 @@ SCALES = {
         part2_seeds=3,
         small_batch_epochs=10,
         cnn_steps=5000,
+        cnn_seeds=3,
         reg_steps=20_000,
         smooth_steps=10_000,
     ),
