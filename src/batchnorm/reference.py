@@ -34,6 +34,7 @@ from .moments import Moments, merge_all
 
 __all__ = [
     "Cache",
+    "RenormCache",
     "backward",
     "backward_paper",
     "batch_moments",
@@ -41,6 +42,8 @@ __all__ = [
     "forward",
     "forward_inference",
     "population_statistics",
+    "renorm_backward",
+    "renorm_forward",
     "update_running_stats",
 ]
 
@@ -231,3 +234,90 @@ def population_statistics(
     """
     total = merge_all(batch_moments(b, axis) for b in batches)
     return total.mean, total.unbiased_var
+
+
+class RenormCache(NamedTuple):
+    """What `renorm_backward` needs from `renorm_forward`."""
+
+    xc: np.ndarray  # x - mu_B, same shape as x
+    sigma_b: np.ndarray  # (C,) sqrt(sigma2_B + eps)
+    r: np.ndarray  # (C,) the clipped r, a constant for the gradient
+    d: np.ndarray  # (C,) the clipped d, a constant for the gradient
+    x_hat: np.ndarray  # same shape as x: (x - mu_B) / sigma_B * r + d
+    gamma: np.ndarray  # (C,)
+    axis: int
+
+
+def renorm_forward(
+    x: np.ndarray,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    r_max: float,
+    d_max: float,
+    eps: float = 1e-5,
+    axis: int = 1,
+) -> tuple[np.ndarray, RenormCache]:
+    """Batch Renormalization (Ioffe 2017, arXiv 1702.03275, Algorithm 1), training step.
+
+    Per channel over the m values of the mini-batch B, with the moving
+    averages mu = running_mean and sigma = sqrt(running_var + eps):
+
+        mu_B    = 1/m sum x_i,     sigma_B = sqrt(1/m sum (x_i - mu_B)**2 + eps)
+        r       = stop_gradient(clip(sigma_B / sigma, 1/r_max, r_max))
+        d       = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
+        x_hat_i = (x_i - mu_B) / sigma_B * r + d
+        y_i     = gamma * x_hat_i + beta
+
+    r_max = 1, d_max = 0 give r = 1, d = 0: plain BN (Algorithm 1 of Ioffe &
+    Szegedy 2015). Unclipped, x_hat = (x - mu) / sigma: the inference
+    transform of the same state. The moving averages are inputs only; their
+    update is not part of this function (see `update_running_stats`).
+
+    x: any shape with channels on `axis`; running_mean, running_var, gamma,
+    beta: (C,) (gamma, beta None for 1 and 0). Returns y and the cache for
+    `renorm_backward`, which also holds r and d.
+    """
+    x = _as_float(x)
+    C = x.shape[axis]
+    gamma = np.ones(C, x.dtype) if gamma is None else np.asarray(gamma, x.dtype)
+    beta = np.zeros(C, x.dtype) if beta is None else np.asarray(beta, x.dtype)
+    mu_b, var_b = batch_stats(x, axis)
+    sigma_b = np.sqrt(var_b + eps)
+    sigma = np.sqrt(np.asarray(running_var, x.dtype) + eps)
+    r = np.clip(sigma_b / sigma, 1.0 / r_max, r_max)
+    d = np.clip((mu_b - np.asarray(running_mean, x.dtype)) / sigma, -d_max, d_max)
+    xc = x - _per_channel(mu_b, x, axis)
+    x_hat = xc / _per_channel(sigma_b, x, axis) * _per_channel(r, x, axis) + _per_channel(d, x, axis)
+    y = _per_channel(gamma, x, axis) * x_hat + _per_channel(beta, x, axis)
+    return y, RenormCache(xc, sigma_b, r, d, x_hat, gamma, axis)
+
+
+def renorm_backward(dy: np.ndarray, cache: RenormCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of `renorm_forward`: (dx, dgamma, dbeta), the paper's chain rule with r, d constant.
+
+    Ioffe 2017, section 3, per channel over the m values:
+
+        dx_hat_i = dy_i * gamma
+        dsigma_B = sum_i dx_hat_i * (x_i - mu_B) * (-r / sigma_B**2)
+        dmu_B    = -r / sigma_B * sum_i dx_hat_i
+        dx_i     = dx_hat_i * r / sigma_B + dsigma_B * (x_i - mu_B) / (m * sigma_B) + dmu_B / m
+        dgamma   = sum_i dy_i * x_hat_i,    dbeta = sum_i dy_i
+
+    (d sigma_B / d x_i = (x_i - mu_B) / (m sigma_B) and d mu_B / d x_i = 1/m;
+    the dependence of sigma_B on mu_B drops out because sum (x_i - mu_B) = 0.)
+    With r = 1 and d = 0 this is `backward`; r and d are not differentiated,
+    so finite differences of `renorm_forward` do not give these numbers
+    unless r and d are held fixed.
+    """
+    xc, sigma_b, r, _d, x_hat, gamma, axis = cache
+    dy = np.asarray(dy, xc.dtype)
+    dims = _reduce_axes(xc, axis)
+    m = xc.size // xc.shape[axis]
+    s_b, r_c = _per_channel(sigma_b, xc, axis), _per_channel(r, xc, axis)
+    dx_hat = dy * _per_channel(gamma, xc, axis)
+    dsigma_b = (dx_hat * xc).sum(axis=dims, keepdims=True) * (-r_c / s_b**2)
+    dmu_b = -r_c / s_b * dx_hat.sum(axis=dims, keepdims=True)
+    dx = dx_hat * r_c / s_b + dsigma_b * xc / (m * s_b) + dmu_b / m
+    return dx, (dy * x_hat).sum(axis=dims), dy.sum(axis=dims)

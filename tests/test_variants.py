@@ -1,0 +1,627 @@
+"""The variants of issue 4 on one process: ghost batches, batch renormalization, masks, frozen layers.
+
+Every variant is compared with an oracle of its formula: plain BN applied per
+chunk or to the gathered real elements (torch's autograd for the gradients,
+`batchnorm.reference` for the outputs), `reference.renorm_forward` /
+`renorm_backward` for batch renormalization, torchvision's FrozenBatchNorm2d
+formula for frozen layers. All in float64 with small shapes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck
+from torch.testing import assert_close
+
+import batchnorm as bn
+from batchnorm import reference as R
+from batchnorm.functional import batch_norm
+
+f64 = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-10)
+EPS = 1e-5
+
+
+def _close(actual, expected, **tol) -> None:
+    """assert_close for tensors or arrays, float64 tolerances by default."""
+    a = torch.as_tensor(np.asarray(actual.detach() if isinstance(actual, torch.Tensor) else actual))
+    e = torch.as_tensor(np.asarray(expected.detach() if isinstance(expected, torch.Tensor) else expected))
+    assert_close(a, e.to(a.dtype), **(tol or TOL))
+
+
+def _randomize(layer: torch.nn.Module) -> torch.nn.Module:
+    """Non-default parameters and running statistics, float64."""
+    layer.double()
+    C = layer.num_features
+    with torch.no_grad():
+        if layer.weight is not None:
+            layer.weight.copy_(torch.rand(C, dtype=f64) + 0.5)
+            layer.bias.copy_(torch.randn(C, dtype=f64))
+        if layer.running_mean is not None:
+            layer.running_mean.copy_(torch.randn(C, dtype=f64))
+            layer.running_var.copy_(torch.rand(C, dtype=f64) + 0.5)
+    return layer
+
+
+def _copy_into(dst: torch.nn.Module, src: torch.nn.Module) -> torch.nn.Module:
+    dst.double().load_state_dict(src.state_dict())
+    return dst
+
+
+def _step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, **kw):
+    """One forward/backward; returns (y, dx, dweight, dbias)."""
+    x = x.detach().clone().requires_grad_()
+    layer.zero_grad()
+    y = layer(x, **kw)
+    y.backward(dy)
+    dw = layer.weight.grad.clone() if layer.weight is not None else None
+    db = layer.bias.grad.clone() if layer.bias is not None else None
+    return y.detach(), x.grad, dw, db
+
+
+def _gather(t: torch.Tensor, mask: torch.Tensor, axis: int) -> torch.Tensor:
+    """The real elements as (M, C): (N, C, L) axis=1 or (N, L, C) axis=-1 -> (M, C)."""
+    return t.transpose(1, 2)[mask] if axis == 1 else t[mask]
+
+
+def _lengths_mask(lengths: list[int], L: int) -> torch.Tensor:
+    return torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]  # (N, L)
+
+
+# --------------------------------------------------------------------------- ghost batches
+
+GHOST_CASES = {
+    # name: (layer class, shape, k); chunks listed for the reader
+    "2d-3+3+2": (bn.BatchNorm1d, (8, 3), 3),
+    "3d-3+3+2": (bn.BatchNorm1d, (8, 3, 4), 3),
+    "3d-4+4": (bn.BatchNorm1d, (8, 3, 4), 4),
+    "4d-2+2+2+1": (bn.BatchNorm2d, (7, 2, 3, 2), 2),  # last chunk: 1 sample, 6 values per channel
+}
+
+
+@pytest.mark.parametrize("case", list(GHOST_CASES))
+def test_ghost_equals_plain_bn_per_chunk(case):
+    cls, shape, k = GHOST_CASES[case]
+    C = shape[1]
+    layer = _randomize(cls(C, virtual_batch_size=k)).train()
+    x = torch.randn(shape, dtype=f64) * 2 + 1
+    dy = torch.randn(shape, dtype=f64)
+    y, dx, dw, db = _step(layer, x, dy)
+
+    # Oracle: torch's functional BN on each chunk of k samples, autograd for the gradients.
+    xr = x.clone().requires_grad_()
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    y_ref = torch.cat([F.batch_norm(c, None, None, w, b, True, 0.0, EPS) for c in xr.split(k)])
+    y_ref.backward(dy)
+    _close(y, y_ref)
+    _close(dx, xr.grad)
+    _close(dw, w.grad)
+    _close(db, b.grad)
+    # and the NumPy reference, chunk by chunk
+    for xc, yc in zip(x.split(k), y.split(k)):
+        _close(yc, R.forward(xc.numpy(), w.detach().numpy(), b.detach().numpy(), EPS)[0])
+
+
+@pytest.mark.parametrize("k", [8, 9, 100])
+def test_ghost_with_k_at_least_n_is_plain_bn(k):
+    x = torch.randn(8, 3, 4, dtype=f64) * 2 + 1
+    dy = torch.randn_like(x)
+    ours = _randomize(bn.BatchNorm1d(3, virtual_batch_size=k)).train()
+    torch_layer = _copy_into(torch.nn.BatchNorm1d(3), ours).train()
+    for a, e in zip(_step(ours, x, dy), _step(torch_layer, x, dy)):
+        _close(a, e)
+    _close(ours.running_mean, torch_layer.running_mean)
+    _close(ours.running_var, torch_layer.running_var)
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_ghost_running_stats_are_the_whole_batchs(momentum):
+    """The merged rule: one update per step from the whole batch's mean and unbiased variance."""
+    ours = _randomize(bn.BatchNorm1d(3, momentum=momentum, virtual_batch_size=3)).train()
+    torch_layer = _copy_into(torch.nn.BatchNorm1d(3, momentum=momentum), ours).train()
+    for step in range(2):
+        x = torch.randn(8, 3, 4, dtype=f64) * (step + 1) + step
+        x[:3] += 5.0  # the chunks' means differ: averaging the chunks' variances would be far off
+        chunk_avg = torch.stack([c.var((0, 2)) for c in x.split(3)]).mean(0)
+        assert (chunk_avg - x.var((0, 2))).abs().min() > 1.0
+        ours(x)
+        torch_layer(x)
+        _close(ours.running_mean, torch_layer.running_mean)
+        _close(ours.running_var, torch_layer.running_var)
+        assert int(ours.num_batches_tracked) == int(torch_layer.num_batches_tracked) == step + 1
+
+
+def test_ghost_single_value_chunk_raises():
+    layer = bn.BatchNorm1d(3, virtual_batch_size=3).double().train()
+    x = torch.randn(7, 3, dtype=f64)  # chunks of 3, 3, 1 samples: the last has one value per channel
+    before = layer.running_mean.clone()
+    with pytest.raises(ValueError, match=r"single value per channel.*virtual_batch_size=3"):
+        layer(x)
+    assert torch.equal(layer.running_mean, before)
+    assert int(layer.num_batches_tracked) == 0
+
+
+def test_ghost_eval_ignores_k():
+    ours = _randomize(bn.BatchNorm1d(3, virtual_batch_size=2)).train()
+    ours(torch.randn(6, 3, 4, dtype=f64))
+    torch_layer = _copy_into(torch.nn.BatchNorm1d(3), ours).eval()
+    ours.eval()
+    x = torch.randn(5, 3, 4, dtype=f64)
+    dy = torch.randn_like(x)
+    for a, e in zip(_step(ours, x, dy), _step(torch_layer, x, dy)):
+        _close(a, e)
+    # a single sample is fine in eval, whatever k
+    _close(ours(x[:1]), torch_layer(x[:1]))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="modules.py:91-92 passes virtual_batch_size whenever use_batch, also in eval mode "
+    "without running statistics (track_running_stats=False), so eval splits the batch into chunks",
+)
+def test_ghost_eval_without_running_stats_uses_the_whole_batch():
+    ours = bn.BatchNorm1d(3, track_running_stats=False, virtual_batch_size=2).double().eval()
+    torch_layer = torch.nn.BatchNorm1d(3, track_running_stats=False).double().eval()
+    x = torch.randn(6, 3, 4, dtype=f64) * 2 + 1
+    _close(ours(x), torch_layer(x))
+
+
+# --------------------------------------------------------------------------- batch renormalization
+
+
+def _far_running_stats(x: torch.Tensor, axis: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running statistics far from the batch's, so that r and d clip on every channel."""
+    dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=f64)[: mean.numel()]
+    scale = torch.tensor([100.0, 0.01, 0.01, 100.0], dtype=f64)[: mean.numel()]
+    return mean + 10 * sign * var.sqrt(), var * scale
+
+
+@pytest.mark.parametrize(
+    ("renorm", "nbt"),
+    [
+        (bn.Renorm.fixed(1.0, 0.0), 0),
+        (bn.Renorm(), 0),  # the paper's warm-up
+        (bn.Renorm(), 4_999),  # last step of the warm-up
+    ],
+    ids=["fixed-1-0", "warmup-start", "warmup-end"],
+)
+def test_renorm_with_unit_limits_is_plain_bn(renorm, nbt):
+    x = torch.randn(6, 4, 3, dtype=f64) * 2 + 1
+    ours = _randomize(bn.BatchNorm1d(4, momentum=0.2, renorm=renorm)).train()
+    rm, rv = _far_running_stats(x)
+    with torch.no_grad():
+        ours.running_mean.copy_(rm)
+        ours.running_var.copy_(rv)
+        ours.num_batches_tracked.fill_(nbt)
+    torch_layer = _copy_into(torch.nn.BatchNorm1d(4, momentum=0.2), ours).train()
+    for step in range(2):
+        x = torch.randn(6, 4, 3, dtype=f64) * (2 + step) + 1
+        dy = torch.randn_like(x)
+        for a, e in zip(_step(ours, x, dy), _step(torch_layer, x, dy)):
+            _close(a, e)
+        _close(ours.running_mean, torch_layer.running_mean)
+        _close(ours.running_var, torch_layer.running_var)
+        assert int(ours.num_batches_tracked) == int(torch_layer.num_batches_tracked) == nbt + step + 1
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_renorm_unclipped_training_output_is_the_inference_output(axis):
+    """r, d unclipped: x_hat = (x - mu) / sigma, the eval transform of the state before the update."""
+    x = torch.randn(6, 5, 3, dtype=f64) * 3 - 2  # channels: 5 on axis 1, 3 on axis -1
+    C = x.shape[axis]
+    rm, rv = torch.randn(C, dtype=f64), torch.rand(C, dtype=f64) + 0.5
+    w, b = torch.rand(C, dtype=f64) + 0.5, torch.randn(C, dtype=f64)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y_train = batch_norm(x, rm, rv, w, b, True, 0.0, EPS, axis=axis, renorm=(1e9, 1e9))
+    y_eval = batch_norm(x, rm0, rv0, w, b, False, 0.0, EPS, axis=axis)
+    _close(y_train, y_eval, rtol=1e-9, atol=1e-9)
+    _close(rm, rm0)  # momentum 0: the state stays
+    # plain BN gives a different output, so the comparison above has teeth
+    assert (batch_norm(x, None, None, w, b, True, axis=axis) - y_eval).abs().max() > 0.1
+
+    # the layer: the training output uses the state from before this step's update
+    if axis == 1:
+        layer = bn.BatchNorm1d(C, momentum=0.1, renorm=bn.Renorm.fixed(1e9, 1e9)).double()
+        with torch.no_grad():
+            layer.running_mean.copy_(rm0)
+            layer.running_var.copy_(rv0)
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        _close(layer.train()(x), y_eval, rtol=1e-9, atol=1e-9)
+        assert not torch.equal(layer.running_mean, rm0)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((6, 4, 3), 1), ((5, 3, 4), -1), ((7, 4), 1)])
+def test_renorm_clipped_matches_reference(shape, axis):
+    x = torch.randn(shape, dtype=f64) * 2 + 1
+    C = shape[axis]
+    rm, rv = _far_running_stats(x, axis)
+    w = (torch.rand(C, dtype=f64) + 0.5).requires_grad_()
+    b = torch.randn(C, dtype=f64).requires_grad_()
+    xr = x.clone().requires_grad_()
+    y = batch_norm(xr, rm.clone(), rv.clone(), w, b, True, 0.1, EPS, axis=axis, renorm=(1.2, 0.1))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    y_ref, cache = R.renorm_forward(
+        x.numpy(), rm.numpy(), rv.numpy(), w.detach().numpy(), b.detach().numpy(), 1.2, 0.1, EPS, axis
+    )
+    dx_ref, dw_ref, db_ref = R.renorm_backward(dy.numpy(), cache)
+    assert set(np.abs(cache.r).round(12)) <= {1.2, round(1 / 1.2, 12)}  # r clipped on every channel
+    assert np.all(np.abs(cache.d) == 0.1)  # d clipped on every channel
+    _close(y, y_ref)
+    _close(xr.grad, dx_ref)
+    _close(w.grad, dw_ref)
+    _close(b.grad, db_ref)
+    # the clipping changes the gradient: plain BN's differs
+    dx_bn = R.backward(dy.numpy(), R.forward(x.numpy(), w.detach().numpy(), None, EPS, axis)[1])[0]
+    assert np.abs(dx_bn - dx_ref).max() > 1e-3
+
+
+def test_reference_renorm_backward_is_autograd_with_stop_gradient():
+    """renorm_backward (the paper's chain rule) against torch autograd with r and d detached."""
+    x = torch.randn(5, 3, 4, dtype=f64) * 2 + 1
+    rm, rv = torch.tensor([0.5, -1.0, 3.0], dtype=f64), torch.tensor([2.0, 0.5, 9.0], dtype=f64)
+    gamma, beta = torch.rand(3, dtype=f64) + 0.5, torch.randn(3, dtype=f64)
+    r_max, d_max = 1.3, 0.4
+    xr, g, bt = (t.clone().requires_grad_() for t in (x, gamma, beta))
+    var, mu = torch.var_mean(xr, dim=(0, 2), correction=0, keepdim=True)
+    sigma_b = (var + EPS).sqrt()
+    sigma = (rv + EPS).sqrt().view(1, 3, 1)
+    r = (sigma_b / sigma).clamp(1 / r_max, r_max).detach()
+    d = ((mu - rm.view(1, 3, 1)) / sigma).clamp(-d_max, d_max).detach()
+    y = g.view(1, 3, 1) * ((xr - mu) / sigma_b * r + d) + bt.view(1, 3, 1)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    y_ref, cache = R.renorm_forward(x.numpy(), rm.numpy(), rv.numpy(), gamma.numpy(), beta.numpy(), r_max, d_max)
+    dx_ref, dg_ref, db_ref = R.renorm_backward(dy.numpy(), cache)
+    _close(y_ref, y)
+    _close(dx_ref, xr.grad)
+    _close(dg_ref, g.grad)
+    _close(db_ref, bt.grad)
+    _close(cache.r, r.flatten())
+    _close(cache.d, d.flatten())
+
+
+def test_reference_renorm_limits():
+    """r_max = 1, d_max = 0 is Algorithm 1; unclipped is Algorithm 2 with the running statistics."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, (6, 3, 4))
+    rm, rv = rng.normal(size=3), rng.uniform(0.5, 2.0, 3)
+    gamma, beta = rng.uniform(0.5, 1.5, 3), rng.normal(size=3)
+    dy = rng.normal(size=x.shape)
+    y, cache = R.renorm_forward(x, rm, rv, gamma, beta, 1.0, 0.0)
+    y_bn, cache_bn = R.forward(x, gamma, beta)
+    np.testing.assert_allclose(y, y_bn, rtol=1e-12, atol=1e-12)
+    for a, e in zip(R.renorm_backward(dy, cache), R.backward(dy, cache_bn)):
+        np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
+    y_free, _ = R.renorm_forward(x, rm, rv, gamma, beta, 1e9, 1e9)
+    np.testing.assert_allclose(y_free, R.forward_inference(x, rm, rv, gamma, beta), rtol=1e-10, atol=1e-10)
+
+
+SCHEDULE = bn.Renorm(r_max=3.0, d_max=5.0, warmup_steps=2, r_max_steps=6, d_max_steps=4)
+
+
+@pytest.mark.parametrize(
+    ("step", "limits"),
+    [(0, (1.0, 0.0)), (2, (1.0, 0.0)), (3, (1.5, 2.5)), (4, (2.0, 5.0)), (6, (3.0, 5.0)), (50, (3.0, 5.0))],
+)
+def test_renorm_schedule_follows_num_batches_tracked(step, limits):
+    assert SCHEDULE.limits(step) == pytest.approx(limits)
+    x = torch.randn(6, 4, 3, dtype=f64) * 2 + 1
+    layer = _randomize(bn.BatchNorm1d(4, renorm=SCHEDULE)).train()
+    rm, rv = _far_running_stats(x)
+    with torch.no_grad():
+        layer.running_mean.copy_(rm)
+        layer.running_var.copy_(rv)
+        layer.num_batches_tracked.fill_(step)
+    expected = batch_norm(x, rm.clone(), rv.clone(), layer.weight, layer.bias, True, 0.1, EPS, renorm=limits)
+    _close(layer(x), expected)
+    assert int(layer.num_batches_tracked) == step + 1
+    # a neighbouring step's limits would give another output (clipping is active)
+    if step in (3, 4):
+        other = SCHEDULE.limits(step + 1)
+        rm2, rv2 = rm.clone(), rv.clone()
+        y_other = batch_norm(x, rm2, rv2, layer.weight, layer.bias, True, 0.1, EPS, renorm=other)
+        assert (y_other - expected).abs().max() > 0.1
+
+
+def test_renorm_needs_running_stats():
+    x = torch.randn(4, 3, dtype=f64)
+    with pytest.raises(ValueError, match="running_mean/running_var are None"):
+        batch_norm(x, None, None, training=True, renorm=(2.0, 1.0))
+    with pytest.raises(ValueError, match="track_running_stats=True"):
+        bn.BatchNorm1d(3, track_running_stats=False, renorm=bn.Renorm())
+    with pytest.raises(ValueError, match="r_max >= 1"):
+        batch_norm(x, torch.zeros(3, dtype=f64), torch.ones(3, dtype=f64), training=True, renorm=(0.5, 1.0))
+
+
+# --------------------------------------------------------------------------- masks
+
+MASK_LAYOUTS = {
+    # name: (layer factory, axis, shape)
+    "NCL-axis1": (lambda C: bn.BatchNorm1d(C, momentum=0.3), 1, (4, 3, 5)),
+    "NLC-axis-1": (lambda C: bn.BatchNorm(C, momentum=0.3, axis=-1), -1, (4, 5, 3)),
+}
+LENGTHS = [5, 2, 4, 3]  # real steps per sequence, L = 5
+
+
+def _masked_input(shape, axis, pad: float):
+    """x with `pad` at the padded positions, the mask (N, L) and its broadcast to x's shape."""
+    mask = _lengths_mask(LENGTHS, 5)
+    x = torch.randn(shape, dtype=f64) * 2 + 1
+    m = mask.unsqueeze(axis).expand_as(x)
+    return x.masked_fill(~m, pad), mask, m
+
+
+@pytest.mark.parametrize("pad", [0.0, 1e6, float("nan")], ids=["pad0", "pad1e6", "padnan"])
+@pytest.mark.parametrize("layout", list(MASK_LAYOUTS))
+def test_mask_equals_bn_over_real_elements(layout, pad):
+    make, axis, shape = MASK_LAYOUTS[layout]
+    C = shape[axis]
+    layer = _randomize(make(C)).train()
+    rm0, rv0 = layer.running_mean.clone(), layer.running_var.clone()
+    x, mask, m = _masked_input(shape, axis, pad)
+    dy = torch.randn(shape, dtype=f64)
+    y, dx, dw, db = _step(layer, x, dy, mask=mask)
+
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    assert torch.isfinite(dw).all() and torch.isfinite(db).all()
+    assert torch.equal(y[~m], torch.zeros_like(y[~m]))
+    assert torch.equal(dx[~m], torch.zeros_like(dx[~m]))
+
+    # Oracle: BN over the gathered real values only, (M, C).
+    xr = _gather(x, mask, axis).clone().requires_grad_()
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    rm, rv = rm0.clone(), rv0.clone()
+    y_ref = F.batch_norm(xr, rm, rv, w, b, True, 0.3, EPS)
+    y_ref.backward(_gather(dy, mask, axis))
+    _close(_gather(y, mask, axis), R.forward(xr.detach().numpy(), w.detach().numpy(), b.detach().numpy(), EPS)[0])
+    _close(_gather(y, mask, axis), y_ref)
+    _close(_gather(dx, mask, axis), xr.grad)
+    _close(dw, w.grad)
+    _close(db, b.grad)
+    _close(layer.running_mean, rm)
+    _close(layer.running_var, rv)
+    assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("layout", list(MASK_LAYOUTS))
+def test_mask_in_eval_zeroes_padding(layout):
+    make, axis, shape = MASK_LAYOUTS[layout]
+    layer = _randomize(make(shape[axis])).eval()
+    x, mask, m = _masked_input(shape, axis, 1e6)
+    y = layer(x, mask=mask)
+    assert torch.equal(y[~m], torch.zeros_like(y[~m]))
+    _close(y[m], layer(x)[m])
+
+
+def test_mask_errors():
+    layer = bn.BatchNorm1d(3).double()
+    x = torch.randn(4, 3, 5, dtype=f64)
+    with pytest.raises(ValueError, match=r"without the channel axis.*expected \(4, 5\).*got mask of shape \(4, 3, 5\)"):
+        layer(x, mask=torch.ones(4, 3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"expected \(4, 5\)"):
+        layer(x, mask=torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"mask must be a bool tensor.*torch.float32"):
+        layer(x, mask=torch.ones(4, 5))
+    layer.eval()
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        layer(x, mask=torch.ones(4, 5, dtype=torch.long))
+    layer.train()
+    one_real = torch.zeros(4, 5, dtype=torch.bool)
+    one_real[0, 0] = True
+    with pytest.raises(ValueError, match="single real value per channel"):
+        layer(x, mask=one_real)
+
+
+def test_mask_with_ghost_batches_gradcheck():
+    x = torch.randn(5, 2, 3, dtype=f64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.bool)  # (N, L)
+    w = (torch.rand(2, dtype=f64) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=f64, requires_grad=True)
+
+    def fn(x, w, b):
+        return batch_norm(x, None, None, w, b, True, 0.1, 1e-3, mask=mask, virtual_batch_size=2)
+
+    assert gradcheck(fn, (x, w, b))
+    # and the output is per-chunk masked BN
+    y = fn(x, w, b).detach()
+    for xc, yc, mc in zip(x.detach().split(2), y.split(2), mask.split(2)):
+        ref = R.forward(_gather(xc, mc, 1).numpy(), w.detach().numpy(), b.detach().numpy(), 1e-3)[0]
+        _close(_gather(yc, mc, 1), ref)
+
+
+def test_mask_ghost_renorm_gradcheck_when_clipped():
+    """With r and d clipped on every chunk and channel they are locally constant: the true gradient."""
+    x = torch.randn(5, 4, 3, dtype=f64) * 2 + 1  # (N, L, C), axis=-1
+    mask = _lengths_mask([4, 2, 3, 4, 2], 4)
+    rm = torch.tensor([30.0, -30.0, 30.0], dtype=f64)
+    rv = torch.full((3,), 1e-3, dtype=f64)
+    x.requires_grad_()
+
+    def fn(x):
+        return batch_norm(
+            x,
+            rm.clone(),
+            rv.clone(),
+            None,
+            None,
+            True,
+            0.1,
+            1e-3,
+            axis=-1,
+            mask=mask,
+            virtual_batch_size=2,
+            renorm=(1.5, 0.5),
+        )
+
+    assert gradcheck(fn, (x,))
+
+
+# --------------------------------------------------------------------------- frozen
+
+
+def _frozen_formula(x, layer, axis):
+    """torchvision's FrozenBatchNorm2d: scale = w * rsqrt(rv + eps), y = x * scale + (b - rm * scale)."""
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    scale = layer.weight * (layer.running_var + layer.eps).rsqrt()
+    shift = layer.bias - layer.running_mean * scale
+    return x * scale.view(shape) + shift.view(shape)
+
+
+FROZEN_CASES = {
+    "2d": (lambda: bn.BatchNorm2d(3), 1, (2, 3, 4, 4)),
+    "1d-NC": (lambda: bn.BatchNorm1d(3), 1, (1, 3)),  # one sample: fine, no batch statistics
+    "NLC": (lambda: bn.BatchNorm(3, axis=-1), -1, (2, 5, 3)),
+}
+
+
+@pytest.mark.parametrize("case", list(FROZEN_CASES))
+def test_frozen_training_uses_running_stats(case):
+    make, axis, shape = FROZEN_CASES[case]
+    layer = _randomize(make()).train()
+    layer.frozen = True
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(shape, dtype=f64) * 2 + 1
+    dy = torch.randn_like(x)
+    y, dx, dw, db = _step(layer, x, dy)
+
+    ref_layer = _copy_into(make(), layer)
+    xr = x.clone().requires_grad_()
+    y_ref = _frozen_formula(xr, ref_layer, axis)
+    y_ref.backward(dy)
+    _close(y, y_ref)
+    _close(dx, xr.grad)
+    _close(dw, ref_layer.weight.grad)
+    _close(db, ref_layer.bias.grad)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    _close(y, layer.eval()(x))
+
+
+def test_frozen_with_mask():
+    layer = _randomize(bn.BatchNorm(3, axis=-1)).train()
+    layer.frozen = True
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x, mask, m = _masked_input((4, 5, 3), -1, 1e6)
+    y = layer(x, mask=mask)
+    assert torch.equal(y[~m], torch.zeros_like(y[~m]))
+    _close(y[m], _frozen_formula(x, layer, -1).detach()[m])
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="functional.py:163-164 (eval / frozen path with a mask) normalizes the padded values and "
+    "masks the output afterwards, so d weight = sum(dy * x_hat) gets 0 * NaN = NaN from NaN padding",
+)
+def test_frozen_and_eval_with_nan_padding_give_finite_parameter_gradients():
+    layer = _randomize(bn.BatchNorm(3, axis=-1)).train()
+    layer.frozen = True
+    x, mask, _ = _masked_input((4, 5, 3), -1, float("nan"))
+    layer(x, mask=mask).sum().backward()
+    assert torch.isfinite(layer.weight.grad).all()
+
+
+def test_frozen_without_running_stats_raises():
+    layer = bn.BatchNorm1d(3, track_running_stats=False)
+    layer.frozen = True
+    with pytest.raises(ValueError, match="track_running_stats=True"):
+        layer(torch.randn(4, 3))
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def test_mask_ghost_renorm_compose():
+    """One layer with all three equals masked renorm BN per chunk, against the pre-step running statistics."""
+    k, r_max, d_max = 2, 1.5, 0.5
+    layer = bn.BatchNorm1d(3, momentum=0.2, virtual_batch_size=k, renorm=bn.Renorm.fixed(r_max, d_max))
+    layer = _randomize(layer).train()
+    x, mask, _ = _masked_input((4, 3, 5), 1, float("nan"))  # (N, C, L)
+    x = torch.cat([x, x[:1] * 0.5])  # N = 5: chunks of 2, 2, 1 samples
+    mask = torch.cat([mask, mask[:1]])  # (N, L)
+    m = mask.unsqueeze(1).expand_as(x)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([5.0, -5.0, 0.0], dtype=f64))
+        layer.running_var.copy_(torch.tensor([0.05, 20.0, 1.0], dtype=f64))
+    rm0, rv0 = layer.running_mean.numpy().copy(), layer.running_var.numpy().copy()
+    w, b = layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()
+    dy = torch.randn_like(x)
+    y, dx, dw, db = _step(layer, x, dy, mask=mask)
+
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    assert torch.equal(y[~m], torch.zeros_like(y[~m]))
+    dw_ref, db_ref, clipped = np.zeros(3), np.zeros(3), 0
+    for xc, yc, dxc, dyc, mc in zip(x.split(k), y.split(k), dx.split(k), dy.split(k), mask.split(k)):
+        # the chunk's real values (M, C) as a batch of M samples: channels on axis 1
+        y_ref, cache = R.renorm_forward(_gather(xc, mc, 1).numpy(), rm0, rv0, w, b, r_max, d_max, EPS)
+        dx_ref, dwc, dbc = R.renorm_backward(_gather(dyc, mc, 1).numpy(), cache)
+        _close(_gather(yc, mc, 1), y_ref)
+        _close(_gather(dxc, mc, 1), dx_ref)
+        dw_ref, db_ref = dw_ref + dwc, db_ref + dbc
+        clipped += int(np.sum(np.abs(cache.d) == d_max))
+    _close(dw, dw_ref)
+    _close(db, db_ref)
+    assert clipped > 0
+    real = _gather(x, mask, 1)  # (M, C): the running statistics see every real value of the batch
+    _close(layer.running_mean, 0.8 * rm0 + 0.2 * real.mean(0).numpy())
+    _close(layer.running_var, 0.8 * rv0 + 0.2 * real.var(0).numpy())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="modules.py:206 BatchNorm.__init__ (any rank, any axis) lists its keywords explicitly and "
+    "does not take virtual_batch_size= or renorm=, so the generic layer cannot have those variants",
+)
+def test_generic_layer_takes_the_variants():
+    layer = bn.BatchNorm(3, axis=-1, virtual_batch_size=2, renorm=bn.Renorm.fixed(1.5, 0.5)).double()
+    assert layer.virtual_batch_size == 2 and layer.renorm == bn.Renorm.fixed(1.5, 0.5)
+    assert "virtual_batch_size=2" in repr(layer)
+    x = torch.randn(5, 4, 3, dtype=f64)
+    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    expected = batch_norm(
+        x, rm, rv, layer.weight, layer.bias, True, 0.1, EPS, axis=-1, virtual_batch_size=2, renorm=(1.5, 0.5)
+    )
+    _close(layer.train()(x), expected)
+
+
+# --------------------------------------------------------------------------- drop-in
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (bn.BatchNorm1d, torch.nn.BatchNorm1d),
+        (bn.BatchNorm2d, torch.nn.BatchNorm2d),
+        (bn.BatchNorm3d, torch.nn.BatchNorm3d),
+    ],
+)
+def test_variants_keep_torchs_state_dict_and_repr(ours, theirs):
+    layer = ours(4, virtual_batch_size=2, renorm=bn.Renorm())
+    reference = theirs(4)
+    assert list(layer.state_dict()) == list(reference.state_dict())
+    reference.load_state_dict(_randomize(layer).float().state_dict())
+    layer.load_state_dict(reference.state_dict())
+
+    assert repr(ours(4)) == repr(theirs(4))
+    text = repr(layer)
+    assert "virtual_batch_size=2" in text
+    assert "renorm=Renorm(r_max=3.0, d_max=5.0" in text
+    assert "frozen" not in text
+    layer.frozen = True
+    assert repr(layer).endswith("frozen=True)")
+    plain = repr(ours(4, momentum=None))
+    assert "virtual_batch_size" not in plain and "renorm" not in plain and "frozen" not in plain
