@@ -158,11 +158,6 @@ def test_ghost_eval_ignores_k():
     _close(ours(x[:1]), torch_layer(x[:1]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modules.py:91-92 passes virtual_batch_size whenever use_batch, also in eval mode "
-    "without running statistics (track_running_stats=False), so eval splits the batch into chunks",
-)
 def test_ghost_eval_without_running_stats_uses_the_whole_batch():
     ours = bn.BatchNorm1d(3, track_running_stats=False, virtual_batch_size=2).double().eval()
     torch_layer = torch.nn.BatchNorm1d(3, track_running_stats=False).double().eval()
@@ -521,11 +516,6 @@ def test_frozen_with_mask():
         assert torch.equal(v, state[k]), k
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="functional.py:163-164 (eval / frozen path with a mask) normalizes the padded values and "
-    "masks the output afterwards, so d weight = sum(dy * x_hat) gets 0 * NaN = NaN from NaN padding",
-)
 def test_frozen_and_eval_with_nan_padding_give_finite_parameter_gradients():
     layer = _randomize(bn.BatchNorm(3, axis=-1)).train()
     layer.frozen = True
@@ -580,12 +570,6 @@ def test_mask_ghost_renorm_compose():
     _close(layer.running_var, 0.8 * rv0 + 0.2 * real.var(0).numpy())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="modules.py:206 BatchNorm.__init__ (any rank, any axis) lists its keywords explicitly and "
-    "does not take virtual_batch_size= or renorm=, so the generic layer cannot have those variants",
-)
 def test_generic_layer_takes_the_variants():
     layer = bn.BatchNorm(3, axis=-1, virtual_batch_size=2, renorm=bn.Renorm.fixed(1.5, 0.5)).double()
     assert layer.virtual_batch_size == 2 and layer.renorm == bn.Renorm.fixed(1.5, 0.5)

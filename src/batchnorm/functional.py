@@ -28,7 +28,10 @@ may go with half inputs (mixed precision).
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,7 +40,7 @@ from torch import Tensor
 
 from ._general import general_train
 
-__all__ = ["batch_norm"]
+__all__ = ["BACKENDS", "batch_norm", "get_backend", "set_backend", "use_backend"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -159,7 +162,9 @@ def batch_norm_with_status(
                 "batch_norm with training=False normalizes with running_mean and running_var, "
                 "but both are None; pass them, or training=True to use the batch's statistics"
             )
-        y = _inference(input, running_mean, running_var, weight, bias, eps, axis)
+        if mask is not None:  # padding may hold NaN: keep it out of every gradient
+            input = input.masked_fill(~mask.unsqueeze(axis), 0)
+        y = _inference(input, running_mean, running_var, weight, bias, eps, axis, fast=True)
         if mask is not None:
             y = y.masked_fill(~mask.unsqueeze(axis), 0)
         return y, True
@@ -190,11 +195,108 @@ def batch_norm_with_status(
         stats = input.new_zeros(C, dtype=_acc_dtype(input.dtype))
         return _inference(input, stats, stats + 1, weight, bias, eps, axis), True
 
-    y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps, axis)
+    path = _pick_path(input, axis)
+    if path == "torch":
+        y, mean, var = _torch_train(input, weight, bias, eps, axis)
+    else:
+        y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps, axis, path)
     if running_mean is None:
         return y, True
     m = input.numel() // C
     return y, _update_running_stats(running_mean, running_var, mean, var * (m / (m - 1)), momentum)
+
+
+# --------------------------------------------------------------------------- backends
+
+BACKENDS = ("auto", "cpu", "triton", "composite", "torch")
+_backend = os.environ.get("BATCHNORM_BACKEND", "auto")
+
+
+def set_backend(name: str) -> None:
+    """Force the path plain batch normalization takes (the variants always take the general path).
+
+    - "auto" (default): the C/OpenMP kernel for CPU float32/bfloat16 tensors it
+      supports, the Triton kernels for CUDA tensors when Triton is installed,
+      else "composite";
+    - "cpu" / "triton": that kernel, or a clear error where it cannot run;
+    - "composite": our autograd core built from torch tensor operations;
+    - "torch": PyTorch's own kernel (torch.native_batch_norm) under our checks and
+      running-statistics rule, for comparison or as a fallback.
+
+    Also settable with the environment variable BATCHNORM_BACKEND; `use_backend`
+    sets it for a `with` block.
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """`with use_backend("torch"): ...` runs the block on that backend, then restores the previous one."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _kernels():
+    from . import kernels
+
+    return kernels
+
+
+def _triton_ok(input: Tensor, axis: int) -> bool:
+    if not input.is_cuda:
+        return False
+    from .kernels import triton_bn
+
+    return triton_bn.available() and triton_bn.supports(input, axis)
+
+
+def _pick_path(input: Tensor, axis: int) -> str:
+    """Which implementation runs this call: "cpu", "triton", "composite" or "torch"."""
+    name = _backend
+    if name == "auto":
+        if input.device.type == "cpu" and _kernels().cpu.supports(input, axis):
+            return "cpu"
+        if input.is_cuda and _triton_ok(input, axis):
+            return "triton"
+        return "composite"
+    if name == "cpu" and not _kernels().cpu.supports(input, axis):
+        why = _kernels().cpu.why_unavailable() or "it takes dense CPU float32/bfloat16 tensors"
+        raise RuntimeError(
+            f"backend 'cpu' was forced but cannot run on a {input.dtype} tensor of shape {tuple(input.shape)} "
+            f"on {input.device} ({why}); use set_backend('auto')"
+        )
+    if name == "triton" and not _triton_ok(input, axis):
+        raise RuntimeError(
+            "backend 'triton' was forced but needs a CUDA tensor and an installed triton; use set_backend('auto')"
+        )
+    return name
+
+
+def _to_axis1(t: Tensor, axis: int) -> Tensor:
+    return t if axis == 1 else t.movedim(axis, 1)
+
+
+def _torch_train(input: Tensor, weight, bias, eps: float, axis: int) -> tuple[Tensor, Tensor, Tensor]:
+    """PyTorch's kernel: y and the batch's (mean, biased var); autograd through torch's backward."""
+    y, mean, invstd = torch.native_batch_norm(_to_axis1(input, axis), weight, bias, None, None, True, 0.0, eps)
+    var = (invstd.detach().double().reciprocal().square() - eps).clamp_min(0.0).to(mean.dtype)
+    return (y if axis == 1 else y.movedim(1, axis)), mean.detach(), var
+
+
+def _torch_eval(input: Tensor, mean, var, weight, bias, eps: float, axis: int) -> Tensor:
+    y = torch.nn.functional.batch_norm(_to_axis1(input, axis), mean, var, weight, bias, False, 0.0, eps)
+    return y if axis == 1 else y.movedim(1, axis)
 
 
 # --------------------------------------------------------------------------- checks
@@ -258,9 +360,7 @@ def _check_variants(input, axis, momentum, eps, k, renorm, running_mean, process
     _check_training(input, axis, momentum, eps, single_value_check=False)
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(
-                f"virtual_batch_size must be a positive int (samples per ghost batch), got {k!r}"
-            )
+            raise ValueError(f"virtual_batch_size must be a positive int (samples per ghost batch), got {k!r}")
         if axis == 0:
             raise ValueError("virtual_batch_size splits axis 0 (the batch), but the channel axis is 0")
     if renorm is not None:
@@ -279,9 +379,7 @@ def _check_variants(input, axis, momentum, eps, k, renorm, running_mean, process
         )
 
 
-def _check_training(
-    input: Tensor, axis: int, momentum: float, eps: float, single_value_check: bool = True
-) -> None:
+def _check_training(input: Tensor, axis: int, momentum: float, eps: float, single_value_check: bool = True) -> None:
     if not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if not 0.0 <= momentum <= 1.0:
@@ -328,6 +426,7 @@ def _inference(
     bias: Tensor | None,
     eps: float,
     axis: int,
+    fast: bool = False,
 ) -> Tensor:
     """y = x * scale + shift with fixed statistics: one fused multiply-add pass.
 
@@ -341,9 +440,21 @@ def _inference(
     shift = -mean.to(acc) * scale
     if bias is not None:
         shift = shift + bias.to(acc)
+    if fast and input.numel() and not _wants_grad(input, mean, var, weight, bias):
+        path = _pick_path(input, axis)
+        if path == "cpu":
+            return _kernels().cpu.inference(input, scale, shift, axis)
+        if path == "triton":
+            return _kernels().triton_bn.inference(input, scale, shift, axis)
+        if path == "torch":
+            return _torch_eval(input, mean, var, weight, bias, eps, axis)
     x = input if input.dtype == acc else input.to(acc)
     y = torch.addcmul(_view(shift, input.dim(), axis), x, _view(scale, input.dim(), axis))
     return y.to(input.dtype)
+
+
+def _wants_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 @torch.no_grad()
@@ -374,7 +485,21 @@ class _BatchNormTrain(torch.autograd.Function):
     """Training-mode BN with the closed-form backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int):
+    def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, path: str):
+        ctx.eps, ctx.axis, ctx.path = eps, axis, path
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if path == "cpu":
+            y, mean, var = _kernels().cpu.train_forward(input, weight, bias, eps, axis)
+            invstd = torch.rsqrt(var + eps)
+            ctx.save_for_backward(input, weight, mean, invstd)
+            ctx.mark_non_differentiable(mean, var)
+            return y, mean, var
+        if path == "triton":
+            y, mean, invstd = _kernels().triton_bn.train_forward(input, weight, bias, eps, axis)
+            var = (invstd.reciprocal().square() - eps).clamp_min(0.0)
+            ctx.save_for_backward(input, weight, mean, invstd)
+            ctx.mark_non_differentiable(mean, var)
+            return y, mean, var
         ndim = input.dim()
         dims = _reduce_dims(ndim, axis)
         acc = _acc_dtype(input.dtype)
@@ -395,8 +520,6 @@ class _BatchNormTrain(torch.autograd.Function):
         y = y.to(input.dtype)
 
         ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.eps, ctx.axis = eps, axis
-        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -406,7 +529,18 @@ class _BatchNormTrain(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: gradients of gradients are wanted, so build the
             # backward from differentiable ops that see x again.
-            return (*_backward_differentiable(ctx, input, weight, dy), None, None)
+            return (*_backward_differentiable(ctx, input, weight, dy), None, None, None)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.path == "triton":
+            dx, dw, db = _kernels().triton_bn.train_backward(dy, input, weight, mean, invstd, ctx.axis, need_x)
+            dw = dw.to(weight.dtype) if need_w and weight is not None else None
+            db = db.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+            return dx if need_x else None, dw, db, None, None, None
+        if ctx.path == "cpu":
+            dx, s1, s2 = _kernels().cpu.train_backward(dy, input, weight, mean, invstd, ctx.axis, need_x)
+            dw = (s2 * invstd).to(weight.dtype) if need_w and weight is not None else None
+            db = s1.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+            return dx, dw, db, None, None, None
 
         axis, ndim = ctx.axis, input.dim()
         dims = _reduce_dims(ndim, axis)
@@ -419,7 +553,6 @@ class _BatchNormTrain(torch.autograd.Function):
         dx = torch.empty_like(input, dtype=acc)
         torch.sub(input, _view(mean, ndim, axis), out=dx)
         s2 = dx.mul_(dy).sum(dims)  # (C,) sum(dy * (x - mean))
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dw = db = None
         if need_x:
             k = invstd if weight is None else invstd * weight.to(acc)
@@ -434,7 +567,7 @@ class _BatchNormTrain(torch.autograd.Function):
             dw = (s2 * invstd).to(weight.dtype)
         if need_b and ctx.bias_dtype is not None:
             db = s1.to(ctx.bias_dtype)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 def _backward_differentiable(ctx, input: Tensor, weight: Tensor | None, dy: Tensor):

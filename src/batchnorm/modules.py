@@ -89,7 +89,8 @@ class _Forward:
         keep = not self.training or self.track_running_stats
         variants = {}
         if use_batch:
-            variants["virtual_batch_size"] = self.virtual_batch_size
+            # Ghost batches are a training device; inference (even on batch statistics) is plain BN.
+            variants["virtual_batch_size"] = self.virtual_batch_size if self.training else None
             variants["process_group"] = self._sync_group(input)
             if self.renorm is not None and tracking:
                 step = 0 if self.num_batches_tracked is None else int(self.num_batches_tracked)
@@ -215,8 +216,13 @@ class BatchNorm(_Forward, _BatchNorm):
         *,
         axis: int = 1,
         bias: bool = True,
+        virtual_batch_size: int | None = None,
+        renorm: Renorm | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+            virtual_batch_size=virtual_batch_size, renorm=renorm,
+        )  # fmt: skip
         self.axis = axis
 
     def _check_input_dim(self, input: Tensor) -> None:
