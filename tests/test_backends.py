@@ -1,0 +1,85 @@
+"""Every backend of functional.batch_norm passes the same parity checks against torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import batchnorm as bn
+from batchnorm import functional as F
+from batchnorm.kernels import cpu as cpu_kernel
+
+BACKENDS = ["auto", "composite", "torch", "cpu"]
+
+
+def _supported(backend: str, x: torch.Tensor) -> bool:
+    if backend == "cpu":
+        return cpu_kernel.supports(x, 1)
+    return True
+
+
+CASES = [
+    ((6, 4, 5, 5), torch.float64, False),
+    ((6, 4, 5, 5), torch.float32, False),
+    ((6, 4, 5, 5), torch.float32, True),
+    ((8, 5), torch.float32, False),
+    ((4, 3, 7), torch.bfloat16, False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, dtype, channels_last", CASES)
+def test_backend_parity_train_then_eval(backend, shape, dtype, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype) * 3 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    if not _supported(backend, x):
+        with pytest.raises(RuntimeError, match="backend 'cpu' was forced"), F.use_backend(backend):
+            bn.BatchNorm(shape[1])(x)
+        return
+    C = shape[1]
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    ours = bn.BatchNorm(C, dtype=pdtype)
+    ref = torch.nn.BatchNorm1d(C, dtype=pdtype) if len(shape) < 4 else torch.nn.BatchNorm2d(C, dtype=pdtype)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+        ref.load_state_dict(ours.state_dict())
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    with F.use_backend(backend):
+        for _ in range(2):
+            xa = x.clone().requires_grad_(True)
+            xb = x.clone().requires_grad_(True)
+            ya, yb = ours(xa), ref(xb)
+            g = torch.randn_like(yb)
+            ga = torch.autograd.grad(ya, (xa, ours.weight, ours.bias), g)
+            gb = torch.autograd.grad(yb, (xb, ref.weight, ref.bias), g)
+            torch.testing.assert_close(ya.float(), yb.float(), rtol=tol, atol=tol)
+            for a, b in zip(ga, gb):
+                torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * 10)
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=tol, atol=tol)
+        ours.eval()
+        ref.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x).float(), ref(x).float(), rtol=tol, atol=tol)
+        if channels_last:
+            assert ours(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_backend_switch_is_scoped_and_validated():
+    assert F.get_backend() in F.BACKENDS
+    before = F.get_backend()
+    with F.use_backend("torch"):
+        assert F.get_backend() == "torch"
+    assert F.get_backend() == before
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        F.set_backend("cudnn")
+
+
+def test_auto_picks_the_kernel_where_it_runs():
+    x = torch.randn(4, 3, 5, 5)
+    expected = "cpu" if cpu_kernel.available() else "composite"
+    assert F._pick_path(x, 1) == expected
+    assert F._pick_path(x.double(), 1) == "composite"  # the kernel takes float32 and bfloat16
