@@ -6,6 +6,7 @@ The public surface, on one screen:
   `BatchNorm` (any rank, any channel axis);
 - variants: `virtual_batch_size=` (ghost batches), `renorm=Renorm(...)`
   (batch renormalization), `layer(x, mask=...)`, frozen layers;
+- `BatchNormAct1d/2d/3d/Nd`: relu(BN(x) + residual), fused on CUDA with Triton;
 - `SyncBatchNorm`, `convert_sync_batchnorm`: on every backend, gloo included;
 - `functional.batch_norm`: torch's functional signature plus `axis`;
 - `reference`: the paper's math in NumPy, the oracle of the tests;
@@ -15,6 +16,7 @@ The public surface, on one screen:
 """
 
 from . import functional, moments, reference
+from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, BatchNormActNd
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .renorm import Renorm
@@ -32,6 +34,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "BatchNormActNd",
     "Renorm",
     "SyncBatchNorm",
     "convert_batchnorm",
