@@ -186,9 +186,7 @@ def _npz(path: str) -> Dataset:
             raise DataError(f"{path}: x has {len(x)} rows but y has {len(y)} labels")
         parts = list(_split(x.reshape(len(x), -1), y))
     else:
-        raise DataError(
-            f"{path} holds arrays {sorted(arrays)}; expected x and y (or x_train, y_train, x_test, y_test)"
-        )
+        raise DataError(f"{path} holds arrays {sorted(arrays)}; expected x and y (or x_train, y_train, x_test, y_test)")
     xtr, ytr, xte, yte = parts
     xtr, xte = xtr.reshape(len(xtr), -1).astype(np.float32), xte.reshape(len(xte), -1).astype(np.float32)
     if not all(np.issubdtype(np.asarray(y).dtype, np.integer) for y in (ytr, yte)):

@@ -15,14 +15,11 @@ Test accuracy is measured in eval mode (running statistics, Algorithm 2).
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..modules import BatchNorm1d
 from .data import Dataset
@@ -129,133 +126,26 @@ class Run:
         return f"{'with' if self.bn else 'without'} BN, lr {self.lr:g}, init {self.init_std:g}"
 
 
-def build_mlp(num_features: int, num_classes: int, bn: bool, init_std: float, seed: int) -> nn.Sequential:
-    """The Fig. 1 network: (Linear [-> BN] -> Sigmoid) x 3 -> Linear; weights N(0, init_std^2)."""
-    gen = torch.Generator().manual_seed(seed)
-    layers: list[nn.Module] = []
-    width = num_features
-    for hidden in HIDDEN:
-        linear = nn.Linear(width, hidden, bias=not bn)
-        layers += [linear, BatchNorm1d(hidden)] if bn else [linear]
-        layers.append(nn.Sigmoid())
-        width = hidden
-    layers.append(nn.Linear(width, num_classes))
-    with torch.no_grad():
-        for module in layers:
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, init_std, generator=gen)
-                if module.bias is not None:
-                    module.bias.zero_()
-    return nn.Sequential(*layers)
+def train(data: Dataset, run: Run, device: str = "cpu", on_steps: Callable[[int], None] | None = None) -> dict:
+    """Train one network of part 1 and return its measurements (JSON-ready).
 
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x).argmax(1) == y).float().mean().item()
-    model.train()
-    return acc
-
-
-def train(
-    data: Dataset, run: Run, device: str = "cpu", on_steps: Callable[[int], None] | None = None
-) -> dict:
-    """Train one network and return its measurements (JSON-ready).
-
-    Returns steps (evaluation points), test_acc at each, the mean training
-    loss of each evaluation window, diverged (a non-finite loss, or a final
-    loss above that of uniform guessing, ln K), final_acc (the mean test
-    accuracy of the last three evaluations) and, with `record_inputs`, the
+    The Fig. 1 network (see the module docstring) trained by `models.train_setup`;
+    returns steps (evaluation points), test_acc at each, the mean training loss
+    of each evaluation window, diverged (a non-finite loss, or a final loss
+    above that of uniform guessing, ln K), final_acc (the mean test accuracy of
+    the last three evaluations), best_acc and, with `record_inputs`, the
     15th/50th/85th percentiles over the test set of the input to each sigmoid
-    of the last hidden layer.
+    of the last hidden layer (`models.input_summary`).
     """
-    model = build_mlp(data.num_features, data.num_classes, run.bn, run.init_std, run.seed).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=run.lr)
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-    gen = torch.Generator().manual_seed(10_000 + run.seed)
-    n = len(y_train)
+    from .models import Setup, train_setup
 
-    captured: list[torch.Tensor] = []
-    hook = None
-    if run.record_inputs:  # the module feeding the last sigmoid: Linear or BN
-        last_sigmoid = [i for i, m in enumerate(model) if isinstance(m, nn.Sigmoid)][-1]
-        hook = model[last_sigmoid].register_forward_hook(
-            lambda _m, args, _out: captured.append(args[0].detach())
-        )
-
-    steps, accs, losses, pct = [], [], [], []
-    window, diverged, order, pos = 0.0, False, torch.randperm(n, generator=gen), 0
-    with warnings.catch_warnings():
-        # A diverging run feeds NaN into BN, which warns every step; the run
-        # records the divergence instead.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for step in range(1, run.steps + 1):
-            if pos + BATCH > n:  # a new epoch: reshuffle, drop the ragged end
-                order, pos = torch.randperm(n, generator=gen), 0
-            idx = order[pos : pos + BATCH].to(device)
-            pos += BATCH
-            captured.clear()
-            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-            if not torch.isfinite(loss):
-                diverged = True
-            else:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            window += loss.item()
-            if step % run.eval_every == 0 or step == run.steps or diverged:
-                done = step - (steps[-1] if steps else 0)
-                captured.clear()
-                steps.append(step)
-                accs.append(_accuracy(model, x_test, y_test))
-                losses.append(window / done)
-                window = 0.0
-                if run.record_inputs:
-                    q = torch.tensor([0.15, 0.50, 0.85], device=captured[0].device)
-                    pct.append(torch.quantile(captured[0].float(), q, dim=0).cpu().numpy())  # (3, 100)
-                if on_steps is not None:
-                    on_steps(done)
-            if diverged:
-                if on_steps is not None:
-                    on_steps(run.steps - step)
-                break
-    if hook is not None:
-        hook.remove()
-
-    final_loss = losses[-1]
-    diverged = diverged or not math.isfinite(final_loss) or final_loss > math.log(data.num_classes)
-    result = {
-        "steps": steps,
-        "test_acc": accs,
-        "train_loss": [x if math.isfinite(x) else None for x in losses],
-        "diverged": diverged,
-        "final_acc": float(np.mean(accs[-3:])),
-        "best_acc": float(max(accs)),
-    }
-    if run.record_inputs:
-        result["inputs"] = _input_summary(np.stack(pct))  # (T, 3, units)
+    setup = Setup(
+        "mlp", "bn" if run.bn else "none", BATCH, run.steps, run.lr, run.seed, run.eval_every,
+        init_std=run.init_std, measure=("inputs",) if run.record_inputs else (),
+    )  # fmt: skip
+    result = train_setup(data, setup, device, on_steps)
+    result["best_acc"] = float(max(result["test_acc"]))
     return result
-
-
-def _input_summary(p: np.ndarray) -> dict:
-    """Percentile paths of unit 0 (the plotted sigmoid) and the drift of every unit.
-
-    drift of a unit = mean over the three percentiles of |p(end) - p(first
-    evaluation)|, divided by the unit's mean spread p85 - p15 over training:
-    how far its input distribution moved, in units of its own width.
-    """
-    spread = (p[:, 2, :] - p[:, 0, :]).mean(0)  # (units,)
-    moved = np.abs(p[-1] - p[0]).mean(0)  # (units,)
-    drift = moved / np.maximum(spread, 1e-12)
-    return {
-        "unit": 0,
-        "p15": p[:, 0, 0].tolist(),
-        "p50": p[:, 1, 0].tolist(),
-        "p85": p[:, 2, 0].tolist(),
-        "drift_median": float(np.median(drift)),
-        "drift_unit0": float(drift[0]),
-    }
 
 
 # --------------------------------------------------------------------------- experiments

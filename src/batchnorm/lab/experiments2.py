@@ -131,9 +131,7 @@ def _cnn(norm: str, batch: int, scale: Scale, seed: int) -> Setup:
 
 
 def _small_runs(scale: Scale, seed: int) -> list:
-    runs: list = [
-        _cnn(m, b, scale, s) for m in METHODS for b in SMALL_BATCHES for s in _seeds(scale.part2_seeds, seed)
-    ]
+    runs: list = [_cnn(m, b, scale, s) for m in METHODS for b in SMALL_BATCHES for s in _seeds(scale.part2_seeds, seed)]
     runs.append(SyncRun(_cnn("bn", 2, scale, seed), world=2))
     return runs
 
@@ -203,9 +201,7 @@ def _analyze_reg(scale: Scale, seed: int, runs: list[Setup], results: list[dict]
             group = [res for r, res in zip(runs, results) if r.norm == norm and r.dropout == dp]
             train = _mean([g["train_acc"] for g in group])
             test = _mean([g["final_acc"] for g in group])
-            rows.append(
-                {"bn": norm == "bn", "dropout": dp, "train_acc": train, "test_acc": test, "gap": train - test}
-            )
+            rows.append({"bn": norm == "bn", "dropout": dp, "train_acc": train, "test_acc": test, "gap": train - test})
     by = {(r["bn"], r["dropout"]): r for r in rows}
     per_seed = []
     for s in sorted({r.seed for r in runs}):

@@ -189,9 +189,7 @@ def batch_stat_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batc
     return correct / len(y)
 
 
-def landscape(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: tuple[float, ...]
-) -> dict[str, float]:
+def landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: tuple[float, ...]) -> dict[str, float]:
     """The loss and gradient along the gradient direction (Santurkar et al. 2018, section 3.2).
 
     At the current weights w with gradient g of the loss on (x, y), for each
@@ -260,6 +258,7 @@ def train_setup(
             if pos + setup.batch > n:
                 order, pos = torch.randperm(n, generator=gen), 0
             idx = order[pos : pos + setup.batch].to(device)
+            captured.clear()
             pos += setup.batch
             loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
             if not torch.isfinite(loss):
@@ -273,14 +272,13 @@ def train_setup(
                 count = step - done
                 done = step
                 steps.append(step)
+                captured.clear()  # keep only the evaluation's forward pass
                 accs.append(accuracy(model, x_test, y_test))
                 losses.append(window / count)
                 window = 0.0
                 if "landscape" in setup.measure and not diverged:
                     land.append(landscape(model, x_train[probe_idx], y_train[probe_idx], LANDSCAPE_STEPS))
                 if "inputs" in setup.measure:
-                    captured.clear()
-                    accuracy(model, x_test, y_test)
                     q = torch.tensor([0.15, 0.5, 0.85], device=captured[0].device)
                     pct.append(torch.quantile(captured[0].float(), q, dim=0).cpu().numpy())
                 if on_steps is not None:
@@ -302,16 +300,35 @@ def train_setup(
     if "train_acc" in setup.measure:
         out["train_acc"] = accuracy(model, x_train, y_train)
     if "landscape" in setup.measure:
-        out["landscape"] = {
-            k: [d[k] for d in land] for k in ("loss_range", "grad_change", "beta", "grad_norm")
-        }
+        out["landscape"] = {k: [d[k] for d in land] for k in ("loss_range", "grad_change", "beta", "grad_norm")}
     if "inputs" in setup.measure:
-        from .experiments import _input_summary
-
-        out["inputs"] = _input_summary(np.stack(pct))
+        out["inputs"] = input_summary(np.stack(pct))
     if "eval_modes" in setup.measure:
         out["eval_modes"] = _eval_modes(model, data, setup.batch, device)
     return out
+
+
+def input_summary(p: np.ndarray) -> dict:
+    """Percentile paths of unit 0 (the plotted sigmoid) and the drift of every unit.
+
+    drift of a unit = mean over the three percentiles of |p(end) - p(first
+    evaluation)|, divided by the unit's mean spread p85 - p15 over training:
+    how far its input distribution moved, in units of its own width.
+    """
+    spread = (p[:, 2, :] - p[:, 0, :]).mean(0)  # (units,)
+    moved = np.abs(p[-1] - p[0]).mean(0)  # (units,)
+    drift = moved / np.maximum(spread, 1e-12)
+    return {
+        "unit": 0,
+        "p15": p[:, 0, 0].tolist(),
+        "p50": p[:, 1, 0].tolist(),
+        "p85": p[:, 2, 0].tolist(),
+        "drift_median": float(np.median(drift)),
+        "drift_unit0": float(drift[0]),
+    }
+
+
+# --------------------------------------------------------------------------- experiments
 
 
 def _eval_modes(model: nn.Module, data: Dataset, batch: int, device: str) -> dict:

@@ -124,9 +124,7 @@ def plot_stable_inputs(exp: dict) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=False)
     for ax, bn in zip(axes, (False, True)):
         inp = s["with_bn" if bn else "without_bn"]
-        ax.fill_between(
-            s["steps"], inp["p15"], inp["p85"], color=COLORS[bn], alpha=0.2, label="15th-85th percentile"
-        )
+        ax.fill_between(s["steps"], inp["p15"], inp["p85"], color=COLORS[bn], alpha=0.2, label="15th-85th percentile")
         ax.plot(s["steps"], inp["p50"], color=COLORS[bn], lw=1.6, label="median")
         ax.plot(s["steps"], inp["p15"], color=COLORS[bn], lw=0.8)
         ax.plot(s["steps"], inp["p85"], color=COLORS[bn], lw=0.8)
@@ -136,9 +134,7 @@ def plot_stable_inputs(exp: dict) -> list[str]:
             title=f"{LABELS[bn]} (drift {inp['drift_unit0']:.2f} spreads)",
         )
         ax.legend(loc="best")
-    fig.suptitle(
-        f"Input to one sigmoid of the last hidden layer over training (paper Fig. 1b,c; seed {s['seed']})"
-    )
+    fig.suptitle(f"Input to one sigmoid of the last hidden layer over training (paper Fig. 1b,c; seed {s['seed']})")
     return [_png(fig)]
 
 
@@ -158,9 +154,7 @@ def _sweep_bars(exp: dict, xlabel: str, title: str, fmt) -> str:
         ]
         ax.bar(xs, means, width, yerr=err, color=COLORS[bn], label=LABELS[bn], capsize=3)
         for x, r in zip(xs, mine):
-            note = f"{r['final_acc_mean']:.0%}" + (
-                f"\n{r['diverged']}/{r['runs']} diverged" if r["diverged"] else ""
-            )
+            note = f"{r['final_acc_mean']:.0%}" + (f"\n{r['diverged']}/{r['runs']} diverged" if r["diverged"] else "")
             ax.text(x, r["final_acc_mean"] + 0.02, note, ha="center", va="bottom", fontsize=7.5)
     ax.set_xticks(np.arange(len(values)), [fmt(r) for r in values])
     ax.set(xlabel=xlabel, ylabel="final test accuracy", ylim=(0, 1.18), title=title)
@@ -172,9 +166,7 @@ def _sweep_bars(exp: dict, xlabel: str, title: str, fmt) -> str:
 def plot_learning_rates(exp: dict) -> list[str]:
     base = exp["figures"]["base_lr"]
     fmt = lambda v: f"x{v / base:g} (lr {v:g})"  # noqa: E731
-    return [
-        _sweep_bars(exp, "learning rate", "Final test accuracy by learning rate (paper BN-x5, BN-x30)", fmt)
-    ]
+    return [_sweep_bars(exp, "learning rate", "Final test accuracy by learning rate (paper BN-x5, BN-x30)", fmt)]
 
 
 def plot_initialization(exp: dict) -> list[str]:
@@ -453,8 +445,7 @@ def render_html(results: dict) -> str:
     parts.append("</table>")
     for name, exp in results["experiments"].items():
         parts.append(
-            f"<section id='{html.escape(name)}'><h2>{html.escape(exp['title'])} "
-            f"{_verdict_badge(exp['verdict'])}</h2>"
+            f"<section id='{html.escape(name)}'><h2>{html.escape(exp['title'])} {_verdict_badge(exp['verdict'])}</h2>"
         )
         parts.append(f"<p class='claim'>Claim: {html.escape(exp['claim'])}</p>")
         parts.append(f"<p>Source: {html.escape(exp['source'])}.</p>")

@@ -156,13 +156,9 @@ def run_lab(
     results = {
         "schema": report.SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "duration_s": time.perf_counter()
-        - start
-        + sum(finished[n]["duration_s"] for n in names if n not in todo),
+        "duration_s": time.perf_counter() - start + sum(finished[n]["duration_s"] for n in names if n not in todo),
         "settings": settings,
-        "summary": [
-            {k: e[k] for k in ("name", "title", "claim", "headline", "verdict")} for e in experiments.values()
-        ],
+        "summary": [{k: e[k] for k in ("name", "title", "claim", "headline", "verdict")} for e in experiments.values()],
         "experiments": experiments,
     }
     page = report.render_html(results)  # render before writing anything: a failure keeps the old report

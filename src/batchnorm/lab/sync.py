@@ -38,9 +38,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, data: Dataset, setup: Setup, out: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S)
-    )
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
         model = convert_sync_batchnorm(build(setup, data.num_features, data.num_classes))
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -75,8 +73,7 @@ def train_sync(data: Dataset, setup: Setup, world: int = 2) -> dict:
         out = os.path.join(tmp, "result.pt")
         ctx, port = mp.get_context("spawn"), _free_port()
         procs = [
-            ctx.Process(target=_worker, args=(r, world, port, data, setup, out), daemon=True)
-            for r in range(world)
+            ctx.Process(target=_worker, args=(r, world, port, data, setup, out), daemon=True) for r in range(world)
         ]
         raise_on = None
         for p in procs:
