@@ -42,7 +42,7 @@ class Scale:
     # part 2
     part2_seeds: int = 1
     small_batch_epochs: int = 2  # experiment 5: epochs at each batch size
-    cnn_steps: int = 500  # experiment 6: steps of every (method, batch) run
+    cnn_samples: int = 8000  # experiment 6: training examples seen by every run (steps = samples / batch)
     cnn_seeds: int = 1  # experiment 6: 6 methods x 5 batch sizes per seed
     reg_steps: int = 3000  # experiment 7
     smooth_steps: int = 1500  # experiment 8
@@ -57,7 +57,7 @@ SCALES = {
         sweep_seeds=1,
         sweep_steps=600,
         small_batch_epochs=1,
-        cnn_steps=300,
+        cnn_samples=3000,
         reg_steps=1000,
         smooth_steps=600,
     ),
@@ -80,7 +80,7 @@ SCALES = {
         sweep_steps=10_000,
         part2_seeds=3,
         small_batch_epochs=10,
-        cnn_steps=5000,
+        cnn_samples=40_000,
         cnn_seeds=3,
         reg_steps=20_000,
         smooth_steps=10_000,
@@ -94,7 +94,7 @@ SCALES = {
         sweep_seeds=1,
         sweep_steps=40,
         small_batch_epochs=1,
-        cnn_steps=30,
+        cnn_samples=64,
         reg_steps=60,
         smooth_steps=40,
     ),

@@ -125,9 +125,11 @@ METHODS = ("bn", "gn", "ln", "in", "renorm", "ghost")
 
 
 def _cnn(norm: str, batch: int, scale: Scale, seed: int) -> Setup:
-    # Every run takes the same number of steps; the learning rate scales with sqrt(batch / 32).
-    return Setup("cnn", norm, batch, steps=scale.cnn_steps, lr=0.1 * (batch / 32) ** 0.5, momentum=0.9,
-                 seed=seed, eval_every=max(10, scale.cnn_steps // 10))  # fmt: skip
+    # Every run sees the same number of examples (as the Group Normalization paper keeps the epochs);
+    # the learning rate scales with sqrt(batch / 32).
+    steps = max(8, scale.cnn_samples // batch)
+    return Setup("cnn", norm, batch, steps=steps, lr=0.1 * (batch / 32) ** 0.5, momentum=0.9,
+                 seed=seed, eval_every=max(4, steps // 10))  # fmt: skip
 
 
 def _small_runs(scale: Scale, seed: int) -> list:
@@ -323,7 +325,8 @@ EXPERIMENTS: dict[str, Experiment] = {
             "Wu & He 2018 (Group Normalization), Table/Fig. of error vs batch; Ioffe 2017 (Batch Renorm)",
             "A small CNN (two 3x3 conv layers of 16 and 32 channels, each followed by the normalization and "
             "ReLU, global average pooling, linear) on the 8x8 digits, SGD with momentum 0.9, learning rate "
-            "0.1 * sqrt(batch / 32), the same number of steps at per-step batch 32, 16, 8, 4, 2; BatchNorm, "
+            "0.1 * sqrt(batch / 32), the same number of training examples (so more steps at smaller batches) at "
+            "per-step batch 32, 16, 8, 4, 2; BatchNorm, "
             "GroupNorm (4 groups), LayerNorm, InstanceNorm (PyTorch's layers), Batch Renorm (the paper's "
             "schedule scaled to the run) and ghost BN (virtual batch of a quarter, at least 2) from "
             "batchnorm; and batchnorm.SyncBatchNorm over 2 processes (gloo, DistributedDataParallel) at "
