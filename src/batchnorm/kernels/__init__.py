@@ -1,0 +1,10 @@
+"""Compiled kernels behind `batchnorm.functional`.
+
+- `cpu`: batch normalization in C + OpenMP (`bn_cpu.c`), built on first use and called
+  through ctypes: `cpu.available()`, `cpu.why_unavailable()`, `cpu.supports(x, axis)`,
+  `cpu.train_forward`, `cpu.train_backward`, `cpu.inference`.
+"""
+
+from . import cpu
+
+__all__ = ["cpu"]

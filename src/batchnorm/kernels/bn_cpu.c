@@ -1,0 +1,996 @@
+/* Batch normalization on the CPU: plain C + OpenMP, loaded by kernels/cpu.py through ctypes.
+ *
+ * Every input arrives as one canonical view, a dense (A, C, B) array in memory order
+ * (C = channels): NCHW is (N, C, H*W); channels_last and (N, L, C) are (N*H*W, C, 1).
+ * Two code paths, chosen by the length B of a channel's contiguous runs:
+ *
+ *   planes (B >= 32, or wide rows) channel c owns A runs ("planes") of B contiguous values.
+ *       Statistics: each plane is cut into chunks of <= CHUNK_BYTES (they stay in L1); the
+ *       chunks of all planes are spread evenly over the threads whatever C is, then merged
+ *       per channel. The elementwise passes split the flat element range evenly.
+ *   rows (B == 1, or small B with narrow rows) the data is an (A, C*B) matrix; column j
+ *       belongs to channel (j / B) % C. Vectorized across columns; narrow rows are widened
+ *       (k consecutive rows form one row of W = k*C*B >= MIN_WIDTH columns). Rows are split
+ *       over the threads; each keeps per-column accumulators; threads and the columns of a
+ *       channel are merged at the end.
+ *
+ * Numerics (the statistics are the only delicate part):
+ *   - each chunk / row block is small enough to stay in L1/L2, and its statistics come from
+ *     two passes over it: first its mean (of x - x0, x0 = its first value, so the float32
+ *     sum does not grow with the offset of the data), then its M2 = sum((x - mean)^2).
+ *     Never E[x^2] - E[x]^2.
+ *   - chunk results (count, mean, M2) are merged in float64 with Chan's formula
+ *       n = na + nb, d = mb - ma, mean = ma + d*nb/n, M2 = M2a + M2b + d^2*na*nb/n
+ *     in a fixed order (planes: independent of the thread count).
+ *   - float32 accumulation within a chunk (32 independent lanes), float64 across chunks.
+ *   - bfloat16 loads widen (u16 << 16); stores round to nearest even (NaN -> 0x7FC0, as torch).
+ *   - the apply pass computes y = (x - mean_hi) * scale + shift with mean_hi = (float)mean and
+ *     shift = beta - (mean - mean_hi) * scale: x - mean_hi is exact when x is near the mean, so
+ *     data with a large offset (mean 1e4, std 1) keeps float32 precision in y. dx likewise:
+ *     dx = k*dy + b*(x - mean) + c', c' = -k*s1/m (equal to k*dy + b*x + c, c = c' - b*mean).
+ *
+ * Memory traffic: training forward reads x twice and writes y once; backward reads x and dy
+ * twice and writes dx once. When a pass's data cannot stay in the last-level cache anyway
+ * (bytes read + written > bn_set_cache_bytes, default 32 MiB), outputs are written with
+ * non-temporal (streaming) stores where AVX-512 is available: no read-for-ownership of the
+ * output lines, and the input is not evicted by them.
+ *
+ * Threads: the caller passes the count (torch.get_num_threads()); small inputs use fewer.
+ * Loaded into a process that imported torch, this library's libgomp.so.1 resolves to the one
+ * torch already loaded, so both share one OpenMP thread pool.
+ *
+ * Every entry point returns 0, or 1 if scratch memory could not be allocated.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define HAVE_AVX512 1 /* explicit vector code: short-plane reductions, streaming stores */
+#else
+#define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
+#endif
+
+#define BN_ABI_VERSION 2
+#define LANES 32                    /* independent float accumulators per reduction */
+#define CHUNK_BYTES (16 << 10)      /* planes: statistics chunk, stays in L1 */
+#ifndef BLOCK_BYTES
+#define BLOCK_BYTES (128 << 10)     /* rows: statistics block, stays in L2 */
+#endif
+#define MAX_BLOCK_ROWS 256
+#define MIN_WIDTH 128               /* rows: widen narrow rows to at least this many columns */
+#define ROWS_MAX_B 32               /* planes shorter than this go to the rows path ... */
+#define ROWS_MAX_ROW_BYTES (32 << 10) /* ... if a row of C*B values is at most this big */
+#define ELEMS_PER_THREAD (32 << 10) /* fewer threads for small inputs */
+#define VEC 16                      /* one AVX-512 vector: 16 values (64 B of f32, 32 B of bf16) */
+
+enum { DT_F32 = 0, DT_BF16 = 1 };
+
+#define INLINE static inline __attribute__((always_inline))
+
+static int64_t cache_bytes = 32 << 20;
+static int hugepages = 1;
+
+int bn_abi_version(void) { return BN_ABI_VERSION; }
+
+/* Outputs of passes moving more bytes than this use streaming stores (0: always, -1: never). */
+void bn_set_cache_bytes(int64_t bytes) { cache_bytes = bytes; }
+
+/* Whether large outputs are advised MADV_HUGEPAGE before their first write (default on). */
+void bn_set_hugepages(int on) { hugepages = on; }
+
+/* A freshly allocated output of many MB is first touched by our writes: with 4 KiB pages
+ * the page faults cost more than the writes (about 20 ms for 100 MB here). Advising its
+ * whole 2 MiB-aligned interior MADV_HUGEPAGE (Linux, transparent huge pages in `madvise`
+ * mode) makes that ~3x cheaper. Pages already present are unaffected; errors are ignored. */
+static void advise_huge(void *p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    if (!hugepages || p == NULL || bytes < (int64_t)(4 * huge)) return;
+    uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1), hi = ((uintptr_t)p + (uintptr_t)bytes) & ~(huge - 1);
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
+/* ------------------------------------------------------------------ element access */
+
+INLINE float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
+INLINE uint16_t f32_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    uint32_t u = v.u;
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(((u & 0x7FFFFFFFu) > 0x7F800000u) ? 0x7FC0u : rounded);
+}
+
+/* dt is a compile-time constant wherever these are inlined (see the dispatch below). */
+INLINE float LD(const void *p, int64_t i, int dt) {
+    return dt == DT_F32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
+}
+
+INLINE void ST(void *p, int64_t i, float v, int dt) {
+    if (dt == DT_F32)
+        ((float *)p)[i] = v;
+    else
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+}
+
+INLINE int64_t elem_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
+#if HAVE_AVX512
+INLINE __m512 VLD(const void *p, int64_t i, int dt) {
+    if (dt == DT_F32) return _mm512_loadu_ps((const float *)p + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* 16 float32 -> 16 bfloat16, round to nearest even, NaN -> 0x7FC0. */
+INLINE __m256i to_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* Non-temporal store of 16 values at p + i (64-byte aligned for f32, 32-byte for bf16). */
+INLINE void VSTREAM(void *p, int64_t i, __m512 v, int dt) {
+    if (dt == DT_F32) {
+        _mm512_stream_ps((float *)p + i, v);
+        return;
+    }
+    _mm256_stream_si256((__m256i *)((uint16_t *)p + i), to_bf16(v));
+}
+
+/* Store of the lanes in k (all 16: k = 0xFFFF) of v at p + i, regular (cached) stores. */
+INLINE void VSTORE(void *p, int64_t i, __m512 v, __mmask16 k, int dt) {
+    if (dt == DT_F32)
+        _mm512_mask_storeu_ps((float *)p + i, k, v);
+    else
+        _mm256_mask_storeu_epi16((uint16_t *)p + i, k, to_bf16(v));
+}
+#endif
+
+/* Whether a pass moving `bytes` should write `out` with streaming stores. */
+static int use_stream(const void *out, int64_t bytes) {
+    return HAVE_AVX512 && out != NULL && ((uintptr_t)out & 63) == 0 && cache_bytes >= 0 && bytes > cache_bytes;
+}
+
+/* Thread t's share [lo, hi) of n items, as even as possible. */
+INLINE void part(int64_t n, int t, int T, int64_t *lo, int64_t *hi) {
+    int64_t q = n / T, r = n % T;
+    *lo = t * q + (t < r ? t : r);
+    *hi = *lo + q + (t < r ? 1 : 0);
+}
+
+/* Thread t's share of n elements, cut at multiples of 64 (whole cache lines of the output). */
+INLINE void part_elems(int64_t n, int t, int T, int64_t *lo, int64_t *hi) {
+    int64_t blocks = (n + 63) / 64, a, b;
+    part(blocks, t, T, &a, &b);
+    *lo = a * 64 < n ? a * 64 : n;
+    *hi = b * 64 < n ? b * 64 : n;
+}
+
+static int threads_for(int64_t elems, int nthreads) {
+    int64_t want = (elems + ELEMS_PER_THREAD - 1) / ELEMS_PER_THREAD;
+    if (nthreads < 1) nthreads = 1;
+    return want < nthreads ? (int)(want < 1 ? 1 : want) : nthreads;
+}
+
+/* Sum of the LANES partial sums, as a tree (vectorizes; a serial chain would not). */
+INLINE float lanes_sum(float *acc) {
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int j = 0; j < w; j++) acc[j] += acc[j + w];
+    return acc[0];
+}
+
+/* ------------------------------------------------------------------ planes */
+
+#if HAVE_AVX512
+/* Masked load of the first `n` (< 16) of 16 values; the other lanes are 0. */
+INLINE __m512 VLDM(const void *p, int64_t i, __mmask16 k, int dt) {
+    if (dt == DT_F32) return _mm512_maskz_loadu_ps(k, (const float *)p + i);
+    __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t *)p + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+INLINE __mmask16 first_lanes(int64_t n) { return (__mmask16)((1u << n) - 1u); }
+
+/* Mean and M2 of n >= 1 contiguous values x[off : off+n], by two passes (the chunk is in L1):
+ * two vector accumulators, the last partial vector through a masked load. */
+INLINE void seg_stats(const void *x, int64_t off, int64_t n, int dt, double *mean, double *m2) {
+    const float x0f = LD(x, off, dt);
+    const __m512 x0 = _mm512_set1_ps(x0f);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 2 * VEC <= n; i += 2 * VEC) {
+        a0 = _mm512_add_ps(a0, _mm512_sub_ps(VLD(x, off + i, dt), x0));
+        a1 = _mm512_add_ps(a1, _mm512_sub_ps(VLD(x, off + i + VEC, dt), x0));
+    }
+    if (i + VEC <= n) {
+        a0 = _mm512_add_ps(a0, _mm512_sub_ps(VLD(x, off + i, dt), x0));
+        i += VEC;
+    }
+    __mmask16 k = first_lanes(n - i);
+    if (i < n) a1 = _mm512_add_ps(a1, _mm512_maskz_sub_ps(k, VLDM(x, off + i, k, dt), x0));
+    const float dmf = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) / (float)n; /* mean of x - x0 */
+    const __m512 dm = _mm512_set1_ps(dmf);
+
+    a0 = a1 = _mm512_setzero_ps();
+    for (i = 0; i + 2 * VEC <= n; i += 2 * VEC) {
+        __m512 d0 = _mm512_sub_ps(_mm512_sub_ps(VLD(x, off + i, dt), x0), dm);
+        __m512 d1 = _mm512_sub_ps(_mm512_sub_ps(VLD(x, off + i + VEC, dt), x0), dm);
+        a0 = _mm512_fmadd_ps(d0, d0, a0);
+        a1 = _mm512_fmadd_ps(d1, d1, a1);
+    }
+    if (i + VEC <= n) {
+        __m512 d0 = _mm512_sub_ps(_mm512_sub_ps(VLD(x, off + i, dt), x0), dm);
+        a0 = _mm512_fmadd_ps(d0, d0, a0);
+        i += VEC;
+    }
+    if (i < n) {
+        __m512 d1 = _mm512_maskz_sub_ps(k, _mm512_sub_ps(VLDM(x, off + i, k, dt), x0), dm);
+        a1 = _mm512_fmadd_ps(d1, d1, a1);
+    }
+    *mean = (double)x0f + (double)dmf;
+    *m2 = (double)_mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+/* sum(dy) and sum(dy * (x - mu)) over n contiguous values at off (masked lanes load dy = 0). */
+INLINE void seg_grad_sums(const void *dy, const void *x, int64_t off, int64_t n, float mu, int dt,
+                          double *s1, double *s2) {
+    const __m512 m = _mm512_set1_ps(mu);
+    __m512 a1 = _mm512_setzero_ps(), b1 = a1, a2 = a1, b2 = a1;
+    int64_t i = 0;
+    for (; i + 2 * VEC <= n; i += 2 * VEC) {
+        __m512 g0 = VLD(dy, off + i, dt), g1 = VLD(dy, off + i + VEC, dt);
+        a1 = _mm512_add_ps(a1, g0);
+        b1 = _mm512_add_ps(b1, g1);
+        a2 = _mm512_fmadd_ps(g0, _mm512_sub_ps(VLD(x, off + i, dt), m), a2);
+        b2 = _mm512_fmadd_ps(g1, _mm512_sub_ps(VLD(x, off + i + VEC, dt), m), b2);
+    }
+    for (; i < n; i += VEC) {
+        __mmask16 k = n - i >= VEC ? (__mmask16)0xFFFF : first_lanes(n - i);
+        __m512 g = VLDM(dy, off + i, k, dt);
+        a1 = _mm512_add_ps(a1, g);
+        a2 = _mm512_fmadd_ps(g, _mm512_sub_ps(VLDM(x, off + i, k, dt), m), a2);
+    }
+    *s1 = (double)_mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+    *s2 = (double)_mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+}
+#else
+/* Mean and M2 of n >= 1 contiguous values x[off : off+n], by two passes (the chunk is in L1).
+ * The last partial group of LANES values goes through the same lanes with a bound check
+ * (masked loads on AVX-512), so short planes cost no serial scalar loop. */
+INLINE void seg_stats(const void *x, int64_t off, int64_t n, int dt, double *mean, double *m2) {
+    const float x0 = LD(x, off, dt);
+    float acc[LANES];
+    int64_t i;
+    for (int j = 0; j < LANES; j++) acc[j] = 0.f;
+    for (i = 0; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += LD(x, off + i + j, dt) - x0;
+    for (int j = 0; j < LANES; j++)
+        if (i + j < n) acc[j] += LD(x, off + i + j, dt) - x0;
+    const float dm = lanes_sum(acc) / (float)n; /* mean of x - x0 */
+
+    for (int j = 0; j < LANES; j++) acc[j] = 0.f;
+    for (i = 0; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            float d = (LD(x, off + i + j, dt) - x0) - dm;
+            acc[j] += d * d;
+        }
+    for (int j = 0; j < LANES; j++)
+        if (i + j < n) {
+            float d = (LD(x, off + i + j, dt) - x0) - dm;
+            acc[j] += d * d;
+        }
+    *mean = (double)x0 + (double)dm;
+    *m2 = (double)lanes_sum(acc);
+}
+
+/* sum(dy) and sum(dy * (x - mu)) over n contiguous values at off. */
+INLINE void seg_grad_sums(const void *dy, const void *x, int64_t off, int64_t n, float mu, int dt,
+                          double *s1, double *s2) {
+    float a1[LANES], a2[LANES];
+    int64_t i;
+    for (int j = 0; j < LANES; j++) a1[j] = a2[j] = 0.f;
+    for (i = 0; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            float g = LD(dy, off + i + j, dt);
+            a1[j] += g;
+            a2[j] += g * (LD(x, off + i + j, dt) - mu);
+        }
+    for (int j = 0; j < LANES; j++)
+        if (i + j < n) {
+            float g = LD(dy, off + i + j, dt);
+            a1[j] += g;
+            a2[j] += g * (LD(x, off + i + j, dt) - mu);
+        }
+    *s1 = (double)lanes_sum(a1);
+    *s2 = (double)lanes_sum(a2);
+}
+
+#endif
+
+/* Chunking of a plane of B values: nch chunks of L values (the last one shorter, never empty). */
+INLINE void plane_chunks(int64_t B, int dt, int64_t *nch, int64_t *L) {
+    int64_t ch = CHUNK_BYTES / elem_size(dt);
+    *nch = (B + ch - 1) / ch;
+    *L = (B + *nch - 1) / *nch;
+}
+
+/* Unit u = ((a * C) + c) * nch + k: chunk k of plane (a, c). Results go to
+ * r1/r2[(a * nch + k) * C + c] so that the per-channel merge reads along c.
+ * grad = 0: (mean, M2) of x; grad = 1: (sum dy, sum dy * (x - mu[c])). */
+INLINE void planes_units(const void *x, const void *dy, const float *mu, int64_t A, int64_t C, int64_t B,
+                         int grad, int dt, double *r1, double *r2, int t, int T) {
+    int64_t nch, L, lo, hi;
+    plane_chunks(B, dt, &nch, &L);
+    part(A * C * nch, t, T, &lo, &hi);
+    if (lo >= hi) return;
+    int64_t p = lo / nch, k = lo % nch, c = p % C, a = p / C; /* advanced without division */
+    for (int64_t u = lo; u < hi; u++) {
+        int64_t start = k * L, n = (B - start) < L ? (B - start) : L;
+        int64_t slot = (a * nch + k) * C + c;
+        if (grad)
+            seg_grad_sums(dy, x, p * B + start, n, mu[c], dt, &r1[slot], &r2[slot]);
+        else
+            seg_stats(x, p * B + start, n, dt, &r1[slot], &r2[slot]);
+        if (++k == nch) {
+            k = 0;
+            p++;
+            if (++c == C) {
+                c = 0;
+                a++;
+            }
+        }
+    }
+}
+
+/* Chan-merge the chunk statistics of channels [c0, c1) in order a = 0.., k = 0..
+ * Within one (a, k) every channel has the same count, so the weights are scalars. */
+static void planes_merge_stats(const double *r1, const double *r2, int64_t A, int64_t C, int64_t B,
+                               int64_t nch, int64_t L, int64_t c0, int64_t c1, double *mean, double *m2) {
+    double na = 0.0;
+    for (int64_t a = 0; a < A; a++)
+        for (int64_t k = 0; k < nch; k++) {
+            double nb = (double)((B - k * L) < L ? (B - k * L) : L), n = na + nb;
+            const double *mb = r1 + (a * nch + k) * C, *qb = r2 + (a * nch + k) * C;
+            if (na == 0.0) {
+                for (int64_t c = c0; c < c1; c++) {
+                    mean[c] = mb[c];
+                    m2[c] = qb[c];
+                }
+            } else {
+                double f1 = nb / n, f2 = na * nb / n;
+                for (int64_t c = c0; c < c1; c++) {
+                    double d = mb[c] - mean[c];
+                    mean[c] += d * f1;
+                    m2[c] += qb[c] + d * d * f2;
+                }
+            }
+            na = n;
+        }
+}
+
+/* The elementwise passes, one expression each:
+ *   APPLY: out = (x - m) * s + h             (training forward, inference with m = 0)
+ *   DX:    out = k * dy + b * (x - m) + h    (training backward) */
+enum { OP_APPLY = 0, OP_DX = 1 };
+
+INLINE float op1(int op, const void *x, const void *dy, int64_t i, float m, float s, float b, float h, int dt) {
+    return op == OP_APPLY ? (LD(x, i, dt) - m) * s + h : s * LD(dy, i, dt) + b * (LD(x, i, dt) - m) + h;
+}
+
+#if HAVE_AVX512
+INLINE __m512 opv(int op, const void *x, const void *dy, int64_t i, __m512 m, __m512 s, __m512 b, __m512 h,
+                  int dt) {
+    __m512 xm = _mm512_sub_ps(VLD(x, i, dt), m);
+    if (op == OP_APPLY) return _mm512_fmadd_ps(xm, s, h);
+    return _mm512_fmadd_ps(s, VLD(dy, i, dt), _mm512_fmadd_ps(b, xm, h));
+}
+#endif
+
+#if HAVE_AVX512
+/* The elementwise pass over this thread's share of the P planes of B values, in whole
+ * aligned vectors of 16 that may straddle planes: where a plane starts inside a vector, the
+ * lanes from there on take the next plane's coefficients (masked blend). So short planes
+ * (7x7) cost no scalar heads and tails, and a cache line is never written half by streaming
+ * and half by regular stores. Thread shares are multiples of 64 elements; only the end of
+ * the tensor can be a partial vector (masked store). */
+INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C,
+                               int64_t B, const float *m, const float *s, const float *b, const float *h,
+                               int stream, int dt, int t, int T) {
+    int64_t lo, hi;
+    part_elems(P * B, t, T, &lo, &hi);
+    if (lo >= hi) return;
+    int64_t p = lo / B, c = p % C, pend = (p + 1) * B;
+    __m512 vm = _mm512_set1_ps(m[c]), vs = _mm512_set1_ps(s[c]), vh = _mm512_set1_ps(h[c]);
+    __m512 vb = op == OP_DX ? _mm512_set1_ps(b[c]) : vs;
+    for (int64_t i = lo; i < hi; i += VEC) {
+        __m512 cm = vm, cs = vs, cb = vb, ch = vh;
+        while (pend < i + VEC && pend < hi) { /* a plane starts at lane pend - i */
+            if (++c == C) c = 0;
+            const __mmask16 next = (__mmask16)~((1u << (pend - i)) - 1u);
+            vm = _mm512_set1_ps(m[c]);
+            vs = _mm512_set1_ps(s[c]);
+            vh = _mm512_set1_ps(h[c]);
+            vb = op == OP_DX ? _mm512_set1_ps(b[c]) : vs;
+            cm = _mm512_mask_mov_ps(cm, next, vm);
+            cs = _mm512_mask_mov_ps(cs, next, vs);
+            cb = _mm512_mask_mov_ps(cb, next, vb);
+            ch = _mm512_mask_mov_ps(ch, next, vh);
+            pend += B;
+        }
+        if (i + VEC <= hi) {
+            const __m512 v = opv(op, x, dy, i, cm, cs, cb, ch, dt);
+            if (stream)
+                VSTREAM(out, i, v, dt);
+            else
+                VSTORE(out, i, v, (__mmask16)0xFFFF, dt);
+        } else { /* the tensor's last, partial vector */
+            const __mmask16 k = first_lanes(hi - i);
+            const __m512 xv = _mm512_maskz_sub_ps(k, VLDM(x, i, k, dt), cm);
+            const __m512 v = op == OP_APPLY ? _mm512_fmadd_ps(xv, cs, ch)
+                                            : _mm512_fmadd_ps(cs, VLDM(dy, i, k, dt), _mm512_fmadd_ps(cb, xv, ch));
+            VSTORE(out, i, v, k, dt);
+        }
+    }
+}
+#else
+/* out[i:end] = op(...) with one channel's coefficients (portable variant). */
+INLINE void span(int op, const void *x, const void *dy, void *out, int64_t i, int64_t end, float m, float s,
+                 float b, float h, int dt) {
+#pragma omp simd
+    for (int64_t j = i; j < end; j++) ST(out, j, op1(op, x, dy, j, m, s, b, h, dt), dt);
+}
+
+/* The elementwise pass over this thread's share of the P planes of B values. */
+INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C,
+                               int64_t B, const float *m, const float *s, const float *b, const float *h,
+                               int stream, int dt, int t, int T) {
+    int64_t lo, hi;
+    (void)stream; /* regular stores only */
+    part_elems(P * B, t, T, &lo, &hi);
+    if (lo >= hi) return;
+    int64_t p = lo / B, c = p % C;
+    for (int64_t i = lo; i < hi; p++) {
+        int64_t end = (p + 1) * B < hi ? (p + 1) * B : hi;
+        span(op, x, dy, out, i, end, m[c], s[c], op == OP_DX ? b[c] : 0.f, h[c], dt);
+        i = end;
+        if (++c == C) c = 0;
+    }
+}
+
+#endif
+
+/* ------------------------------------------------------------------ rows */
+
+/* The (A, C*B) matrix widened: k original rows -> one row of W = k*C*B columns, column j of
+ * channel (j / B) % C; Ms = A / k wide rows, then `tail` = A % k original rows of Wc columns. */
+typedef struct {
+    int64_t A, C, B, Wc, k, W, Ms, tail;
+} rows_shape;
+
+static rows_shape rows_layout(int64_t A, int64_t C, int64_t B) {
+    rows_shape s;
+    int64_t Wc = C * B, k = 1;
+    if (Wc < MIN_WIDTH) {
+        int64_t g = Wc, h = VEC; /* k: W a multiple of VEC, and >= MIN_WIDTH */
+        while (h) { int64_t r = g % h; g = h; h = r; }
+        k = VEC / g;
+        while (k * Wc < MIN_WIDTH) k += VEC / g;
+        if (k > A) k = 1; /* too few rows to widen */
+    }
+    s.A = A; s.C = C; s.B = B; s.Wc = Wc; s.k = k; s.W = k * Wc; s.Ms = A / k; s.tail = A - (A / k) * k;
+    return s;
+}
+
+static int use_rows(int64_t A, int64_t C, int64_t B, int dt) {
+    (void)A;
+    return B == 1 || (B < ROWS_MAX_B && C * B * elem_size(dt) <= ROWS_MAX_ROW_BYTES);
+}
+
+INLINE int64_t chan_of(rows_shape s, int64_t j) { return (j / s.B) % s.C; }
+
+INLINE int64_t rows_block(int64_t W, int dt) {
+    int64_t R = BLOCK_BYTES / (W * elem_size(dt));
+    return R < 1 ? 1 : (R > MAX_BLOCK_ROWS ? MAX_BLOCK_ROWS : R);
+}
+
+INLINE int64_t pad16(int64_t n) { return (n + 15) & ~(int64_t)15; }
+
+/* The rows loops take one row after the other, or two at a time when rows are long (>= 2 KiB):
+ * two rows per pass over the per-column vectors halves their loads and stores, and two long
+ * sequential streams suit the prefetchers; interleaving short rows halved the streaming rate. */
+INLINE int rows_pair(int64_t W, int dt) { return W * elem_size(dt) >= 2048; }
+
+/* Thread t: statistics of its wide rows, block by block (two passes per block), Chan-merged
+ * into per-column accumulators amean/am2 (count *an, the same for every column). */
+INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, float *sm, float *q,
+                              double *amean, double *am2, double *an, int t, int T) {
+    int64_t lo, hi, W = s.W, R = rows_block(W, dt);
+    const int pair = rows_pair(W, dt);
+    part(s.Ms, t, T, &lo, &hi);
+    double na = 0.0;
+    for (int64_t r0 = lo; r0 < hi; r0 += R) {
+        int64_t nr = hi - r0 < R ? hi - r0 : R, base = r0 * W, r;
+        for (int64_t j = 0; j < W; j++) {
+            x0[j] = LD(x, base + j, dt);
+            sm[j] = 0.f;
+            q[j] = 0.f;
+        }
+        /* pass 1: sum of x - x0 (row 0 adds nothing) */
+        r = 1;
+        if (pair)
+            for (; r + 2 <= nr; r += 2) {
+                const int64_t o = base + r * W;
+#pragma omp simd
+                for (int64_t j = 0; j < W; j++)
+                    sm[j] += (LD(x, o + j, dt) - x0[j]) + (LD(x, o + W + j, dt) - x0[j]);
+            }
+        for (; r < nr; r++)
+#pragma omp simd
+            for (int64_t j = 0; j < W; j++) sm[j] += LD(x, base + r * W + j, dt) - x0[j];
+        const float inv = 1.f / (float)nr;
+        for (int64_t j = 0; j < W; j++) sm[j] *= inv; /* block mean of x - x0 */
+        /* pass 2 (from cache): sum of squared deviations from the block mean */
+        r = 0;
+        if (pair)
+            for (; r + 2 <= nr; r += 2) {
+                const int64_t o = base + r * W;
+#pragma omp simd
+                for (int64_t j = 0; j < W; j++) {
+                    float d0 = (LD(x, o + j, dt) - x0[j]) - sm[j], d1 = (LD(x, o + W + j, dt) - x0[j]) - sm[j];
+                    q[j] += d0 * d0 + d1 * d1;
+                }
+            }
+        for (; r < nr; r++)
+#pragma omp simd
+            for (int64_t j = 0; j < W; j++) {
+                float d = (LD(x, base + r * W + j, dt) - x0[j]) - sm[j];
+                q[j] += d * d;
+            }
+        double nb = (double)nr, n = na + nb;
+        if (na == 0.0) {
+            for (int64_t j = 0; j < W; j++) {
+                amean[j] = (double)x0[j] + (double)sm[j];
+                am2[j] = (double)q[j];
+            }
+        } else {
+            double f1 = nb / n, f2 = na * nb / n;
+#pragma omp simd
+            for (int64_t j = 0; j < W; j++) {
+                double d = ((double)x0[j] + (double)sm[j]) - amean[j];
+                amean[j] += d * f1;
+                am2[j] += (double)q[j] + d * d * f2;
+            }
+        }
+        na = n;
+    }
+    *an = na;
+}
+
+/* Thread t: sum(dy) and sum(dy * (x - mu)) per column of its wide rows; float within a
+ * block, float64 across blocks. */
+INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const float *muw, int dt,
+                             float *b1, float *b2, double *a1, double *a2, int t, int T) {
+    int64_t lo, hi, W = s.W, R = rows_block(W, dt);
+    const int pair = rows_pair(W, dt);
+    part(s.Ms, t, T, &lo, &hi);
+    for (int64_t j = 0; j < W; j++) a1[j] = a2[j] = 0.0;
+    for (int64_t r0 = lo; r0 < hi; r0 += R) {
+        int64_t nr = hi - r0 < R ? hi - r0 : R, base = r0 * W, r;
+        for (int64_t j = 0; j < W; j++) b1[j] = b2[j] = 0.f;
+        r = 0;
+        if (pair)
+            for (; r + 2 <= nr; r += 2) {
+                const int64_t o = base + r * W;
+#pragma omp simd
+                for (int64_t j = 0; j < W; j++) {
+                    float g0 = LD(dy, o + j, dt), g1 = LD(dy, o + W + j, dt);
+                    b1[j] += g0 + g1;
+                    b2[j] += g0 * (LD(x, o + j, dt) - muw[j]) + g1 * (LD(x, o + W + j, dt) - muw[j]);
+                }
+            }
+        for (; r < nr; r++)
+#pragma omp simd
+            for (int64_t j = 0; j < W; j++) {
+                float g = LD(dy, base + r * W + j, dt);
+                b1[j] += g;
+                b2[j] += g * (LD(x, base + r * W + j, dt) - muw[j]);
+            }
+#pragma omp simd
+        for (int64_t j = 0; j < W; j++) {
+            a1[j] += (double)b1[j];
+            a2[j] += (double)b2[j];
+        }
+    }
+}
+
+/* The elementwise pass over this thread's wide rows, with per-column coefficient vectors of
+ * width W (the first Wc of them serve the tail rows). Streaming needs W % VEC == 0. */
+INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, rows_shape s, const float *mw,
+                             const float *sw, const float *bw, const float *hw, int stream, int dt, int t,
+                             int T) {
+    int64_t lo, hi, W = s.W, r = 0;
+    part(s.Ms, t, T, &lo, &hi);
+    r = lo;
+#if HAVE_AVX512
+    /* whole rows in vectors of 16, the last one of a row masked when W % 16 != 0; streaming
+     * stores only when every row starts on a vector boundary */
+    const int st = stream && W % VEC == 0;
+    const __mmask16 last = W % VEC ? first_lanes(W % VEC) : (__mmask16)0xFFFF;
+    if (rows_pair(W, dt) && W % VEC == 0)
+        for (; r + 2 <= hi; r += 2) {
+            const int64_t o = r * W;
+            for (int64_t j = 0; j < W; j += VEC) {
+                const __m512 m = _mm512_loadu_ps(mw + j), sc = _mm512_loadu_ps(sw + j), h = _mm512_loadu_ps(hw + j);
+                const __m512 b = op == OP_DX ? _mm512_loadu_ps(bw + j) : sc;
+                const __m512 v0 = opv(op, x, dy, o + j, m, sc, b, h, dt), v1 = opv(op, x, dy, o + W + j, m, sc, b, h, dt);
+                if (st) {
+                    VSTREAM(out, o + j, v0, dt);
+                    VSTREAM(out, o + W + j, v1, dt);
+                } else {
+                    VSTORE(out, o + j, v0, (__mmask16)0xFFFF, dt);
+                    VSTORE(out, o + W + j, v1, (__mmask16)0xFFFF, dt);
+                }
+            }
+        }
+    for (; r < hi; r++) {
+        const int64_t o = r * W;
+        int64_t j = 0;
+        for (; j + VEC <= W; j += VEC) {
+            const __m512 m = _mm512_loadu_ps(mw + j), sc = _mm512_loadu_ps(sw + j), h = _mm512_loadu_ps(hw + j);
+            const __m512 b = op == OP_DX ? _mm512_loadu_ps(bw + j) : sc;
+            const __m512 v = opv(op, x, dy, o + j, m, sc, b, h, dt);
+            if (st)
+                VSTREAM(out, o + j, v, dt);
+            else
+                VSTORE(out, o + j, v, (__mmask16)0xFFFF, dt);
+        }
+        if (j < W) {
+            const __m512 m = _mm512_maskz_loadu_ps(last, mw + j), sc = _mm512_maskz_loadu_ps(last, sw + j);
+            const __m512 h = _mm512_maskz_loadu_ps(last, hw + j);
+            const __m512 xv = _mm512_sub_ps(VLDM(x, o + j, last, dt), m);
+            const __m512 v = op == OP_APPLY ? _mm512_fmadd_ps(xv, sc, h)
+                                            : _mm512_fmadd_ps(sc, VLDM(dy, o + j, last, dt),
+                                                              _mm512_fmadd_ps(_mm512_maskz_loadu_ps(last, bw + j), xv, h));
+            VSTORE(out, o + j, v, last, dt);
+        }
+    }
+#else
+    (void)stream; /* regular stores only */
+    for (; r < hi; r++) {
+        const int64_t o = r * W;
+#pragma omp simd
+        for (int64_t j = 0; j < W; j++)
+            ST(out, o + j, op1(op, x, dy, o + j, mw[j], sw[j], op == OP_DX ? bw[j] : 0.f, hw[j], dt), dt);
+    }
+#endif
+    if (t == T - 1)
+        for (r = 0; r < s.tail; r++) {
+            const int64_t o = s.Ms * W + r * s.Wc;
+            for (int64_t j = 0; j < s.Wc; j++)
+                ST(out, o + j, op1(op, x, dy, o + j, mw[j], sw[j], op == OP_DX ? bw[j] : 0.f, hw[j], dt), dt);
+        }
+#if HAVE_AVX512
+    if (stream) _mm_sfence();
+#endif
+}
+
+/* Expand per-channel coefficients to per-column ones: v[j] = per_channel[(j / B) % C], j in [lo, hi). */
+INLINE void expand(rows_shape s, const float *per_channel, float *v, int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; j++) v[j] = per_channel[chan_of(s, j)];
+}
+
+/* ------------------------------------------------------------------ per-channel epilogues */
+
+/* Forward: from (mean, M2) of channel c, the outputs and the apply coefficients. */
+INLINE void fwd_coeffs(int64_t c, double mean, double m2, double m, const float *w, const float *b,
+                       double eps, float *mean_out, float *var_out, float *ctr, float *scale, float *shift) {
+    double var = m2 / m;
+    double invstd = 1.0 / sqrt(var + eps);
+    double sc = w ? (double)w[c] * invstd : invstd;
+    float mu_hi = (float)mean;
+    double mu_lo = mean - (double)mu_hi;
+    mean_out[c] = mu_hi;
+    var_out[c] = (float)var;
+    ctr[c] = mu_hi;
+    scale[c] = (float)sc;
+    shift[c] = (float)((b ? (double)b[c] : 0.0) - mu_lo * sc);
+}
+
+/* Backward: dx = k*dy + b*(x - mean) + c' with k = w*invstd, b = -k*invstd^2*s2/m, c' = -k*s1/m. */
+INLINE void bwd_coeffs(int64_t c, double s1, double s2, double m, const float *w, const float *invstd,
+                       float *s1_out, float *s2_out, float *kk, float *bb, float *cc) {
+    double is = (double)invstd[c], k = w ? (double)w[c] * is : is;
+    s1_out[c] = (float)s1;
+    s2_out[c] = (float)s2;
+    kk[c] = (float)k;
+    bb[c] = (float)(-k * is * is * s2 / m);
+    cc[c] = (float)(-k * s1 / m);
+}
+
+/* Chan merge of (nb, mb, qb) into (na, ma, qa). */
+INLINE void chan(double *na, double *ma, double *qa, double nb, double mb, double qb) {
+    if (nb == 0.0) return;
+    double n = *na + nb, d = mb - *ma;
+    *ma += d * nb / n;
+    *qa += qb + d * d * *na * nb / n;
+    *na = n;
+}
+
+/* ------------------------------------------------------------------ training forward */
+
+INLINE void fwd_planes_body(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *w,
+                            const float *b, double eps, float *mean_out, float *var_out, double *r1,
+                            double *r2, double *cmean, double *cm2, float *coef, int stream) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    int64_t nch, L, c0, c1;
+    plane_chunks(B, dt, &nch, &L);
+    planes_units(x, NULL, NULL, A, C, B, 0, dt, r1, r2, t, T);
+#pragma omp barrier
+    part(C, t, T, &c0, &c1);
+    planes_merge_stats(r1, r2, A, C, B, nch, L, c0, c1, cmean, cm2);
+    for (int64_t c = c0; c < c1; c++)
+        fwd_coeffs(c, cmean[c], cm2[c], (double)(A * B), w, b, eps, mean_out, var_out, coef, coef + C,
+                   coef + 2 * C);
+#pragma omp barrier
+    planes_elementwise(OP_APPLY, x, NULL, y, A * C, C, B, coef, coef + C, NULL, coef + 2 * C, stream, dt, t, T);
+#if HAVE_AVX512
+    if (stream) _mm_sfence();
+#endif
+}
+
+INLINE void fwd_rows_body(int dt, const void *x, void *y, rows_shape s, const float *w, const float *b,
+                          double eps, float *mean_out, float *var_out, float *fscr, double *dscr, double *an,
+                          float *coef, float *coefw, int stream) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    int64_t Wp = pad16(s.W), C = s.C, B = s.B, c0, c1;
+    float *x0 = fscr + 3 * Wp * t, *sm = x0 + Wp, *q = sm + Wp;
+    rows_stats_thread(x, s, dt, x0, sm, q, dscr + 2 * Wp * t, dscr + 2 * Wp * t + Wp, &an[t], t, T);
+#pragma omp barrier
+    part(C, t, T, &c0, &c1);
+    const int64_t tail0 = s.Ms * s.W;
+    for (int64_t c = c0; c < c1; c++) {
+        double na = 0.0, ma = 0.0, qa = 0.0;
+        for (int u = 0; u < T; u++) {
+            const double *mb = dscr + 2 * Wp * u, *qb = mb + Wp;
+            for (int64_t rep = 0; rep < s.k; rep++)
+                for (int64_t e = 0; e < B; e++) {
+                    int64_t j = rep * s.Wc + c * B + e;
+                    chan(&na, &ma, &qa, an[u], mb[j], qb[j]);
+                }
+        }
+        if (s.tail) { /* < k rows: two passes in float64 over their tail * B values */
+            double tm = 0.0, tq = 0.0, nb = (double)(s.tail * B);
+            for (int64_t r = 0; r < s.tail; r++)
+                for (int64_t e = 0; e < B; e++) tm += (double)LD(x, tail0 + r * s.Wc + c * B + e, dt);
+            tm /= nb;
+            for (int64_t r = 0; r < s.tail; r++)
+                for (int64_t e = 0; e < B; e++) {
+                    double d = (double)LD(x, tail0 + r * s.Wc + c * B + e, dt) - tm;
+                    tq += d * d;
+                }
+            chan(&na, &ma, &qa, nb, tm, tq);
+        }
+        fwd_coeffs(c, ma, qa, (double)(s.A * B), w, b, eps, mean_out, var_out, coef, coef + C, coef + 2 * C);
+    }
+#pragma omp barrier
+    part(s.W, t, T, &c0, &c1);
+    for (int i = 0; i < 3; i++) expand(s, coef + i * C, coefw + i * s.W, c0, c1);
+#pragma omp barrier
+    rows_elementwise(OP_APPLY, x, NULL, y, s, coefw, coefw + s.W, NULL, coefw + 2 * s.W, stream, dt, t, T);
+}
+
+/* y = BN(x) with the batch statistics; mean (float32) and biased var (float32) per channel.
+ * w, b: float32 (C,) or NULL. */
+int bn_train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *w,
+                     const float *b, double eps, float *mean_out, float *var_out, int nthreads) {
+    int64_t E = A * C * B;
+    int nt = threads_for(E, nthreads), stream = use_stream(y, 2 * E * elem_size(dt));
+    advise_huge(y, E * elem_size(dt));
+    if (!use_rows(A, C, B, dt)) {
+        int64_t nch, L;
+        plane_chunks(B, dt, &nch, &L);
+        int64_t U = A * C * nch;
+        double *r = malloc(sizeof(double) * (2 * U + 2 * C));
+        float *coef = malloc(sizeof(float) * 3 * C);
+        if (!r || !coef) { free(r); free(coef); return 1; }
+#pragma omp parallel num_threads(nt)
+        {
+            if (dt == DT_F32)
+                fwd_planes_body(DT_F32, x, y, A, C, B, w, b, eps, mean_out, var_out, r, r + U, r + 2 * U,
+                                r + 2 * U + C, coef, stream);
+            else
+                fwd_planes_body(DT_BF16, x, y, A, C, B, w, b, eps, mean_out, var_out, r, r + U, r + 2 * U,
+                                r + 2 * U + C, coef, stream);
+        }
+        free(r);
+        free(coef);
+    } else {
+        rows_shape s = rows_layout(A, C, B);
+        int64_t Wp = pad16(s.W);
+        float *fscr = malloc(sizeof(float) * (3 * Wp * nt + 3 * C + 3 * s.W));
+        double *dscr = malloc(sizeof(double) * (2 * Wp * nt + nt));
+        if (!fscr || !dscr) { free(fscr); free(dscr); return 1; }
+        float *coef = fscr + 3 * Wp * nt, *coefw = coef + 3 * C;
+        double *an = dscr + 2 * Wp * nt;
+#pragma omp parallel num_threads(nt)
+        {
+            if (dt == DT_F32)
+                fwd_rows_body(DT_F32, x, y, s, w, b, eps, mean_out, var_out, fscr, dscr, an, coef, coefw, stream);
+            else
+                fwd_rows_body(DT_BF16, x, y, s, w, b, eps, mean_out, var_out, fscr, dscr, an, coef, coefw, stream);
+        }
+        free(fscr);
+        free(dscr);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ training backward */
+
+INLINE void bwd_planes_body(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B,
+                            const float *w, const float *mean, const float *invstd, float *s1_out,
+                            float *s2_out, double *r1, double *r2, float *coef, int stream) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    int64_t nch, L, c0, c1;
+    plane_chunks(B, dt, &nch, &L);
+    planes_units(x, dy, mean, A, C, B, 1, dt, r1, r2, t, T);
+#pragma omp barrier
+    part(C, t, T, &c0, &c1);
+    for (int64_t c = c0; c < c1; c++) {
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t a = 0; a < A; a++)
+            for (int64_t k = 0; k < nch; k++) {
+                s1 += r1[(a * nch + k) * C + c];
+                s2 += r2[(a * nch + k) * C + c];
+            }
+        bwd_coeffs(c, s1, s2, (double)(A * B), w, invstd, s1_out, s2_out, coef, coef + C, coef + 2 * C);
+    }
+    if (!dx) return;
+#pragma omp barrier
+    planes_elementwise(OP_DX, x, dy, dx, A * C, C, B, mean, coef, coef + C, coef + 2 * C, stream, dt, t, T);
+#if HAVE_AVX512
+    if (stream) _mm_sfence();
+#endif
+}
+
+INLINE void bwd_rows_body(int dt, const void *dy, const void *x, void *dx, rows_shape s, const float *w,
+                          const float *mean, const float *invstd, float *s1_out, float *s2_out, float *fscr,
+                          double *dscr, float *coef, float *coefw, int stream) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    int64_t Wp = pad16(s.W), C = s.C, B = s.B, c0, c1;
+    float *muw = coefw, *kw = coefw + s.W, *bw = coefw + 2 * s.W, *cw = coefw + 3 * s.W;
+    part(s.W, t, T, &c0, &c1);
+    expand(s, mean, muw, c0, c1);
+#pragma omp barrier
+    rows_grad_thread(dy, x, s, muw, dt, fscr + 2 * Wp * t, fscr + 2 * Wp * t + Wp, dscr + 2 * Wp * t,
+                     dscr + 2 * Wp * t + Wp, t, T);
+#pragma omp barrier
+    part(C, t, T, &c0, &c1);
+    const int64_t tail0 = s.Ms * s.W;
+    for (int64_t c = c0; c < c1; c++) {
+        double s1 = 0.0, s2 = 0.0;
+        for (int u = 0; u < T; u++)
+            for (int64_t rep = 0; rep < s.k; rep++)
+                for (int64_t e = 0; e < B; e++) {
+                    int64_t j = rep * s.Wc + c * B + e;
+                    s1 += dscr[2 * Wp * u + j];
+                    s2 += dscr[2 * Wp * u + Wp + j];
+                }
+        for (int64_t r = 0; r < s.tail; r++)
+            for (int64_t e = 0; e < B; e++) {
+                int64_t i = tail0 + r * s.Wc + c * B + e;
+                double g = (double)LD(dy, i, dt);
+                s1 += g;
+                s2 += g * ((double)LD(x, i, dt) - (double)mean[c]);
+            }
+        bwd_coeffs(c, s1, s2, (double)(s.A * B), w, invstd, s1_out, s2_out, coef, coef + C, coef + 2 * C);
+    }
+    if (!dx) return;
+#pragma omp barrier
+    part(s.W, t, T, &c0, &c1);
+    for (int i = 0; i < 3; i++) expand(s, coef + i * C, coefw + (i + 1) * s.W, c0, c1);
+#pragma omp barrier
+    rows_elementwise(OP_DX, x, dy, dx, s, muw, kw, bw, cw, stream, dt, t, T);
+}
+
+/* s1 = sum(dy), s2 = sum(dy * (x - mean)) per channel (float32); if dx is not NULL also
+ * dx = k*dy + b*(x - mean) + c' (see bwd_coeffs). dy, x, dx share the (A, C, B) layout. */
+int bn_train_backward(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B,
+                      const float *w, const float *mean, const float *invstd, float *s1_out, float *s2_out,
+                      int nthreads) {
+    int64_t E = A * C * B;
+    int nt = threads_for(E, nthreads), stream = use_stream(dx, 3 * E * elem_size(dt));
+    advise_huge(dx, E * elem_size(dt));
+    if (!use_rows(A, C, B, dt)) {
+        int64_t nch, L;
+        plane_chunks(B, dt, &nch, &L);
+        int64_t U = A * C * nch;
+        double *r = malloc(sizeof(double) * 2 * U);
+        float *coef = malloc(sizeof(float) * 3 * C);
+        if (!r || !coef) { free(r); free(coef); return 1; }
+#pragma omp parallel num_threads(nt)
+        {
+            if (dt == DT_F32)
+                bwd_planes_body(DT_F32, dy, x, dx, A, C, B, w, mean, invstd, s1_out, s2_out, r, r + U, coef, stream);
+            else
+                bwd_planes_body(DT_BF16, dy, x, dx, A, C, B, w, mean, invstd, s1_out, s2_out, r, r + U, coef, stream);
+        }
+        free(r);
+        free(coef);
+    } else {
+        rows_shape s = rows_layout(A, C, B);
+        int64_t Wp = pad16(s.W);
+        float *fscr = malloc(sizeof(float) * (2 * Wp * nt + 3 * C + 4 * s.W));
+        double *dscr = malloc(sizeof(double) * 2 * Wp * nt);
+        if (!fscr || !dscr) { free(fscr); free(dscr); return 1; }
+        float *coef = fscr + 2 * Wp * nt, *coefw = coef + 3 * C;
+#pragma omp parallel num_threads(nt)
+        {
+            if (dt == DT_F32)
+                bwd_rows_body(DT_F32, dy, x, dx, s, w, mean, invstd, s1_out, s2_out, fscr, dscr, coef, coefw, stream);
+            else
+                bwd_rows_body(DT_BF16, dy, x, dx, s, w, mean, invstd, s1_out, s2_out, fscr, dscr, coef, coefw, stream);
+        }
+        free(fscr);
+        free(dscr);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ inference */
+
+/* y = x * scale + shift per channel (scale, shift float32 (C,)). */
+int bn_inference(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *scale,
+                 const float *shift, int nthreads) {
+    int64_t E = A * C * B;
+    int nt = threads_for(E, nthreads), stream = use_stream(y, 2 * E * elem_size(dt));
+    advise_huge(y, E * elem_size(dt));
+    if (!use_rows(A, C, B, dt)) {
+        float *zero = calloc((size_t)C, sizeof(float));
+        if (!zero) return 1;
+#pragma omp parallel num_threads(nt)
+        {
+            int t = omp_get_thread_num(), T = omp_get_num_threads();
+            if (dt == DT_F32)
+                planes_elementwise(OP_APPLY, x, NULL, y, A * C, C, B, zero, scale, NULL, shift, stream, DT_F32, t, T);
+            else
+                planes_elementwise(OP_APPLY, x, NULL, y, A * C, C, B, zero, scale, NULL, shift, stream, DT_BF16, t, T);
+#if HAVE_AVX512
+            if (stream) _mm_sfence();
+#endif
+        }
+        free(zero);
+    } else {
+        rows_shape s = rows_layout(A, C, B);
+        float *coefw = calloc((size_t)(3 * s.W), sizeof(float)); /* center 0 */
+        if (!coefw) return 1;
+        expand(s, scale, coefw + s.W, 0, s.W);
+        expand(s, shift, coefw + 2 * s.W, 0, s.W);
+#pragma omp parallel num_threads(nt)
+        {
+            int t = omp_get_thread_num(), T = omp_get_num_threads();
+            if (dt == DT_F32)
+                rows_elementwise(OP_APPLY, x, NULL, y, s, coefw, coefw + s.W, NULL, coefw + 2 * s.W, stream, DT_F32, t, T);
+            else
+                rows_elementwise(OP_APPLY, x, NULL, y, s, coefw, coefw + s.W, NULL, coefw + 2 * s.W, stream, DT_BF16, t, T);
+        }
+        free(coefw);
+    }
+    return 0;
+}

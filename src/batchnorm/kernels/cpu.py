@@ -1,0 +1,477 @@
+"""The compiled CPU kernel: batch normalization in C + OpenMP (`bn_cpu.c`), called through ctypes.
+
+Per channel c over the m = numel / C values of every other axis:
+
+    training forward    mean_c = 1/m sum x,  var_c = 1/m sum (x - mean_c)**2   (biased)
+                        y = (x - mean_c) * invstd_c * w_c + b_c,  invstd_c = (var_c + eps)**-1/2
+    training backward   s1_c = sum dy,  s2_c = sum dy * (x - mean_c)
+                        dx = k*dy + b*x + c,  k = w_c*invstd_c,  b = -k*invstd_c**2*s2_c/m,
+                                              c = -k*s1_c/m - b*mean_c
+                        (dbias = s1, dweight = s2 * invstd)
+    inference           y = x * scale_c + shift_c
+
+Layouts: every tensor the kernel accepts is a dense array that, read in memory order, is a
+contiguous (A, C, B) block with C the channel axis: NCHW is (N, C, H*W), channels_last and
+channels_last_3d are (N*H*W, C, 1), (N, L, C) with axis=-1 is (N*L, C, 1). `supports` says
+whether a tensor is one of these (no copy is ever made of x); outputs have x's strides.
+
+Numerics: statistics from two passes over L1/L2-sized chunks (the chunk mean, then squared
+deviations from it), float32 within a chunk, chunks merged in float64 with Chan's formula;
+never E[x^2] - E[x]^2. bfloat16 is computed in float32 and rounded to nearest even once.
+Parameters and statistics are float32 (C,) vectors.
+
+Build: on first use (`available()`, `supports()` or a kernel call) `bn_cpu.c` is compiled with
+$CC (default `cc`, else `gcc`) and `-O3 -march=native -fopenmp -shared -fPIC` into
+$BATCHNORM_CACHE (default ~/.cache/batchnorm)/<hash of source, compiler, flags, CPU>/libbn_cpu.so,
+about 1.5 s, once per machine. Compiling goes to a temporary name and is renamed into place
+under a file lock, so parallel processes may race safely. If that fails, or
+BATCHNORM_NO_KERNEL=1 is set, `available()` is False and `why_unavailable()` says why;
+nothing here raises at import. Threads: torch.get_num_threads() per call (one for small inputs);
+the library's OpenMP runtime is the libgomp torch has loaded, so they share one thread pool.
+
+>>> import torch
+>>> from batchnorm.kernels import cpu
+>>> x = torch.randn(8, 3, 5, 5)
+>>> if cpu.available():
+...     y, mean, var = cpu.train_forward(x, None, None, 1e-5, axis=1)
+...     assert torch.allclose(mean, x.mean((0, 2, 3)), atol=1e-6)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "available",
+    "inference",
+    "library_path",
+    "supports",
+    "train_backward",
+    "train_forward",
+    "why_unavailable",
+]
+
+SOURCE = Path(__file__).with_name("bn_cpu.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_ABI_VERSION = 2  # bn_abi_version() of a library built from the current bn_cpu.c
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
+_COMPILE_TIMEOUT_S = 120
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_why: str | None = None
+_path: Path | None = None
+_tried = False
+
+
+class _UnavailableError(Exception):
+    """Why the kernel cannot be used; becomes why_unavailable()."""
+
+
+# --------------------------------------------------------------------------- availability
+
+
+def available() -> bool:
+    """True if the compiled kernel is loaded (compiling it on the first call, about 1.5 s)."""
+    return _library() is not None
+
+
+def why_unavailable() -> str | None:
+    """None if `available()`, else the reason: disabled, no compiler, the compiler's error, ..."""
+    _library()
+    return _why
+
+
+def library_path() -> Path | None:
+    """The loaded shared library (in the cache directory), or None."""
+    _library()
+    return _path
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib, _why, _path, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            try:
+                _lib, _path = _build_and_load()
+            except _UnavailableError as exc:
+                _why = str(exc)
+            except Exception as exc:  # anything unforeseen: fall back, never break the caller
+                _why = f"unexpected {type(exc).__name__} while building the CPU kernel: {exc}"
+            _tried = True
+    return _lib
+
+
+def _build_and_load() -> tuple[ctypes.CDLL, Path]:
+    flag = os.environ.get("BATCHNORM_NO_KERNEL", "")
+    if flag not in ("", "0"):
+        raise _UnavailableError(f"disabled by BATCHNORM_NO_KERNEL={flag}")
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as exc:
+        raise _UnavailableError(
+            f"kernel source {SOURCE} is missing ({exc.strerror}); the package was installed "
+            "without its package data (batchnorm/kernels/*.c)"
+        ) from None
+    compiler = _compiler()
+    flags = [*CFLAGS, *shlex.split(os.environ.get("BATCHNORM_KERNEL_CFLAGS", ""))]
+    key = _cache_key(source, compiler, flags)
+    errors = []
+    for root in _cache_roots():
+        directory = root / key
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            errors.append(f"{directory}: {exc.strerror}")
+            continue
+        lib_path = directory / "libbn_cpu.so"
+        with _file_lock(directory / ".lock"):
+            if not lib_path.exists():
+                _compile(compiler, flags, source, directory, lib_path)
+        return _load(lib_path), lib_path
+    raise _UnavailableError("no writable cache directory for the compiled kernel: " + "; ".join(errors))
+
+
+def _compiler() -> list[str]:
+    """$CC split into words (it may carry flags), else `cc`, else `gcc`."""
+    words = shlex.split(os.environ.get("CC", ""))
+    if not words:
+        found = shutil.which("cc") or shutil.which("gcc")
+        if found is None:
+            raise _UnavailableError("no C compiler: neither $CC nor cc nor gcc is on PATH")
+        words = [found]
+    exe = shutil.which(words[0])
+    if exe is None:
+        raise _UnavailableError(f"C compiler {words[0]!r} (from $CC) not found on PATH")
+    return [exe, *words[1:]]
+
+
+def _cache_key(source: bytes, compiler: list[str], flags: list[str]) -> str:
+    """Hash of everything the binary depends on: source, compiler (path, size, mtime), flags, CPU."""
+    h = hashlib.sha256(source)
+    st = os.stat(compiler[0])
+    cpu_flags = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):  # -march=native depends on these
+                cpu_flags = line
+                break
+    for part in (*compiler, str(st.st_size), str(st.st_mtime_ns), *flags, platform.machine(), cpu_flags):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _cache_roots() -> Iterator[Path]:
+    env = os.environ.get("BATCHNORM_CACHE")
+    if env:
+        yield Path(env).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        yield (Path(xdg) if xdg else Path.home() / ".cache") / "batchnorm"
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    yield Path(tempfile.gettempdir()) / f"batchnorm-cache-{uid}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (fcntl), or nothing where there is none.
+
+    Without it, concurrent builds would still be safe (each compiles to its own
+    temporary file, os.replace is atomic), only wasteful.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _compile(compiler: list[str], flags: list[str], source: bytes, directory: Path, lib_path: Path) -> None:
+    """Compile a copy of the source (the bytes that were hashed) to a temporary name, then rename."""
+    fd, tmp_src = tempfile.mkstemp(prefix="bn_cpu.", suffix=".c", dir=directory)
+    tmp_lib = tmp_src[:-2] + ".so"
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(source)
+        cmd = [*compiler, *flags, "-o", tmp_lib, tmp_src]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise _UnavailableError(f"compiling the CPU kernel failed: {' '.join(cmd)}: {exc}") from None
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip()[-2000:]
+            raise _UnavailableError(
+                f"compiling the CPU kernel failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}"
+            )
+        os.replace(tmp_lib, lib_path)
+        os.replace(tmp_src, directory / "bn_cpu.c")  # kept for reference beside the binary
+    finally:
+        for leftover in (tmp_src, tmp_lib):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+
+
+def _load(lib_path: Path) -> ctypes.CDLL:
+    # torch is imported above, so the library's libgomp.so.1 binds to the one torch loaded.
+    try:
+        lib = ctypes.CDLL(str(lib_path))
+        version = lib.bn_abi_version()
+    except (OSError, AttributeError) as exc:
+        raise _UnavailableError(f"loading the CPU kernel {lib_path} failed: {exc}") from None
+    if version != _ABI_VERSION:
+        raise _UnavailableError(f"{lib_path} has ABI version {version}, expected {_ABI_VERSION}; delete it")
+    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    lib.bn_train_forward.argtypes = [i32, p, p, i64, i64, i64, p, p, f64, p, p, i32]
+    lib.bn_train_backward.argtypes = [i32, p, p, p, i64, i64, i64, p, p, p, p, p, i32]
+    lib.bn_inference.argtypes = [i32, p, p, i64, i64, i64, p, p, i32]
+    for fn in (lib.bn_train_forward, lib.bn_train_backward, lib.bn_inference):
+        fn.restype = i32
+    lib.bn_set_cache_bytes.argtypes = [i64]
+    lib.bn_set_cache_bytes.restype = None
+    lib.bn_set_cache_bytes(_last_level_cache_bytes())
+    lib.bn_set_hugepages.argtypes = [i32]
+    lib.bn_set_hugepages.restype = None
+    lib.bn_set_hugepages(0 if os.environ.get("BATCHNORM_NO_HUGEPAGES", "") not in ("", "0") else 1)
+    return lib
+
+
+def _last_level_cache_bytes() -> int:
+    """The largest CPU cache from Linux sysfs (32 MiB where unknown).
+
+    Passes moving more bytes than this write their output with streaming stores. sysfs, not
+    sysconf: in virtual machines sysconf(_SC_LEVEL3_CACHE_SIZE) can report the host's cache.
+    """
+    best = (0, 32 << 20)
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()  # e.g. '32768K'
+            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+            nbytes = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        except (OSError, ValueError, IndexError):
+            continue
+        if level > best[0]:
+            best = (level, nbytes)
+    return best[1]
+
+
+def _set_streaming_threshold(nbytes: int) -> None:
+    """Outputs of passes moving more than nbytes are written with streaming stores.
+
+    0: always, -1: never; the default is the last-level cache size. For tests and benchmarks.
+    """
+    lib = _library()
+    if lib is not None:
+        lib.bn_set_cache_bytes(nbytes)
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+_canonical_cache: dict[tuple, tuple[int, int, int] | None] = {}
+
+
+def _canonical(x: Tensor, axis: int) -> tuple[int, int, int] | None:
+    """`_layout`, memoized on (shape, strides, axis) for the supported devices and dtypes."""
+    if not isinstance(x, Tensor) or x.layout != torch.strided or x.device.type != "cpu":
+        return None
+    if x.dtype not in _DTYPES:
+        return None
+    key = (x.shape, x.stride(), axis)
+    try:
+        return _canonical_cache[key]
+    except KeyError:
+        pass
+    acb = _layout(x, axis)
+    if len(_canonical_cache) >= 512:
+        _canonical_cache.clear()
+    _canonical_cache[key] = acb
+    return acb
+
+
+def _layout(x: Tensor, axis: int) -> tuple[int, int, int] | None:
+    """(A, C, B) if x is a dense array that reads in memory order as contiguous (A, C, B), else None.
+
+    A = product of the sizes of the dims laid out outside the channel dim, B inside it.
+    Contiguous tensors, channels_last(_3d) and every other dense permutation qualify;
+    sliced, expanded or overlapping tensors do not.
+    """
+    if x.dim() == 0 or x.numel() == 0:
+        return None
+    if not -x.dim() <= axis < x.dim():
+        return None
+    axis %= x.dim()
+    shape, strides = x.shape, x.stride()
+    C = shape[axis]
+    if x.is_contiguous():
+        return math.prod(shape[:axis]), C, math.prod(shape[axis + 1 :])
+    dims = sorted((d for d in range(x.dim()) if shape[d] != 1), key=lambda d: strides[d])
+    expected = 1
+    for d in dims:  # dense: each stride is the product of the sizes inside it
+        if strides[d] != expected:
+            return None
+        expected *= shape[d]
+    if C == 1:
+        return 1, 1, x.numel()
+    B = math.prod(shape[d] for d in dims if strides[d] < strides[axis])
+    return x.numel() // (B * C), C, B
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same shape and the same strides on every dim of size > 1 (so the same memory order)."""
+    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n != 1)
+
+
+def _empty_like(x: Tensor) -> Tensor:
+    out = torch.empty_like(x, memory_format=torch.preserve_format)
+    if not x.is_contiguous() and not _same_layout(out, x):  # empty_like keeps dense strides; make sure
+        out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return out
+
+
+def supports(x: Tensor, axis: int) -> bool:
+    """True if the kernel is available and runs on x as it is (no copy of x).
+
+    Needs a CPU float32 or bfloat16 tensor with elements, dense and laid out as a contiguous
+    (A, C, B) block in memory order (contiguous, channels_last, channels_last_3d, (N, L, C)
+    with axis=-1, any dense permutation). Compiles the kernel on the first call.
+    """
+    return _canonical(x, axis) is not None and available()
+
+
+def _prepare(x: Tensor, axis: int) -> tuple[ctypes.CDLL, int, int, int]:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the batchnorm CPU kernel is not available: {_why}")
+    acb = _canonical(x, axis)
+    if acb is None:
+        raise ValueError(
+            "the CPU kernel needs a CPU float32/bfloat16 tensor laid out densely with the channel "
+            f"axis as one block (contiguous or channels_last), got dtype {x.dtype}, device "
+            f"{x.device}, shape {tuple(x.shape)}, strides {x.stride()}, axis {axis}; check "
+            "supports() first, or use x.contiguous()"
+        )
+    return lib, *acb
+
+
+def _vector(t: Tensor | None, C: int, name: str) -> Tensor | None:
+    """A per-channel vector as float32 (C,) contiguous on the CPU (None stays None)."""
+    if t is None:
+        return None
+    if t.dtype == torch.float32 and t.shape == (C,) and t.device.type == "cpu" and t.is_contiguous():
+        return t  # the common case, as it is: only its memory is read
+    if t.numel() != C:
+        raise ValueError(f"{name} must have one value per channel, {C}, got shape {tuple(t.shape)}")
+    return t.detach().to(device="cpu", dtype=torch.float32).reshape(C).contiguous()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise MemoryError(f"the batchnorm CPU kernel could not allocate scratch memory for {what}")
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def train_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode forward: (y, mean, var) with the batch's statistics.
+
+    y has x's dtype, shape and strides; mean and var (biased) are float32 (C,).
+    weight and bias: None or (C,) of any float dtype (used as float32).
+    Reads x twice and writes y once. Raises ValueError if not supports(x, axis),
+    RuntimeError if the kernel is not available.
+    """
+    lib, A, C, B = _prepare(x, axis)
+    w, b = _vector(weight, C, "weight"), _vector(bias, C, "bias")
+    y = _empty_like(x)
+    mean = torch.empty(C, dtype=torch.float32)
+    var = torch.empty(C, dtype=torch.float32)
+    rc = lib.bn_train_forward(
+        _DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), A, C, B, _ptr(w), _ptr(b), float(eps),
+        mean.data_ptr(), var.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "the forward")
+    return y, mean, var
+
+
+def train_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    axis: int,
+    need_dx: bool = True,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Training-mode backward: (dx or None, s1, s2), s1 = sum(dy), s2 = sum(dy * (x - mean)) per channel.
+
+    dx = k*dy + b*x + c (module docstring), computed as k*dy + b*(x - mean) - k*s1/m, which
+    keeps float32 precision when the data have a large offset. Parameter gradients follow:
+    dbias = s1, dweight = s2 * invstd. s1, s2 are float32 (C,); dx has x's dtype and strides.
+    mean and invstd are the forward's (float32 (C,)); weight None means 1.
+
+    dy must have x's shape; if its dtype or memory layout differs from x's (e.g. a contiguous
+    dy for a channels_last x) it is first copied into x's layout: one more read and write.
+    Reads x and dy twice and writes dx once (once each, without dx, if need_dx is False).
+    """
+    lib, A, C, B = _prepare(x, axis)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {tuple(dy.shape)} but x has {tuple(x.shape)}")
+    if dy.dtype != x.dtype or dy.device != x.device or not _same_layout(dy, x):
+        dy = _empty_like(x).copy_(dy)  # the documented copy into x's layout
+    w = _vector(weight, C, "weight")
+    mu, istd = _vector(mean, C, "mean"), _vector(invstd, C, "invstd")
+    dx = _empty_like(x) if need_dx else None
+    s1 = torch.empty(C, dtype=torch.float32)
+    s2 = torch.empty(C, dtype=torch.float32)
+    rc = lib.bn_train_backward(
+        _DTYPES[x.dtype], dy.data_ptr(), x.data_ptr(), _ptr(dx), A, C, B, _ptr(w), _ptr(mu), _ptr(istd),
+        s1.data_ptr(), s2.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "the backward")
+    return dx, s1, s2
+
+
+def inference(x: Tensor, scale: Tensor, shift: Tensor, axis: int) -> Tensor:
+    """y = x * scale + shift per channel (scale, shift (C,), used as float32): one read, one write.
+
+    For eval-mode BN: scale = weight * (running_var + eps)**-1/2, shift = bias - running_mean * scale.
+    y has x's dtype, shape and strides.
+    """
+    lib, A, C, B = _prepare(x, axis)
+    sc, sh = _vector(scale, C, "scale"), _vector(shift, C, "shift")
+    y = _empty_like(x)
+    rc = lib.bn_inference(
+        _DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), A, C, B, _ptr(sc), _ptr(sh), torch.get_num_threads()
+    )
+    _check(rc, "inference")
+    return y

@@ -1,0 +1,401 @@
+"""The compiled CPU kernel (`batchnorm.kernels.cpu`) against float64 torch.
+
+Every entry point on every layout it accepts: NCHW, channels_last, channels_last_3d, 2-D,
+3-D, (N, L, C) with axis=-1, other dense permutations; C = 1 and C = 3, odd sizes, both
+code paths of the kernel (planes of B > 1 values, rows with B = 1, widened and tail rows),
+one and two threads; float32 and bfloat16. Plus the 1e4-offset stability case, supports()
+on layouts it must refuse, and the build's fallbacks (in subprocesses).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchnorm.kernels import cpu
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernel: {cpu.why_unavailable()}")
+
+EPS = 1e-5
+CL, CL3 = torch.channels_last, torch.channels_last_3d
+
+# (shape, memory format or None, axis): each reaches a different canonical (A, C, B).
+LAYOUTS = [
+    pytest.param((4, 3, 5, 7), None, 1, id="nchw"),  # planes, B = 35
+    pytest.param((4, 3, 5, 7), CL, 1, id="nhwc"),  # rows, C = 3 widened, tail rows
+    pytest.param((3, 5, 7, 11), CL, 1, id="nhwc-c5"),
+    pytest.param((2, 3, 4, 5, 6), CL3, 1, id="ndhwc"),
+    pytest.param((2, 3, 4, 5, 6), None, 1, id="ncdhw"),
+    pytest.param((16, 5), None, 1, id="2d"),  # rows, fewer rows than the widening wants
+    pytest.param((67, 3), None, 1, id="2d-c3-tail"),
+    pytest.param((20, 300), None, 1, id="2d-c300"),  # rows, not widened, C % 16 != 0
+    pytest.param((5, 3, 7), None, 1, id="3d-b7"),
+    pytest.param((4, 6, 3), None, -1, id="nlc-axis-1"),
+    pytest.param((6, 1, 4, 4), None, 1, id="c1"),
+    pytest.param((6, 1, 4, 4), CL, 1, id="c1-nhwc"),
+    pytest.param((37, 1), None, 1, id="2d-c1"),
+    pytest.param((3, 2, 9000), None, 1, id="planes-chunked"),  # B over one chunk (f32 and bf16)
+]
+# Big enough for two threads (the kernel gives each at least 32K elements).
+LAYOUTS_MT = [
+    pytest.param((4, 3, 80, 80), None, 1, id="mt-nchw"),
+    pytest.param((4, 3, 80, 80), CL, 1, id="mt-nhwc-c3"),
+    pytest.param((4, 64, 18, 18), CL, 1, id="mt-nhwc-c64"),
+    pytest.param((1031, 77), None, 1, id="mt-2d-odd"),
+    pytest.param((2, 1, 180, 190), None, 1, id="mt-c1"),
+    pytest.param((64, 200, 6), None, 1, id="mt-3d-b6"),  # rows path with B > 1
+]
+DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+def make(shape, fmt, dtype, offset=0.0, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (offset + scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    return x if fmt is None else x.contiguous(memory_format=fmt)
+
+
+def params(C, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return 1 + 0.5 * torch.randn(C, generator=g), 0.5 * torch.randn(C, generator=g)
+
+
+def reduce_dims(x, axis):
+    return [d for d in range(x.dim()) if d != axis % x.dim()]
+
+
+def out_tol(dtype):
+    """Outputs: float32 to a few ulp of O(1) values; bfloat16 to one rounding (2**-8 relative)."""
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1.6e-2)
+
+
+def same_layout(a, b):
+    return a.shape == b.shape and all(s == t for n, s, t in zip(a.shape, a.stride(), b.stride()) if n != 1)
+
+
+def reference_forward(x, w, b, axis):
+    """float64 torch on the same (already rounded) values: y, mean, biased var."""
+    xd = x.double()
+    dims = reduce_dims(x, axis)
+    mean = xd.mean(dims)
+    var = xd.var(dims, unbiased=False)
+    view = [1] * x.dim()
+    view[axis % x.dim()] = -1
+    y = (xd - mean.view(view)) / torch.sqrt(var.view(view) + EPS)
+    if w is not None:
+        y = y * w.double().view(view) + b.double().view(view)
+    return y, mean, var
+
+
+def set_threads(nthreads: int, streaming: bool):
+    """Thread count, and whether outputs use streaming stores (forced on for small tensors)."""
+    torch.set_num_threads(nthreads)
+    cpu._set_streaming_threshold(0 if streaming else -1)
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+    cpu._set_streaming_threshold(cpu._last_level_cache_bytes())
+
+
+# Small shapes run on one thread whatever is asked; both store kinds matter there.
+SMALL = [pytest.param(1, False, id="regular-stores"), pytest.param(1, True, id="streaming")]
+MT = [
+    pytest.param(1, False, id="1thread"),
+    pytest.param(2, False, id="2threads"),
+    pytest.param(2, True, id="2threads-streaming"),
+]
+GRID = [
+    pytest.param(*layout.values, dtype.values[0], affine, *run.values, id=f"{layout.id}-{dtype.id}-{aid}-{run.id}")
+    for layouts, runs in ((LAYOUTS, SMALL), (LAYOUTS_MT, MT))
+    for layout in layouts
+    for dtype in DTYPES
+    for affine, aid in ((True, "affine"), (False, "plain"))
+    for run in runs
+    if affine or layouts is LAYOUTS
+]
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("shape,fmt,axis,dtype,affine,nthreads,streaming", GRID)
+def test_train_forward_matches_float64(shape, fmt, axis, dtype, affine, nthreads, streaming, restore_threads):
+    set_threads(nthreads, streaming)
+    x = make(shape, fmt, dtype)
+    C = shape[axis]
+    w, b = params(C) if affine else (None, None)
+    assert cpu.supports(x, axis)
+    y, mean, var = cpu.train_forward(x, w, b, EPS, axis)
+    y_ref, mean_ref, var_ref = reference_forward(x, w, b, axis)
+
+    assert y.dtype == dtype and same_layout(y, x)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (C,)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.double(), y_ref, **out_tol(dtype))
+
+
+@pytest.mark.parametrize("fmt", [None, CL], ids=["nchw", "nhwc"])
+def test_forward_layout_matches_torch_memory_format(fmt):
+    x = make((2, 16, 6, 6), fmt, torch.float32)
+    y, _, _ = cpu.train_forward(x, None, None, EPS, 1)
+    fmt = fmt or torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and y.stride() == x.stride()
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def reference_backward(x, dy, w, b, axis):
+    xd = x.double().contiguous().requires_grad_()
+    wd = (torch.ones(x.shape[axis], dtype=torch.float64) if w is None else w.double()).requires_grad_()
+    bd = (torch.zeros(x.shape[axis], dtype=torch.float64) if b is None else b.double()).requires_grad_()
+    perm = list(range(x.dim()))
+    perm[1], perm[axis % x.dim()] = perm[axis % x.dim()], perm[1]  # channels to dim 1 for F.batch_norm
+    y = F.batch_norm(xd.permute(perm), None, None, wd, bd, training=True, eps=EPS).permute(perm)
+    return torch.autograd.grad(y, (xd, wd, bd), dy.double().contiguous())
+
+
+@pytest.mark.parametrize("shape,fmt,axis,dtype,affine,nthreads,streaming", GRID)
+def test_train_backward_matches_float64_autograd(shape, fmt, axis, dtype, affine, nthreads, streaming, restore_threads):
+    set_threads(nthreads, streaming)
+    x = make(shape, fmt, dtype)
+    dy = make(shape, fmt, dtype, seed=2)
+    C = shape[axis]
+    w, b = params(C) if affine else (None, None)
+    _, mean, var = cpu.train_forward(x, w, b, EPS, axis)
+    invstd = torch.rsqrt(var + EPS)
+    dx, s1, s2 = cpu.train_backward(dy, x, w, mean, invstd, axis, need_dx=True)
+    dx_ref, dw_ref, db_ref = reference_backward(x, dy, w, b, axis)
+
+    assert dx.dtype == dtype and same_layout(dx, x)
+    assert s1.dtype == s2.dtype == torch.float32 and s1.shape == s2.shape == (C,)
+    scale = dw_ref.abs().max().item() + 1
+    torch.testing.assert_close(s1.double(), db_ref, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close((s2 * invstd).double(), dw_ref, rtol=1e-4, atol=1e-5 * scale)
+    tol = out_tol(dtype)
+    torch.testing.assert_close(dx.double(), dx_ref, rtol=tol["rtol"], atol=tol["atol"] * dx_ref.abs().max().item())
+
+    none, t1, t2 = cpu.train_backward(dy, x, w, mean, invstd, axis, need_dx=False)
+    assert none is None
+    torch.testing.assert_close(t1, s1, rtol=0, atol=0)
+    torch.testing.assert_close(t2, s2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dy_dtype", [torch.float32, torch.float64])
+def test_backward_copies_dy_of_another_layout(dy_dtype):
+    """A contiguous (or float64) dy for a channels_last x: copied into x's layout first."""
+    x = make((4, 8, 5, 5), CL, torch.float32)
+    dy_cl = make((4, 8, 5, 5), CL, torch.float32, seed=3)
+    dy_plain = dy_cl.contiguous().to(dy_dtype)
+    w, _ = params(8)
+    _, mean, var = cpu.train_forward(x, w, None, EPS, 1)
+    invstd = torch.rsqrt(var + EPS)
+    dx1, a1, b1 = cpu.train_backward(dy_cl, x, w, mean, invstd, 1)
+    dx2, a2, b2 = cpu.train_backward(dy_plain, x, w, mean, invstd, 1)
+    assert dx2.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(dx2, dx1)
+    torch.testing.assert_close(a2, a1)
+    torch.testing.assert_close(b2, b1)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+@pytest.mark.parametrize("shape,fmt,axis,dtype,affine,nthreads,streaming", [p for p in GRID if p.values[4]])
+def test_inference_matches_float64(shape, fmt, axis, dtype, affine, nthreads, streaming, restore_threads):
+    set_threads(nthreads, streaming)
+    x = make(shape, fmt, dtype)
+    C = shape[axis]
+    scale, shift = params(C, seed=4)
+    y = cpu.inference(x, scale, shift, axis)
+    view = [1] * x.dim()
+    view[axis % x.dim()] = -1
+    y_ref = x.double() * scale.double().view(view) + shift.double().view(view)
+    assert y.dtype == dtype and same_layout(y, x)
+    torch.testing.assert_close(y.double(), y_ref, **out_tol(dtype))
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("nthreads,streaming", MT)
+@pytest.mark.parametrize("fmt", [None, CL], ids=["nchw", "nhwc"])
+def test_large_offset_keeps_float32_precision(fmt, nthreads, streaming, restore_threads):
+    """mean 1e4, std 1 in float32: E[x^2] - E[x]^2 would lose every digit of the variance."""
+    set_threads(nthreads, streaming)
+    x = make((16, 4, 32, 32), fmt, torch.float32, offset=1e4)
+    y, mean, var = cpu.train_forward(x, None, None, EPS, 1)
+    y_ref, mean_ref, var_ref = reference_forward(x, None, None, 1)
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-7, atol=0)
+    # y = (x - mean_hi) * scale + shift: the offset costs no precision in y either.
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nthreads,streaming", MT)
+@pytest.mark.parametrize("fmt", [None, CL], ids=["nchw", "nhwc"])
+def test_bfloat16_rounds_to_nearest_even(fmt, nthreads, streaming, restore_threads):
+    """One rounding of the float32 result: exactly torch's float32 -> bfloat16 conversion, NaN too."""
+    set_threads(nthreads, streaming)
+    x = make((4, 16, 40, 40), fmt, torch.bfloat16)
+    x[0, 0, 0, :7] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38, 1.0, -2.5, 0.0])
+    scale, shift = params(16, seed=5)
+    y = cpu.inference(x, scale, shift, 1)
+    # x * scale is exact in float64, so this is the fused multiply-add's float32 result
+    y32 = (x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)).float()
+    torch.testing.assert_close(y, y32.to(torch.bfloat16), rtol=0, atol=0, equal_nan=True)
+
+
+def test_thread_count_changes_little(restore_threads):
+    x = make((4, 1, 300, 300), None, torch.float32, offset=3.0)
+    set_threads(1, False)
+    _, m1, v1 = cpu.train_forward(x, None, None, EPS, 1)
+    set_threads(2, False)
+    _, m2, v2 = cpu.train_forward(x, None, None, EPS, 1)
+    torch.testing.assert_close(m1, m2, rtol=1e-7, atol=0)
+    torch.testing.assert_close(v1, v2, rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------- supports
+
+
+@pytest.mark.parametrize(
+    "make_x,axis",
+    [
+        # (C, N).t(): (N, C) with the channels outermost, canonical (1, C, N)
+        pytest.param(lambda: make((6, 50), None, torch.float32).t(), 1, id="transposed-2d"),
+        # (4, 8, 5).transpose(1, 2): channel dim 2 of (4, 5, 8), canonical (4, 8, 5)
+        pytest.param(lambda: make((4, 8, 5), None, torch.float32).transpose(1, 2), 2, id="transposed-3d"),
+        pytest.param(lambda: make((4, 3, 5, 5), None, torch.float32).permute(0, 2, 1, 3), 2, id="permuted"),
+        pytest.param(lambda: make((4, 3, 5, 5), CL, torch.float32).permute(3, 1, 2, 0), 1, id="nhwc-permuted"),
+    ],
+)
+def test_supports_dense_permutations_without_copy(make_x, axis):
+    """Any dense tensor reads in memory order as (A, C, B): outputs keep its strides."""
+    x = make_x()
+    assert not x.is_contiguous() and cpu.supports(x, axis)
+    y, mean, var = cpu.train_forward(x, None, None, EPS, axis)
+    y_ref, mean_ref, var_ref = reference_forward(x, None, None, axis)
+    assert y.stride() == x.stride()
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make_x,axis",
+    [
+        pytest.param(lambda: torch.randn(4, 3, 8, 8)[:, :, ::2], 1, id="strided-slice"),
+        pytest.param(lambda: torch.randn(4, 3, 8, 8)[1:3, :, 2:6, :], 1, id="window"),
+        pytest.param(lambda: torch.randn(1, 3, 1, 1).expand(4, 3, 5, 5), 1, id="expanded"),
+        pytest.param(lambda: torch.randn(4, 8, 6)[:, :, :5].transpose(1, 2), 2, id="sliced-transposed"),
+        pytest.param(lambda: torch.randn(4, 3, 8, 8, dtype=torch.float16), 1, id="float16"),
+        pytest.param(lambda: torch.randn(4, 3, 8, 8, dtype=torch.float64), 1, id="float64"),
+        pytest.param(lambda: torch.randint(0, 5, (4, 3, 8, 8)), 1, id="int"),
+        pytest.param(lambda: torch.randn(0, 3, 8, 8), 1, id="empty"),
+        pytest.param(lambda: torch.randn(4, 3, 8, 8), 4, id="axis-out-of-range"),
+    ],
+)
+def test_supports_false(make_x, axis):
+    x = make_x()
+    assert not cpu.supports(x, axis)
+    with pytest.raises(ValueError, match="supports"):
+        cpu.train_forward(x, None, None, EPS, axis)
+
+
+def test_wrong_parameter_size_raises():
+    x = make((4, 3, 5, 5), None, torch.float32)
+    with pytest.raises(ValueError, match="one value per channel, 3"):
+        cpu.train_forward(x, torch.ones(4), None, EPS, 1)
+
+
+# --------------------------------------------------------------------------- build and fallback
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+CHECK = """
+    from batchnorm.kernels import cpu
+    print(cpu.available(), cpu.library_path(), cpu.why_unavailable(), sep="|")
+"""
+
+
+def test_env_var_disables_the_kernel():
+    proc = run_python(CHECK, BATCHNORM_NO_KERNEL="1")
+    assert proc.returncode == 0, proc.stderr
+    ok, _, why = proc.stdout.strip().split("|")
+    assert ok == "False" and "BATCHNORM_NO_KERNEL=1" in why
+
+
+def test_compiler_failure_is_reported_not_raised(tmp_path):
+    proc = run_python(CHECK, BATCHNORM_CACHE=str(tmp_path), CC="false")
+    assert proc.returncode == 0, proc.stderr
+    ok, _, why = proc.stdout.strip().split("|")
+    assert ok == "False" and "compiling the CPU kernel failed" in why
+
+
+def test_concurrent_builds_of_the_portable_variant(tmp_path):
+    """Two processes build at once into a fresh cache (as parallel test workers would), here the
+    portable C variant (no AVX-512 code: compiler-vectorized loops, regular stores), and check
+    it on a few layouts against float64."""
+    env = {**os.environ, "BATCHNORM_CACHE": str(tmp_path), "BATCHNORM_KERNEL_CFLAGS": "-mno-avx512f"}
+    code = textwrap.dedent(
+        """
+        import torch
+        from batchnorm.kernels import cpu
+        assert cpu.available(), cpu.why_unavailable()
+        cpu._set_streaming_threshold(0)
+        cases = [((4, 3, 50, 50), None), ((4, 3, 50, 50), torch.channels_last), ((64, 200, 6), None),
+                 ((3, 40, 49), None), ((1031, 77), None)]
+        for dtype in (torch.float32, torch.bfloat16):
+            for shape, fmt in cases:
+                x = torch.randn(shape, dtype=torch.float64).to(dtype)
+                x = x if fmt is None else x.contiguous(memory_format=fmt)
+                dy = torch.randn(shape).to(dtype)
+                y, mean, var = cpu.train_forward(x, None, None, 1e-5, 1)
+                dims = [0] + list(range(2, x.dim()))
+                xd = x.double()
+                var_ref, mean_ref = torch.var_mean(xd, dims, correction=0)
+                view = [1, -1] + [1] * (x.dim() - 2)
+                y_ref = (xd - mean_ref.view(view)) / torch.sqrt(var_ref.view(view) + 1e-5)
+                tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+                torch.testing.assert_close(var.double(), var_ref, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol)
+                invstd = torch.rsqrt(var + 1e-5)
+                dx, s1, s2 = cpu.train_backward(dy, x, None, mean, invstd, 1)
+                torch.testing.assert_close(s1.double(), dy.double().sum(dims), rtol=1e-4, atol=1e-3)
+                assert dx.stride() == x.stride()
+        print(cpu.library_path())
+        """
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out.strip().startswith(str(tmp_path))
+    assert len({out.strip() for out, _ in outs}) == 1
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.startswith("bn_cpu.")]
+    assert leftovers == ["bn_cpu.c"]
