@@ -42,7 +42,7 @@ class Scale:
     # part 2
     part2_seeds: int = 1
     small_batch_epochs: int = 2  # experiment 5: epochs at each batch size
-    cnn_samples: int = 8000  # experiment 6: training examples seen by every run (steps = samples / batch)
+    cnn_samples: int = 3000  # experiment 6: training examples seen by every run (steps = samples / batch)
     cnn_seeds: int = 1  # experiment 6: 6 methods x 5 batch sizes per seed
     reg_steps: int = 3000  # experiment 7
     smooth_steps: int = 1500  # experiment 8
@@ -57,7 +57,7 @@ SCALES = {
         sweep_seeds=1,
         sweep_steps=600,
         small_batch_epochs=1,
-        cnn_samples=3000,
+        cnn_samples=1200,
         reg_steps=1000,
         smooth_steps=600,
     ),
