@@ -63,8 +63,12 @@ def _worker(rank: int, world: int, port: int, data: Dataset, setup: Setup, out: 
                     accs.append(accuracy(model, data.x_test, data.y_test))
         if rank == 0:
             torch.save({"steps": steps, "test_acc": accs}, out)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without running C++ static destructors: gloo's threads can abort the
+    # process there ("terminate called without an active exception").
+    os._exit(0)
 
 
 def train_sync(data: Dataset, setup: Setup, world: int = 2) -> dict:
