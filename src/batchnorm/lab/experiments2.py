@@ -155,13 +155,13 @@ def _analyze_small(scale: Scale, seed: int, runs: list, results: list[dict]) -> 
     sync_res = next(res for r, res in zip(runs, results) if isinstance(r, SyncRun))
     sync_err = None if "error" in sync_res else 1 - sync_res["final_acc"]
     sync_beats_local = sync_err is not None and sync_err < err[("bn", 2)]
-    flags = [bn_rise > gn_rise]
+    flags = [bn_rise > 0 and bn_rise > gn_rise]
     if sync_err is not None:
         flags.append(sync_beats_local)
     verdict = _verdict_all(flags)
     return {
         "verdict": verdict,
-        "rule": f"supported if BN's test error rises more from batch {big} to {small} than GroupNorm's "
+        "rule": f"supported if BN's test error rises from batch {big} to {small}, and more than GroupNorm's "
         "(the Group Normalization paper's finding) AND SyncBN over 2 processes at batch 2 each has a lower "
         "error than local BN at batch 2; not supported if neither; mixed if one (SyncBN is left out of the "
         "rule, and said so, if its processes could not run)",
