@@ -135,13 +135,20 @@ INLINE __m512 VLD(const void *p, int64_t i, int dt) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* 16 float32 -> 16 bfloat16, round to nearest even, NaN -> 0x7FC0. */
+/* 16 float32 -> 16 bfloat16, round to nearest even. With AVX512-BF16 one instruction
+ * (vcvtneps2bf16), which also flushes denormal inputs and outputs (|v| < 2^-126) to zero
+ * and keeps a NaN's sign and payload (quieted); otherwise integer arithmetic, NaN -> 0x7FC0,
+ * exactly torch's conversion. */
 INLINE __m256i to_bf16(__m512 v) {
+#if defined(__AVX512BF16__)
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
     return _mm512_cvtepi32_epi16(r);
+#endif
 }
 
 /* Non-temporal store of 16 values at p + i (64-byte aligned for f32, 32-byte for bf16). */
@@ -153,8 +160,17 @@ INLINE void VSTREAM(void *p, int64_t i, __m512 v, int dt) {
     _mm256_stream_si256((__m256i *)((uint16_t *)p + i), to_bf16(v));
 }
 
-/* Store of the lanes in k (all 16: k = 0xFFFF) of v at p + i, regular (cached) stores. */
-INLINE void VSTORE(void *p, int64_t i, __m512 v, __mmask16 k, int dt) {
+/* Regular (cached) store of 16 values at p + i. */
+INLINE void VSTORE(void *p, int64_t i, __m512 v, int dt) {
+    if (dt == DT_F32)
+        _mm512_storeu_ps((float *)p + i, v);
+    else
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), to_bf16(v));
+}
+
+/* Store of the lanes in k of v at p + i: only for partial vectors (masked stores are slow on
+ * some cores, e.g. AMD Zen 4). */
+INLINE void VSTORE_MASKED(void *p, int64_t i, __m512 v, __mmask16 k, int dt) {
     if (dt == DT_F32)
         _mm512_mask_storeu_ps((float *)p + i, k, v);
     else
@@ -438,13 +454,13 @@ INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out,
             if (stream)
                 VSTREAM(out, i, v, dt);
             else
-                VSTORE(out, i, v, (__mmask16)0xFFFF, dt);
+                VSTORE(out, i, v, dt);
         } else { /* the tensor's last, partial vector */
             const __mmask16 k = first_lanes(hi - i);
             const __m512 xv = _mm512_maskz_sub_ps(k, VLDM(x, i, k, dt), cm);
             const __m512 v = op == OP_APPLY ? _mm512_fmadd_ps(xv, cs, ch)
                                             : _mm512_fmadd_ps(cs, VLDM(dy, i, k, dt), _mm512_fmadd_ps(cb, xv, ch));
-            VSTORE(out, i, v, k, dt);
+            VSTORE_MASKED(out, i, v, k, dt);
         }
     }
 }
@@ -643,8 +659,8 @@ INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, r
                     VSTREAM(out, o + j, v0, dt);
                     VSTREAM(out, o + W + j, v1, dt);
                 } else {
-                    VSTORE(out, o + j, v0, (__mmask16)0xFFFF, dt);
-                    VSTORE(out, o + W + j, v1, (__mmask16)0xFFFF, dt);
+                    VSTORE(out, o + j, v0, dt);
+                    VSTORE(out, o + W + j, v1, dt);
                 }
             }
         }
@@ -658,7 +674,7 @@ INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, r
             if (st)
                 VSTREAM(out, o + j, v, dt);
             else
-                VSTORE(out, o + j, v, (__mmask16)0xFFFF, dt);
+                VSTORE(out, o + j, v, dt);
         }
         if (j < W) {
             const __m512 m = _mm512_maskz_loadu_ps(last, mw + j), sc = _mm512_maskz_loadu_ps(last, sw + j);
@@ -667,7 +683,7 @@ INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, r
             const __m512 v = op == OP_APPLY ? _mm512_fmadd_ps(xv, sc, h)
                                             : _mm512_fmadd_ps(sc, VLDM(dy, o + j, last, dt),
                                                               _mm512_fmadd_ps(_mm512_maskz_loadu_ps(last, bw + j), xv, h));
-            VSTORE(out, o + j, v, last, dt);
+            VSTORE_MASKED(out, o + j, v, last, dt);
         }
     }
 #else
