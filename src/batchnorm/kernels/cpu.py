@@ -20,14 +20,22 @@ deviations from it), float32 within a chunk, chunks merged in float64 with Chan'
 never E[x^2] - E[x]^2. bfloat16 is computed in float32 and rounded to nearest even once.
 Parameters and statistics are float32 (C,) vectors.
 
+Memory: outputs come from torch.empty_like (x's strides). Outputs over a quarter of the
+last-level cache are written with streaming (non-temporal) stores, and outputs of 8 MiB and
+more are advised MADV_HUGEPAGE before their first write (Linux): with 4 KiB pages the page
+faults of a fresh 100 MB output cost more than the pass itself. BATCHNORM_NO_HUGEPAGES=1
+turns the advice off.
+
 Build: on first use (`available()`, `supports()` or a kernel call) `bn_cpu.c` is compiled with
-$CC (default `cc`, else `gcc`) and `-O3 -march=native -fopenmp -shared -fPIC` into
-$BATCHNORM_CACHE (default ~/.cache/batchnorm)/<hash of source, compiler, flags, CPU>/libbn_cpu.so,
-about 1.5 s, once per machine. Compiling goes to a temporary name and is renamed into place
+$CC (default `cc`, else `gcc`) and `-O3 -march=native -fopenmp -shared -fPIC` (plus
+$BATCHNORM_KERNEL_CFLAGS) into $BATCHNORM_CACHE (default ~/.cache/batchnorm)/<hash of source,
+compiler, flags, CPU>/libbn_cpu.so, about 1.5 s, once per machine and source version (old
+directories may be deleted). Compiling goes to a temporary name and is renamed into place
 under a file lock, so parallel processes may race safely. If that fails, or
 BATCHNORM_NO_KERNEL=1 is set, `available()` is False and `why_unavailable()` says why;
-nothing here raises at import. Threads: torch.get_num_threads() per call (one for small inputs);
-the library's OpenMP runtime is the libgomp torch has loaded, so they share one thread pool.
+nothing here raises at import. Threads: torch.get_num_threads() per call (fewer for small
+inputs); the library's OpenMP runtime is the libgomp torch has loaded, so they share one
+thread pool. Not for tensors being traced (torch.compile's fake tensors have no data).
 
 >>> import torch
 >>> from batchnorm.kernels import cpu
@@ -261,7 +269,7 @@ def _load(lib_path: Path) -> ctypes.CDLL:
 def _last_level_cache_bytes() -> int:
     """The largest CPU cache from Linux sysfs (32 MiB where unknown).
 
-    Passes moving more bytes than this write their output with streaming stores. sysfs, not
+    Outputs larger than a quarter of it are written with streaming stores. sysfs, not
     sysconf: in virtual machines sysconf(_SC_LEVEL3_CACHE_SIZE) can report the host's cache.
     """
     best = (0, 32 << 20)
@@ -279,7 +287,7 @@ def _last_level_cache_bytes() -> int:
 
 
 def _set_streaming_threshold(nbytes: int) -> None:
-    """Outputs of passes moving more than nbytes are written with streaming stores.
+    """Set the cache size the kernel assumes: outputs over nbytes / 4 get streaming stores.
 
     0: always, -1: never; the default is the last-level cache size. For tests and benchmarks.
     """
