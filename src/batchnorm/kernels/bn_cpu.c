@@ -438,7 +438,18 @@ INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out,
     int64_t p = lo / B, c = p % C, pend = (p + 1) * B;
     __m512 vm = _mm512_set1_ps(m[c]), vs = _mm512_set1_ps(s[c]), vh = _mm512_set1_ps(h[c]);
     __m512 vb = op == OP_DX ? _mm512_set1_ps(b[c]) : vs;
-    for (int64_t i = lo; i < hi; i += VEC) {
+    for (int64_t i = lo; i < hi;) {
+        /* whole vectors inside the current plane: no checks */
+        const int64_t run = i + ((pend < hi ? pend : hi) - i) / VEC * VEC;
+        if (stream) {
+#pragma GCC unroll 4
+            for (; i < run; i += VEC) VSTREAM(out, i, opv(op, x, dy, i, vm, vs, vb, vh, dt), dt);
+        } else {
+#pragma GCC unroll 4
+            for (; i < run; i += VEC) VSTORE(out, i, opv(op, x, dy, i, vm, vs, vb, vh, dt), dt);
+        }
+        if (i >= hi) break;
+        /* the vector holding the next plane start(s), or the tensor's partial last vector */
         __m512 cm = vm, cs = vs, cb = vb, ch = vh;
         while (pend < i + VEC && pend < hi) { /* a plane starts at lane pend - i */
             if (++c == C) c = 0;
@@ -459,13 +470,14 @@ INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out,
                 VSTREAM(out, i, v, dt);
             else
                 VSTORE(out, i, v, dt);
-        } else { /* the tensor's last, partial vector */
+        } else {
             const __mmask16 k = first_lanes(hi - i);
             const __m512 xv = _mm512_maskz_sub_ps(k, VLDM(x, i, k, dt), cm);
             const __m512 v = op == OP_APPLY ? _mm512_fmadd_ps(xv, cs, ch)
                                             : _mm512_fmadd_ps(cs, VLDM(dy, i, k, dt), _mm512_fmadd_ps(cb, xv, ch));
             VSTORE_MASKED(out, i, v, k, dt);
         }
+        i += VEC;
     }
 }
 #else
@@ -639,18 +651,12 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
     }
 }
 
-/* The elementwise pass over this thread's wide rows, with per-column coefficient vectors of
- * width W (the first Wc of them serve the tail rows). Streaming needs W % VEC == 0. */
-INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, rows_shape s, const float *mw,
-                             const float *sw, const float *bw, const float *hw, int stream, int dt, int t,
-                             int T) {
-    int64_t lo, hi, W = s.W, r = 0;
-    part(s.Ms, t, T, &lo, &hi);
-    r = lo;
 #if HAVE_AVX512
-    /* whole rows in vectors of 16, the last one of a row masked when W % 16 != 0; streaming
-     * stores only when every row starts on a vector boundary */
-    const int st = stream && W % VEC == 0;
+/* Rows [lo, hi) of width W in vectors of 16, the last one of a row masked when W % 16 != 0.
+ * st (a constant where inlined): streaming stores, needs W % 16 == 0. */
+INLINE void rows_avx512(int op, const void *x, const void *dy, void *out, int64_t W, int64_t lo, int64_t hi,
+                        const float *mw, const float *sw, const float *bw, const float *hw, const int st, int dt) {
+    int64_t r = lo;
     const __mmask16 last = W % VEC ? first_lanes(W % VEC) : (__mmask16)0xFFFF;
     if (rows_pair(W, dt) && W % VEC == 0)
         for (; r + 2 <= hi; r += 2) {
@@ -690,6 +696,24 @@ INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, r
             VSTORE_MASKED(out, o + j, v, last, dt);
         }
     }
+}
+#endif
+
+/* The elementwise pass over this thread's wide rows, with per-column coefficient vectors of
+ * width W (the first Wc of them serve the tail rows). Streaming needs W % VEC == 0. */
+INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, rows_shape s, const float *mw,
+                             const float *sw, const float *bw, const float *hw, int stream, int dt, int t,
+                             int T) {
+    int64_t lo, hi, W = s.W, r = 0;
+    part(s.Ms, t, T, &lo, &hi);
+    r = lo;
+#if HAVE_AVX512
+    /* whole rows in vectors of 16, the last one of a row masked when W % 16 != 0; streaming
+     * stores only when every row starts on a vector boundary */
+    if (stream && W % VEC == 0)
+        rows_avx512(op, x, dy, out, W, lo, hi, mw, sw, bw, hw, 1, dt);
+    else
+        rows_avx512(op, x, dy, out, W, lo, hi, mw, sw, bw, hw, 0, dt);
 #else
     (void)stream; /* regular stores only */
     for (; r < hi; r++) {
