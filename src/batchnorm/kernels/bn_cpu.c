@@ -543,17 +543,15 @@ INLINE int64_t rows_block(int64_t W, int dt) {
 
 INLINE int64_t pad16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
-/* The rows loops take one row after the other, or two at a time when rows are long (>= 2 KiB):
- * two rows per pass over the per-column vectors halves their loads and stores, and two long
- * sequential streams suit the prefetchers; interleaving short rows halved the streaming rate. */
-INLINE int rows_pair(int64_t W, int dt) { return W * elem_size(dt) >= 2048; }
+/* The rows loops take one row after the other (per-column vectors are reloaded from L1 for
+ * every row): interleaving 4 short rows halved the streaming rate, and pairing long rows
+ * gained nothing measurable while adding compile time. */
 
 /* Thread t: statistics of its wide rows, block by block (two passes per block), Chan-merged
  * into per-column accumulators amean/am2 (count *an, the same for every column). */
 INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, float *sm, float *q,
                               double *amean, double *am2, double *an, int t, int T) {
     int64_t lo, hi, W = s.W, R = rows_block(W, dt);
-    const int pair = rows_pair(W, dt);
     part(s.Ms, t, T, &lo, &hi);
     double na = 0.0;
     for (int64_t r0 = lo; r0 < hi; r0 += R) {
@@ -564,31 +562,13 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
             q[j] = 0.f;
         }
         /* pass 1: sum of x - x0 (row 0 adds nothing) */
-        r = 1;
-        if (pair)
-            for (; r + 2 <= nr; r += 2) {
-                const int64_t o = base + r * W;
-#pragma omp simd
-                for (int64_t j = 0; j < W; j++)
-                    sm[j] += (LD(x, o + j, dt) - x0[j]) + (LD(x, o + W + j, dt) - x0[j]);
-            }
-        for (; r < nr; r++)
+        for (r = 1; r < nr; r++)
 #pragma omp simd
             for (int64_t j = 0; j < W; j++) sm[j] += LD(x, base + r * W + j, dt) - x0[j];
         const float inv = 1.f / (float)nr;
         for (int64_t j = 0; j < W; j++) sm[j] *= inv; /* block mean of x - x0 */
         /* pass 2 (from cache): sum of squared deviations from the block mean */
-        r = 0;
-        if (pair)
-            for (; r + 2 <= nr; r += 2) {
-                const int64_t o = base + r * W;
-#pragma omp simd
-                for (int64_t j = 0; j < W; j++) {
-                    float d0 = (LD(x, o + j, dt) - x0[j]) - sm[j], d1 = (LD(x, o + W + j, dt) - x0[j]) - sm[j];
-                    q[j] += d0 * d0 + d1 * d1;
-                }
-            }
-        for (; r < nr; r++)
+        for (r = 0; r < nr; r++)
 #pragma omp simd
             for (int64_t j = 0; j < W; j++) {
                 float d = (LD(x, base + r * W + j, dt) - x0[j]) - sm[j];
@@ -619,24 +599,12 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
 INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const float *muw, int dt,
                              float *b1, float *b2, double *a1, double *a2, int t, int T) {
     int64_t lo, hi, W = s.W, R = rows_block(W, dt);
-    const int pair = rows_pair(W, dt);
     part(s.Ms, t, T, &lo, &hi);
     for (int64_t j = 0; j < W; j++) a1[j] = a2[j] = 0.0;
     for (int64_t r0 = lo; r0 < hi; r0 += R) {
         int64_t nr = hi - r0 < R ? hi - r0 : R, base = r0 * W, r;
         for (int64_t j = 0; j < W; j++) b1[j] = b2[j] = 0.f;
-        r = 0;
-        if (pair)
-            for (; r + 2 <= nr; r += 2) {
-                const int64_t o = base + r * W;
-#pragma omp simd
-                for (int64_t j = 0; j < W; j++) {
-                    float g0 = LD(dy, o + j, dt), g1 = LD(dy, o + W + j, dt);
-                    b1[j] += g0 + g1;
-                    b2[j] += g0 * (LD(x, o + j, dt) - muw[j]) + g1 * (LD(x, o + W + j, dt) - muw[j]);
-                }
-            }
-        for (; r < nr; r++)
+        for (r = 0; r < nr; r++)
 #pragma omp simd
             for (int64_t j = 0; j < W; j++) {
                 float g = LD(dy, base + r * W + j, dt);
@@ -658,22 +626,6 @@ INLINE void rows_avx512(int op, const void *x, const void *dy, void *out, int64_
                         const float *mw, const float *sw, const float *bw, const float *hw, const int st, int dt) {
     int64_t r = lo;
     const __mmask16 last = W % VEC ? first_lanes(W % VEC) : (__mmask16)0xFFFF;
-    if (rows_pair(W, dt) && W % VEC == 0)
-        for (; r + 2 <= hi; r += 2) {
-            const int64_t o = r * W;
-            for (int64_t j = 0; j < W; j += VEC) {
-                const __m512 m = _mm512_loadu_ps(mw + j), sc = _mm512_loadu_ps(sw + j), h = _mm512_loadu_ps(hw + j);
-                const __m512 b = op == OP_DX ? _mm512_loadu_ps(bw + j) : sc;
-                const __m512 v0 = opv(op, x, dy, o + j, m, sc, b, h, dt), v1 = opv(op, x, dy, o + W + j, m, sc, b, h, dt);
-                if (st) {
-                    VSTREAM(out, o + j, v0, dt);
-                    VSTREAM(out, o + W + j, v1, dt);
-                } else {
-                    VSTORE(out, o + j, v0, dt);
-                    VSTORE(out, o + W + j, v1, dt);
-                }
-            }
-        }
     for (; r < hi; r++) {
         const int64_t o = r * W;
         int64_t j = 0;
