@@ -7,7 +7,8 @@
  *   planes (B >= 32, or wide rows) channel c owns A runs ("planes") of B contiguous values.
  *       Statistics: each plane is cut into chunks of <= CHUNK_BYTES (they stay in L1); the
  *       chunks of all planes are spread evenly over the threads whatever C is, then merged
- *       per channel. The elementwise passes split the flat element range evenly.
+ *       per channel. The elementwise passes split the flat element range evenly and run in
+ *       whole vectors that may straddle planes (masked coefficient blend at plane starts).
  *   rows (B == 1, or small B with narrow rows) the data is an (A, C*B) matrix; column j
  *       belongs to channel (j / B) % C. Vectorized across columns; narrow rows are widened
  *       (k consecutive rows form one row of W = k*C*B >= MIN_WIDTH columns). Rows are split
@@ -23,7 +24,8 @@
  *       n = na + nb, d = mb - ma, mean = ma + d*nb/n, M2 = M2a + M2b + d^2*na*nb/n
  *     in a fixed order (planes: independent of the thread count).
  *   - float32 accumulation within a chunk (32 independent lanes), float64 across chunks.
- *   - bfloat16 loads widen (u16 << 16); stores round to nearest even (NaN -> 0x7FC0, as torch).
+ *   - bfloat16 loads widen (u16 << 16); stores round to nearest even (NaN -> 0x7FC0, as torch;
+ *     with AVX512-BF16 one vcvtneps2bf16, which also flushes results below 2^-126 to zero).
  *   - the apply pass computes y = (x - mean_hi) * scale + shift with mean_hi = (float)mean and
  *     shift = beta - (mean - mean_hi) * scale: x - mean_hi is exact when x is near the mean, so
  *     data with a large offset (mean 1e4, std 1) keeps float32 precision in y. dx likewise:
@@ -33,7 +35,8 @@
  * twice and writes dx once. Outputs larger than a quarter of the last-level cache
  * (bn_set_cache_bytes, default 32 MiB) are written with non-temporal (streaming) stores where
  * AVX-512 is available: no read-for-ownership of the output lines, and the input the pass
- * reads is not evicted by them.
+ * reads is not evicted by them. Outputs of 8 MiB and more are advised MADV_HUGEPAGE first
+ * (see advise_huge).
  *
  * Threads: the caller passes the count (torch.get_num_threads()); small inputs use fewer.
  * Loaded into a process that imported torch, this library's libgomp.so.1 resolves to the one
