@@ -18,12 +18,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .modules import _Forward, _retype
+from .modules import BatchNorm, _retype, _variants_repr
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
 
-class SyncBatchNorm(_Forward, _BatchNorm):
+class SyncBatchNorm(BatchNorm):
     r"""Drop-in for `torch.nn.SyncBatchNorm` that works on any backend (gloo included) and device.
 
     y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta with E and Var over the
@@ -52,33 +52,15 @@ class SyncBatchNorm(_Forward, _BatchNorm):
         process_group=None,
         device=None,
         dtype=None,
-        *,
-        axis: int = 1,
-        bias: bool = True,
-        virtual_batch_size: int | None = None,
-        renorm=None,
+        **options,
     ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            virtual_batch_size=virtual_batch_size,
-            renorm=renorm,
-        )
+        """torch.nn.SyncBatchNorm's arguments; `options` are BatchNorm's keywords (axis, bias, variants)."""
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **options)
         self.process_group = process_group
-        self.axis = axis
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(
-                f"expected at least 2D input (N, C, ...), got {input.dim()}D input "
-                f"of shape {tuple(input.shape)}"
-            )
+    def extra_repr(self) -> str:  # torch's SyncBatchNorm repr, plus what we add when it is set
+        axis = f", axis={self.axis}" if self.axis != 1 else ""
+        return _BatchNorm.extra_repr(self) + axis + _variants_repr(self)
 
     def _sync_group(self, input: Tensor):
         """The process group to synchronize over in this forward, or None for plain BN."""

@@ -37,7 +37,7 @@ def _convert(module: nn.Module, table: dict[type, type], prefix: str) -> nn.Modu
         for key in ("frozen", "virtual_batch_size", "renorm"):
             module.__dict__.pop(key, None)
         return module
-    if isinstance(module, ours.BatchNorm) and table is _TO_TORCH:
+    if type(module) is ours.BatchNorm and table is _TO_TORCH:
         raise ValueError(
             f"{prefix or 'the model'} is a batchnorm.BatchNorm (axis={module.axis}), which has no torch "
             "counterpart; use BatchNorm1d/2d/3d for torch's layout, or keep it as ours"
