@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import batchnorm as bn
-from batchnorm.functional import batch_norm
+from batchnorm.functional import batch_norm, use_backend
 
 
 def _snapshot(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -210,12 +210,18 @@ def test_non_finite_batch_never_reaches_running_stats(bad, momentum):
     )
 
 
-def test_non_finite_batch_functional_leaves_stats():
-    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+@pytest.mark.parametrize("backend", ["auto", "composite", "torch"])
+@pytest.mark.parametrize(
+    "x_dtype,stats_dtype",
+    [(torch.float32, torch.float32), (torch.float32, torch.float64), (torch.bfloat16, torch.float32)],
+    ids=["f32", "f32-f64stats", "bf16-f32stats"],  # the first and last: the kernel updates them itself
+)
+def test_non_finite_batch_functional_leaves_stats(backend, x_dtype, stats_dtype):
+    rm, rv = torch.randn(3, dtype=stats_dtype), torch.rand(3, dtype=stats_dtype) + 0.5
     before = rm.clone(), rv.clone()
-    x = torch.randn(5, 3)
+    x = torch.randn(5, 3).to(x_dtype)
     x[0, 2] = float("nan")
-    with pytest.warns(RuntimeWarning):
+    with use_backend(backend), pytest.warns(RuntimeWarning, match="NaN or Inf"):
         y = batch_norm(x, rm, rv, training=True)
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
     assert torch.isfinite(y[:, :2]).all()  # the clean channels are still normalised

@@ -225,6 +225,87 @@ def test_inference_matches_float64(shape, fmt, axis, dtype, affine, nthreads, st
     torch.testing.assert_close(y.double(), y_ref, **out_tol(dtype))
 
 
+@pytest.mark.parametrize("shape,fmt,axis,dtype,affine,nthreads,streaming", [p for p in GRID if p.values[4]])
+def test_eval_forward_matches_float64(shape, fmt, axis, dtype, affine, nthreads, streaming, restore_threads):
+    """scale and shift computed inside the kernel from the running statistics."""
+    set_threads(nthreads, streaming)
+    x = make(shape, fmt, dtype)
+    C = shape[axis]
+    w, b = params(C, seed=5)
+    g = torch.Generator().manual_seed(6)
+    mean, var = torch.randn(C, generator=g), torch.rand(C, generator=g) + 0.1
+    for weight, bias in ((w, b), (None, None)):
+        y = cpu.eval_forward(x, mean, var, weight, bias, EPS, axis)
+        view = [1] * x.dim()
+        view[axis % x.dim()] = -1
+        y_ref = (x.double() - mean.double().view(view)) / torch.sqrt(var.double().view(view) + EPS)
+        if weight is not None:
+            y_ref = y_ref * w.double().view(view) + b.double().view(view)
+        assert y.dtype == dtype and same_layout(y, x)
+        torch.testing.assert_close(y.double(), y_ref, **out_tol(dtype))
+
+
+# --------------------------------------------------------------------------- running statistics
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,fmt,axis", [LAYOUTS[0].values, LAYOUTS[1].values, LAYOUTS[7].values])
+def test_train_forward_update_applies_torchs_rule(shape, fmt, axis, dtype):
+    x = make(shape, fmt, dtype, offset=2.0, scale=3.0)
+    C = shape[axis]
+    w, b = params(C)
+    rm0, rv0 = torch.randn(C), torch.rand(C) + 0.5
+    rm, rv = rm0.clone(), rv0.clone()
+    y, mean, var, invstd, updated = cpu.train_forward_update(x, w, b, EPS, axis, rm, rv, 0.3)
+    y_plain, mean_plain, var_plain = cpu.train_forward(x, w, b, EPS, axis)
+    assert updated is True
+    assert torch.equal(y, y_plain) and torch.equal(mean, mean_plain) and torch.equal(var, var_plain)
+    torch.testing.assert_close(invstd, torch.rsqrt(var.double() + EPS).float(), rtol=1e-7, atol=0)
+    m = x.numel() // C
+    torch.testing.assert_close(rm, 0.7 * rm0 + 0.3 * mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rv, 0.7 * rv0 + 0.3 * var * m / (m - 1), rtol=1e-6, atol=1e-6)
+    # the same buffers through torch's own kernel
+    rm_t, rv_t = rm0.clone(), rv0.clone()
+    xt = x.float().movedim(axis, 1)
+    F.batch_norm(xt, rm_t, rv_t, w, b, True, 0.3, EPS)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(rm, rm_t, **tol)
+    torch.testing.assert_close(rv, rv_t, **tol)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_train_forward_update_leaves_running_stats_on_a_nonfinite_batch(bad):
+    x = make((4, 3, 5, 7), None, torch.float32)
+    x[1, 2, 3, 4] = bad  # one channel only: the other two must not be updated either
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    before = rm.clone(), rv.clone()
+    *_, updated = cpu.train_forward_update(x, None, None, EPS, 1, rm, rv, 0.1)
+    assert updated is False
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+@pytest.mark.parametrize(
+    "make_buffers",
+    [
+        lambda C: (None, None),
+        lambda C: (torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)),
+        lambda C: (torch.zeros(2 * C)[::2], torch.ones(2 * C)[::2]),  # strided
+        lambda C: (torch.zeros(C + 1), torch.ones(C + 1)),  # wrong length
+        lambda C: (torch.zeros(C), None),
+    ],
+    ids=["none", "float64", "strided", "wrong-length", "only-mean"],
+)
+def test_train_forward_update_leaves_other_buffers_to_the_caller(make_buffers):
+    x = make((4, 3, 5, 7), None, torch.float32)
+    rm, rv = make_buffers(3)
+    before = [None if t is None else t.clone() for t in (rm, rv)]
+    _, mean, _, _, updated = cpu.train_forward_update(x, None, None, EPS, 1, rm, rv, 0.1)
+    assert updated is None
+    for t, t0 in zip((rm, rv), before):
+        assert t is None or torch.equal(t, t0)
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- numerics
 
 

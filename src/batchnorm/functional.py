@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._general import general_train
+from .kernels import cpu as _cpu
 
 __all__ = ["BACKENDS", "batch_norm", "get_backend", "set_backend", "use_backend"]
 
@@ -199,7 +200,16 @@ def batch_norm_with_status(
     if path == "torch":
         y, mean, var = _torch_train(input, weight, bias, eps, axis)
     else:
-        y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps, axis, path)
+        # The CPU kernel updates float32 running statistics itself, in the same call.
+        fused = _FusedUpdate.make(path, running_mean, running_var, momentum)
+        if path == "cpu" and not _wants_grad(input, weight, bias):
+            y, mean, var, _ = _cpu_forward(input, weight, bias, eps, axis, fused)
+        else:
+            y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps, axis, path, fused)
+        if fused is not None and fused.updated is not None:
+            if not fused.updated:
+                _warn_not_finite(stacklevel=3)
+            return y, fused.updated
     if running_mean is None:
         return y, True
     m = input.numel() // C
@@ -265,13 +275,13 @@ def _pick_path(input: Tensor, axis: int) -> str:
     """Which implementation runs this call: "cpu", "triton", "composite" or "torch"."""
     name = _backend
     if name == "auto":
-        if input.device.type == "cpu" and _kernels().cpu.supports(input, axis):
+        if input.device.type == "cpu" and _cpu.supports(input, axis):
             return "cpu"
         if input.is_cuda and _triton_ok(input, axis):
             return "triton"
         return "composite"
-    if name == "cpu" and not _kernels().cpu.supports(input, axis):
-        why = _kernels().cpu.why_unavailable() or "it takes dense CPU float32/bfloat16 tensors"
+    if name == "cpu" and not _cpu.supports(input, axis):
+        why = _cpu.why_unavailable() or "it takes dense CPU float32/bfloat16 tensors"
         raise RuntimeError(
             f"backend 'cpu' was forced but cannot run on a {input.dtype} tensor of shape {tuple(input.shape)} "
             f"on {input.device} ({why}); use set_backend('auto')"
@@ -433,6 +443,13 @@ def _inference(
     Composed of differentiable torch ops, so gradients (of any order) flow to
     input, weight and bias as in torch.
     """
+    path = None
+    if fast and input.numel() and not _wants_grad(input, mean, var, weight, bias):
+        path = _pick_path(input, axis)
+        if path == "cpu":  # scale and shift are computed inside the kernel
+            return _cpu.eval_forward(input, mean, var, weight, bias, eps, axis)
+        if path == "torch":
+            return _torch_eval(input, mean, var, weight, bias, eps, axis)
     acc = _acc_dtype(input.dtype)
     scale = torch.rsqrt(var.to(acc) + eps)
     if weight is not None:
@@ -440,14 +457,8 @@ def _inference(
     shift = -mean.to(acc) * scale
     if bias is not None:
         shift = shift + bias.to(acc)
-    if fast and input.numel() and not _wants_grad(input, mean, var, weight, bias):
-        path = _pick_path(input, axis)
-        if path == "cpu":
-            return _kernels().cpu.inference(input, scale, shift, axis)
-        if path == "triton":
-            return _kernels().triton_bn.inference(input, scale, shift, axis)
-        if path == "torch":
-            return _torch_eval(input, mean, var, weight, bias, eps, axis)
+    if path == "triton":
+        return _kernels().triton_bn.inference(input, scale, shift, axis)
     x = input if input.dtype == acc else input.to(acc)
     y = torch.addcmul(_view(shift, input.dim(), axis), x, _view(scale, input.dim(), axis))
     return y.to(input.dtype)
@@ -466,16 +477,47 @@ def _update_running_stats(
     `unbiased` is the batch's unbiased variance m / (m - 1) * sigma2_B, what running_var stores.
     """
     if not bool(torch.isfinite(mean).all() & torch.isfinite(unbiased).all()):
-        warnings.warn(
-            "batchnorm: the batch statistics contain NaN or Inf (non-finite values in the "
-            "input); running_mean and running_var were left unchanged for this batch",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _warn_not_finite(stacklevel=4)
         return False
     running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
     running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
     return True
+
+
+def _warn_not_finite(stacklevel: int) -> None:
+    warnings.warn(
+        "batchnorm: the batch statistics contain NaN or Inf (non-finite values in the "
+        "input); running_mean and running_var were left unchanged for this batch",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
+
+
+class _FusedUpdate:
+    """Running statistics for the CPU kernel to update in the forward call itself (same rule as
+    `_update_running_stats`). `updated` afterwards: True, False (the batch was not finite, nothing
+    written) or None (buffers of another dtype or layout: the caller updates them)."""
+
+    __slots__ = ("mean", "momentum", "updated", "var")
+
+    def __init__(self, mean: Tensor | None, var: Tensor | None, momentum: float) -> None:
+        self.mean, self.var, self.momentum = mean, var, momentum
+        self.updated: bool | None = None
+
+    @staticmethod
+    def make(path: str, running_mean, running_var, momentum: float) -> _FusedUpdate | None:
+        return _FusedUpdate(running_mean, running_var, momentum) if path == "cpu" and running_mean is not None else None
+
+
+def _cpu_forward(input, weight, bias, eps, axis, fused: _FusedUpdate | None):
+    """The CPU kernel's training forward: (y, mean, var, invstd), updating `fused`'s buffers."""
+    if fused is None:
+        y, mean, var, invstd, _ = _cpu.train_forward_update(input, weight, bias, eps, axis, None, None, 0.0)
+    else:
+        y, mean, var, invstd, fused.updated = _cpu.train_forward_update(
+            input, weight, bias, eps, axis, fused.mean, fused.var, fused.momentum
+        )
+    return y, mean, var, invstd
 
 
 # --------------------------------------------------------------------------- autograd
@@ -485,12 +527,20 @@ class _BatchNormTrain(torch.autograd.Function):
     """Training-mode BN with the closed-form backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, path: str):
+    def forward(
+        ctx,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        axis: int,
+        path: str,
+        fused: _FusedUpdate | None = None,
+    ):
         ctx.eps, ctx.axis, ctx.path = eps, axis, path
         ctx.bias_dtype = None if bias is None else bias.dtype
         if path == "cpu":
-            y, mean, var = _kernels().cpu.train_forward(input, weight, bias, eps, axis)
-            invstd = torch.rsqrt(var + eps)
+            y, mean, var, invstd = _cpu_forward(input, weight, bias, eps, axis, fused)
             ctx.save_for_backward(input, weight, mean, invstd)
             ctx.mark_non_differentiable(mean, var)
             return y, mean, var
@@ -529,18 +579,18 @@ class _BatchNormTrain(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: gradients of gradients are wanted, so build the
             # backward from differentiable ops that see x again.
-            return (*_backward_differentiable(ctx, input, weight, dy), None, None, None)
+            return (*_backward_differentiable(ctx, input, weight, dy), None, None, None, None)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.path == "triton":
             dx, dw, db = _kernels().triton_bn.train_backward(dy, input, weight, mean, invstd, ctx.axis, need_x)
             dw = dw.to(weight.dtype) if need_w and weight is not None else None
             db = db.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
-            return dx if need_x else None, dw, db, None, None, None
+            return dx if need_x else None, dw, db, None, None, None, None
         if ctx.path == "cpu":
-            dx, s1, s2 = _kernels().cpu.train_backward(dy, input, weight, mean, invstd, ctx.axis, need_x)
+            dx, s1, s2 = _cpu.train_backward(dy, input, weight, mean, invstd, ctx.axis, need_x)
             dw = (s2 * invstd).to(weight.dtype) if need_w and weight is not None else None
             db = s1.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
-            return dx, dw, db, None, None, None
+            return dx, dw, db, None, None, None, None
 
         axis, ndim = ctx.axis, input.dim()
         dims = _reduce_dims(ndim, axis)
@@ -567,7 +617,7 @@ class _BatchNormTrain(torch.autograd.Function):
             dw = (s2 * invstd).to(weight.dtype)
         if need_b and ctx.bias_dtype is not None:
             db = s1.to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def _backward_differentiable(ctx, input: Tensor, weight: Tensor | None, dy: Tensor):

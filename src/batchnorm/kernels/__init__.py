@@ -2,7 +2,7 @@
 
 - `cpu`: batch normalization in C + OpenMP (`bn_cpu.c`), built on first use and called
   through ctypes: `cpu.available()`, `cpu.why_unavailable()`, `cpu.supports(x, axis)`,
-  `cpu.train_forward`, `cpu.train_backward`, `cpu.inference`.
+  `cpu.train_forward(_update)`, `cpu.train_backward`, `cpu.eval_forward`, `cpu.inference`.
 """
 
 from . import cpu

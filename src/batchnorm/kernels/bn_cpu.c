@@ -42,7 +42,9 @@
  * Loaded into a process that imported torch, this library's libgomp.so.1 resolves to the one
  * torch already loaded, so both share one OpenMP thread pool.
  *
- * Every entry point returns 0, or 1 if scratch memory could not be allocated.
+ * Every entry point returns 0, or 1 if scratch memory could not be allocated; the training
+ * forward returns 2 when it was asked to update running statistics and the batch's statistics
+ * were not finite (the running statistics are then left as they were).
  */
 #include <math.h>
 #include <stdint.h>
@@ -59,7 +61,7 @@
 #define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
 #endif
 
-#define BN_ABI_VERSION 2
+#define BN_ABI_VERSION 3
 #define LANES 32                    /* independent float accumulators per reduction */
 #define CHUNK_BYTES (16 << 10)      /* planes: statistics chunk, stays in L1 */
 #ifndef BLOCK_BYTES
@@ -794,10 +796,32 @@ INLINE void fwd_rows_body(int dt, const void *x, void *y, rows_shape s, const fl
     rows_elementwise(OP_APPLY, x, NULL, y, s, coefw, coefw + s.W, NULL, coefw + 2 * s.W, stream, dt, t, T);
 }
 
+/* After the forward: invstd = (var + eps)^-1/2 and, when running_mean is not NULL, PyTorch's
+ * update (in float32, as torch's mul_/add_ on float32 buffers)
+ *     running_mean = (1 - momentum) * running_mean + momentum * mean
+ *     running_var  = (1 - momentum) * running_var  + momentum * var * m / (m - 1)
+ * only if every channel's mean and unbiased var are finite (else 2, nothing written). */
+static int finish_forward(int64_t C, double m, double eps, const float *mean, const float *var, float *invstd,
+                          float *running_mean, float *running_var, double momentum) {
+    if (invstd)
+        for (int64_t c = 0; c < C; c++) invstd[c] = (float)(1.0 / sqrt((double)var[c] + eps));
+    if (!running_mean || !running_var || m < 2.0) return 0;
+    const float unbias = (float)(m / (m - 1.0)), keep = (float)(1.0 - momentum), mom = (float)momentum;
+    for (int64_t c = 0; c < C; c++)
+        if (!isfinite(mean[c]) || !isfinite(var[c] * unbias)) return 2;
+    for (int64_t c = 0; c < C; c++) {
+        running_mean[c] = running_mean[c] * keep + mom * mean[c];
+        running_var[c] = running_var[c] * keep + mom * (var[c] * unbias);
+    }
+    return 0;
+}
+
 /* y = BN(x) with the batch statistics; mean (float32) and biased var (float32) per channel.
- * w, b: float32 (C,) or NULL. */
+ * w, b: float32 (C,) or NULL. invstd_out (float32 (C,)) and the running statistics may be
+ * NULL; see finish_forward. */
 int bn_train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *w,
-                     const float *b, double eps, float *mean_out, float *var_out, int nthreads) {
+                     const float *b, double eps, float *mean_out, float *var_out, float *invstd_out,
+                     float *running_mean, float *running_var, double momentum, int nthreads) {
     int64_t E = A * C * B;
     int nt = threads_for(E, nthreads), stream = use_stream(y, E * elem_size(dt));
     advise_huge(y, E * elem_size(dt));
@@ -837,7 +861,8 @@ int bn_train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64
         free(fscr);
         free(dscr);
     }
-    return 0;
+    return finish_forward(C, (double)(A * B), eps, mean_out, var_out, invstd_out, running_mean, running_var,
+                          momentum);
 }
 
 /* ------------------------------------------------------------------ training backward */
@@ -953,6 +978,26 @@ int bn_train_backward(int dt, const void *dy, const void *x, void *dx, int64_t A
 }
 
 /* ------------------------------------------------------------------ inference */
+
+int bn_inference(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *scale,
+                 const float *shift, int nthreads);
+
+/* Eval-mode BN from the running statistics (float32 (C,); w, b may be NULL):
+ * y = x * scale + shift, scale = w * (var + eps)^-1/2, shift = b - mean * scale. */
+int bn_eval(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *mean, const float *var,
+            const float *w, const float *b, double eps, int nthreads) {
+    float *coef = malloc(sizeof(float) * 2 * (size_t)C);
+    if (!coef) return 1;
+    for (int64_t c = 0; c < C; c++) {
+        double sc = 1.0 / sqrt((double)var[c] + eps);
+        if (w) sc *= (double)w[c];
+        coef[c] = (float)sc;
+        coef[C + c] = (float)((b ? (double)b[c] : 0.0) - (double)mean[c] * sc);
+    }
+    int rc = bn_inference(dt, x, y, A, C, B, coef, coef + C, nthreads);
+    free(coef);
+    return rc;
+}
 
 /* y = x * scale + shift per channel (scale, shift float32 (C,)). */
 int bn_inference(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *scale,

@@ -4,11 +4,14 @@ Per channel c over the m = numel / C values of every other axis:
 
     training forward    mean_c = 1/m sum x,  var_c = 1/m sum (x - mean_c)**2   (biased)
                         y = (x - mean_c) * invstd_c * w_c + b_c,  invstd_c = (var_c + eps)**-1/2
+                        optionally running = (1 - momentum) * running + momentum * batch
+                        (unbiased var), skipped if the batch's statistics are not finite
     training backward   s1_c = sum dy,  s2_c = sum dy * (x - mean_c)
                         dx = k*dy + b*x + c,  k = w_c*invstd_c,  b = -k*invstd_c**2*s2_c/m,
                                               c = -k*s1_c/m - b*mean_c
                         (dbias = s1, dweight = s2 * invstd)
     inference           y = x * scale_c + shift_c
+    eval                the same with scale = w * (var + eps)**-1/2, shift = b - mean * scale
 
 Layouts: every tensor the kernel accepts is a dense array that, read in memory order, is a
 contiguous (A, C, B) block with C the channel axis: NCHW is (N, C, H*W), channels_last and
@@ -66,17 +69,20 @@ from torch import Tensor
 
 __all__ = [
     "available",
+    "can_update",
+    "eval_forward",
     "inference",
     "library_path",
     "supports",
     "train_backward",
     "train_forward",
+    "train_forward_update",
     "why_unavailable",
 ]
 
 SOURCE = Path(__file__).with_name("bn_cpu.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-_ABI_VERSION = 2  # bn_abi_version() of a library built from the current bn_cpu.c
+_ABI_VERSION = 3  # bn_abi_version() of a library built from the current bn_cpu.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
 _COMPILE_TIMEOUT_S = 120
 
@@ -252,10 +258,11 @@ def _load(lib_path: Path) -> ctypes.CDLL:
     if version != _ABI_VERSION:
         raise _UnavailableError(f"{lib_path} has ABI version {version}, expected {_ABI_VERSION}; delete it")
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    lib.bn_train_forward.argtypes = [i32, p, p, i64, i64, i64, p, p, f64, p, p, i32]
+    lib.bn_train_forward.argtypes = [i32, p, p, i64, i64, i64, p, p, f64, p, p, p, p, p, f64, i32]
     lib.bn_train_backward.argtypes = [i32, p, p, p, i64, i64, i64, p, p, p, p, p, i32]
     lib.bn_inference.argtypes = [i32, p, p, i64, i64, i64, p, p, i32]
-    for fn in (lib.bn_train_forward, lib.bn_train_backward, lib.bn_inference):
+    lib.bn_eval.argtypes = [i32, p, p, i64, i64, i64, p, p, p, p, f64, i32]
+    for fn in (lib.bn_train_forward, lib.bn_train_backward, lib.bn_inference, lib.bn_eval):
         fn.restype = i32
     lib.bn_set_cache_bytes.argtypes = [i64]
     lib.bn_set_cache_bytes.restype = None
@@ -418,17 +425,64 @@ def train_forward(
     Reads x twice and writes y once. Raises ValueError if not supports(x, axis),
     RuntimeError if the kernel is not available.
     """
+    y, mean, var, _, _ = _train_forward(x, weight, bias, eps, axis, None, None, 0.0)
+    return y, mean, var
+
+
+def can_update(running: Tensor | None, C: int) -> bool:
+    """True if `train_forward_update` can update this running-statistics buffer in place.
+
+    It must be a float32, contiguous CPU tensor of shape (C,) that does not require grad.
+    """
+    return (
+        isinstance(running, Tensor)
+        and running.dtype == torch.float32
+        and running.shape == (C,)
+        and running.device.type == "cpu"
+        and running.is_contiguous()
+        and not running.requires_grad
+    )
+
+
+def train_forward_update(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    axis: int,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, bool | None]:
+    """`train_forward` that also returns invstd and updates the running statistics in place.
+
+    (y, mean, var, invstd, updated): invstd = (var + eps)**-1/2, float32 (C,). When both
+    running buffers `can_update`, PyTorch's rule runs in the same call:
+    running = (1 - momentum) * running + momentum * batch, with the unbiased variance
+    var * m / (m - 1); `updated` is True, or False if some channel's statistics were not
+    finite (then nothing is written). Otherwise (None, or another dtype or layout) the
+    buffers are not touched and `updated` is None: the caller updates them.
+    """
+    C = x.shape[axis] if isinstance(x, Tensor) and -x.dim() <= axis < x.dim() else -1
+    if not (can_update(running_mean, C) and can_update(running_var, C)):
+        y, mean, var, invstd, _ = _train_forward(x, weight, bias, eps, axis, None, None, 0.0)
+        return y, mean, var, invstd, None
+    return _train_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum)
+
+
+def _train_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum):
     lib, A, C, B = _prepare(x, axis)
     w, b = _vector(weight, C, "weight"), _vector(bias, C, "bias")
     y = _empty_like(x)
-    mean = torch.empty(C, dtype=torch.float32)
-    var = torch.empty(C, dtype=torch.float32)
+    mean, var, invstd = (torch.empty(C, dtype=torch.float32) for _ in range(3))
     rc = lib.bn_train_forward(
         _DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), A, C, B, _ptr(w), _ptr(b), float(eps),
-        mean.data_ptr(), var.data_ptr(), torch.get_num_threads(),
+        mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), _ptr(running_mean), _ptr(running_var),
+        float(momentum), torch.get_num_threads(),
     )  # fmt: skip
-    _check(rc, "the forward")
-    return y, mean, var
+    if rc == 1:
+        _check(rc, "the forward")
+    return y, mean, var, invstd, rc == 0
 
 
 def train_backward(
@@ -482,4 +536,30 @@ def inference(x: Tensor, scale: Tensor, shift: Tensor, axis: int) -> Tensor:
         _DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), A, C, B, _ptr(sc), _ptr(sh), torch.get_num_threads()
     )
     _check(rc, "inference")
+    return y
+
+
+def eval_forward(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    axis: int,
+) -> Tensor:
+    """Eval-mode BN in one call: y = x * scale + shift, scale = w * (var + eps)**-1/2, shift = b - mean * scale.
+
+    mean, var (the running statistics), weight and bias: (C,) of any float dtype (used as float32;
+    weight, bias may be None). The coefficients are computed in float64 inside the kernel.
+    """
+    lib, A, C, B = _prepare(x, axis)
+    mu, v = _vector(mean, C, "mean"), _vector(var, C, "var")
+    w, b = _vector(weight, C, "weight"), _vector(bias, C, "bias")
+    y = _empty_like(x)
+    rc = lib.bn_eval(
+        _DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), A, C, B, _ptr(mu), _ptr(v), _ptr(w), _ptr(b), float(eps),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "eval")
     return y
