@@ -23,8 +23,9 @@ deviations from it), float32 within a chunk, chunks merged in float64 with Chan'
 never E[x^2] - E[x]^2. bfloat16 is computed in float32 and rounded to nearest even once.
 Parameters and statistics are float32 (C,) vectors.
 
-Memory: outputs come from torch.empty_like (x's strides). Outputs over a quarter of the
-last-level cache are written with streaming (non-temporal) stores, and outputs of 8 MiB and
+Memory: outputs come from torch.empty_like (x's strides). Where a pass's tensors (x and y;
+x, dy and dx) do not fit in the last-level cache together, the output is written with
+streaming (non-temporal) stores, and outputs of 8 MiB and
 more are advised MADV_HUGEPAGE before their first write (Linux): with 4 KiB pages the page
 faults of a fresh 100 MB output cost more than the pass itself. BATCHNORM_NO_HUGEPAGES=1
 turns the advice off.
@@ -276,7 +277,7 @@ def _load(lib_path: Path) -> ctypes.CDLL:
 def _last_level_cache_bytes() -> int:
     """The largest CPU cache from Linux sysfs (32 MiB where unknown).
 
-    Outputs larger than a quarter of it are written with streaming stores. sysfs, not
+    Passes whose tensors do not fit in it write their output with streaming stores. sysfs, not
     sysconf: in virtual machines sysconf(_SC_LEVEL3_CACHE_SIZE) can report the host's cache.
     """
     best = (0, 32 << 20)
@@ -294,7 +295,7 @@ def _last_level_cache_bytes() -> int:
 
 
 def _set_streaming_threshold(nbytes: int) -> None:
-    """Set the cache size the kernel assumes: outputs over nbytes / 4 get streaming stores.
+    """Set the cache size the kernel assumes: passes whose tensors exceed it get streaming stores.
 
     0: always, -1: never; the default is the last-level cache size. For tests and benchmarks.
     """
