@@ -554,6 +554,54 @@ INLINE int64_t pad16(int64_t n) { return (n + 15) & ~(int64_t)15; }
  * every row): interleaving 4 short rows halved the streaming rate, and pairing long rows
  * gained nothing measurable while adding compile time. */
 
+#if HAVE_AVX512
+#define TILE 8 /* vectors per column tile: 8 accumulators (+ 8 shifts, 8 means) stay in registers */
+
+/* Columns [j, j + 16*nv) of the block's nr rows at base (row length W): x0 = the block's first
+ * row, sm = mean of x - x0, q = sum of squared deviations from it; two passes, both with the
+ * accumulators in registers. masked (one vector, lanes `last`) for the end of a row. x0, sm, q
+ * have room for whole vectors. nv and masked are constants where this is inlined. */
+INLINE void rows_tile_stats(const void *x, int dt, int64_t base, int64_t W, int64_t nr, int64_t j, const int nv,
+                            const int masked, __mmask16 last, float *x0, float *sm, float *q) {
+    __m512 z[TILE], a[TILE];
+    for (int v = 0; v < nv; v++) {
+        z[v] = masked ? VLDM(x, base + j, last, dt) : VLD(x, base + j + VEC * v, dt);
+        a[v] = _mm512_setzero_ps();
+    }
+    for (int64_t r = 1; r < nr; r++) {
+        const int64_t o = base + r * W + j;
+        for (int v = 0; v < nv; v++)
+            a[v] = _mm512_add_ps(a[v], _mm512_sub_ps(masked ? VLDM(x, o, last, dt) : VLD(x, o + VEC * v, dt), z[v]));
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / (float)nr);
+    for (int v = 0; v < nv; v++) a[v] = _mm512_mul_ps(a[v], inv);
+    __m512 acc[TILE];
+    for (int v = 0; v < nv; v++) acc[v] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t o = base + r * W + j;
+        for (int v = 0; v < nv; v++) {
+            const __m512 d = _mm512_sub_ps(_mm512_sub_ps(masked ? VLDM(x, o, last, dt) : VLD(x, o + VEC * v, dt), z[v]),
+                                           a[v]);
+            acc[v] = _mm512_fmadd_ps(d, d, acc[v]);
+        }
+    }
+    for (int v = 0; v < nv; v++) {
+        _mm512_storeu_ps(x0 + j + VEC * v, z[v]);
+        _mm512_storeu_ps(sm + j + VEC * v, a[v]);
+        _mm512_storeu_ps(q + j + VEC * v, acc[v]);
+    }
+}
+
+/* One block's per-column (x0, mean of x - x0, M2), tile by tile. */
+INLINE void rows_block_stats(const void *x, int dt, int64_t base, int64_t W, int64_t nr, float *x0, float *sm,
+                             float *q) {
+    int64_t j = 0;
+    for (; j + TILE * VEC <= W; j += TILE * VEC) rows_tile_stats(x, dt, base, W, nr, j, TILE, 0, 0, x0, sm, q);
+    for (; j + VEC <= W; j += VEC) rows_tile_stats(x, dt, base, W, nr, j, 1, 0, 0, x0, sm, q);
+    if (j < W) rows_tile_stats(x, dt, base, W, nr, j, 1, 1, first_lanes(W - j), x0, sm, q);
+}
+#endif
+
 /* Thread t: statistics of its wide rows, block by block (two passes per block), Chan-merged
  * into per-column accumulators amean/am2 (count *an, the same for every column). */
 INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, float *sm, float *q,
@@ -562,7 +610,11 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
     part(s.Ms, t, T, &lo, &hi);
     double na = 0.0;
     for (int64_t r0 = lo; r0 < hi; r0 += R) {
-        int64_t nr = hi - r0 < R ? hi - r0 : R, base = r0 * W, r;
+        int64_t nr = hi - r0 < R ? hi - r0 : R, base = r0 * W;
+#if HAVE_AVX512
+        rows_block_stats(x, dt, base, W, nr, x0, sm, q);
+#else
+        int64_t r;
         for (int64_t j = 0; j < W; j++) {
             x0[j] = LD(x, base + j, dt);
             sm[j] = 0.f;
@@ -581,6 +633,7 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
                 float d = (LD(x, base + r * W + j, dt) - x0[j]) - sm[j];
                 q[j] += d * d;
             }
+#endif
         double nb = (double)nr, n = na + nb;
         if (na == 0.0) {
             for (int64_t j = 0; j < W; j++) {
@@ -601,6 +654,39 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
     *an = na;
 }
 
+#if HAVE_AVX512
+/* Columns [j, j + 16*nv) of the block's nr rows at base: sum(dy) and sum(dy * (x - mu)) in
+ * registers, then added in float64 to a1, a2. As rows_tile_stats for nv, masked, last. */
+INLINE void rows_tile_grad(const void *dy, const void *x, const float *muw, int dt, int64_t base, int64_t W,
+                           int64_t nr, int64_t j, const int nv, const int masked, __mmask16 last, double *a1,
+                           double *a2) {
+    __m512 mu[TILE], g1[TILE], g2[TILE];
+    for (int v = 0; v < nv; v++) {
+        mu[v] = _mm512_loadu_ps(muw + j + VEC * v); /* more scratch follows muw: whole vectors stay inside */
+        g1[v] = g2[v] = _mm512_setzero_ps();
+    }
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t o = base + r * W + j;
+        for (int v = 0; v < nv; v++) {
+            const __m512 g = masked ? VLDM(dy, o, last, dt) : VLD(dy, o + VEC * v, dt);
+            const __m512 xv = masked ? VLDM(x, o, last, dt) : VLD(x, o + VEC * v, dt);
+            g1[v] = _mm512_add_ps(g1[v], g);
+            g2[v] = _mm512_fmadd_ps(g, _mm512_sub_ps(xv, mu[v]), g2[v]);
+        }
+    }
+    float f1[TILE * VEC], f2[TILE * VEC];
+    for (int v = 0; v < nv; v++) {
+        _mm512_storeu_ps(f1 + VEC * v, g1[v]);
+        _mm512_storeu_ps(f2 + VEC * v, g2[v]);
+    }
+    const int64_t n = masked ? (W - j < VEC ? W - j : VEC) : VEC * nv;
+    for (int64_t i = 0; i < n; i++) {
+        a1[j + i] += (double)f1[i];
+        a2[j + i] += (double)f2[i];
+    }
+}
+#endif
+
 /* Thread t: sum(dy) and sum(dy * (x - mu)) per column of its wide rows; float within a
  * block, float64 across blocks. */
 INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const float *muw, int dt,
@@ -609,7 +695,16 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
     part(s.Ms, t, T, &lo, &hi);
     for (int64_t j = 0; j < W; j++) a1[j] = a2[j] = 0.0;
     for (int64_t r0 = lo; r0 < hi; r0 += R) {
-        int64_t nr = hi - r0 < R ? hi - r0 : R, base = r0 * W, r;
+        int64_t nr = hi - r0 < R ? hi - r0 : R, base = r0 * W;
+#if HAVE_AVX512
+        (void)b1;
+        (void)b2;
+        int64_t j = 0;
+        for (; j + TILE * VEC <= W; j += TILE * VEC) rows_tile_grad(dy, x, muw, dt, base, W, nr, j, TILE, 0, 0, a1, a2);
+        for (; j + VEC <= W; j += VEC) rows_tile_grad(dy, x, muw, dt, base, W, nr, j, 1, 0, 0, a1, a2);
+        if (j < W) rows_tile_grad(dy, x, muw, dt, base, W, nr, j, 1, 1, first_lanes(W - j), a1, a2);
+#else
+        int64_t r;
         for (int64_t j = 0; j < W; j++) b1[j] = b2[j] = 0.f;
         for (r = 0; r < nr; r++)
 #pragma omp simd
@@ -623,6 +718,7 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
             a1[j] += (double)b1[j];
             a2[j] += (double)b2[j];
         }
+#endif
     }
 }
 
