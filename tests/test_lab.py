@@ -113,12 +113,20 @@ def test_part2_verdicts_follow_from_numbers(tiny_report):
     small = ex["small_batches"]
     err = {(r["method"], r["batch"]): r["error"] for r in small["table"]}
     assert {m for m, _ in err} == {"bn", "gn", "ln", "in", "renorm", "ghost"}
+    n = small["figures"]["n_test"]
+    assert n == len(labdata.load().y_test)
+
+    def clearly_below(a, b):  # beyond two standard errors of the difference of two error rates
+        return b - a > 2 * ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
+
     bn_rise = err[("bn", 2)] - err[("bn", 32)]
-    flags = [bn_rise > 0 and bn_rise > err[("gn", 2)] - err[("gn", 32)]]
+    flags = [clearly_below(err[("bn", 32)], err[("bn", 2)]) and bn_rise > err[("gn", 2)] - err[("gn", 32)]]
     sync = small["sync"]
     if "error" not in sync:  # the SyncBN run over 2 gloo processes took place
         assert small["figures"]["syncbn_2x2_error"] == pytest.approx(1 - sync["final_acc"])
-        flags.append(1 - sync["final_acc"] < err[("bn", 2)])
+        # against the same 2 x 2 training without synchronization: ghost BN at batch 4, virtual batches of 2
+        assert small["figures"]["local_2x2_error"] == err[("ghost", 4)]
+        flags.append(clearly_below(1 - sync["final_acc"], err[("ghost", 4)]))
     assert small["verdict"] == _by_rule(flags)
 
     reg = ex["regularization"]
@@ -137,6 +145,21 @@ def test_part2_verdicts_follow_from_numbers(tiny_report):
         and land["bn"]["grad_change"] < land["none"]["grad_change"]
     )
     assert shift["verdict"] == _by_rule([a, b, c])
+
+
+def test_sync_run_is_compared_at_its_global_batch():
+    """SyncBN 2 x 2 trains like one process at batch 4 (steps, learning rate), and its unsynchronized
+    counterpart in the grid is ghost BN at batch 4 with virtual batches of 2."""
+    from batchnorm.lab.experiments import SCALES
+    from batchnorm.lab.experiments2 import SyncRun, _small_runs
+    from batchnorm.lab.models import ghost_size
+
+    runs = _small_runs(SCALES["default"], 0)
+    (sync,) = [r for r in runs if isinstance(r, SyncRun)]
+    bn4 = next(r for r in runs if not isinstance(r, SyncRun) and r.norm == "bn" and r.batch == 4)
+    assert sync.world * sync.setup.batch == 4 and sync.setup.batch == 2
+    assert (sync.setup.steps, sync.setup.lr) == (bn4.steps, bn4.lr)
+    assert ghost_size(4) == 2
 
 
 def test_sync_run_matches_its_single_process_twin():

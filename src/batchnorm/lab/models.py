@@ -40,7 +40,7 @@ NORM_LABELS = {
 class Setup:
     """One training run of part 2."""
 
-    arch: str  # "mlp" (3 x 100) or "cnn" (2 conv layers)
+    arch: str  # "mlp" (3 x 100) or "cnn" (2 conv layers, the second with stride 2, then linear)
     norm: str  # one of NORMS
     batch: int
     steps: int
@@ -119,16 +119,17 @@ def build(setup: Setup, num_features: int, num_classes: int) -> nn.Module:
             raise ValueError(f"the CNN needs square images; the data has {num_features} features per sample")
         layers: list[nn.Module] = [nn.Unflatten(1, (1, side, side))]
         cin = 1
-        for cout in (16, 32):
+        for cout, stride in ((16, 1), (32, 2)):
             layers += [
-                nn.Conv2d(cin, cout, 3, padding=1, bias=setup.norm == "none"),
+                nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=setup.norm == "none"),
                 _norm2d(setup.norm, cout, setup),
             ]
             if setup.noise:
                 layers.append(NoisyShift(cout, noise_gen))
             layers.append(nn.ReLU())
             cin = cout
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+        half = (side + 1) // 2  # the second convolution's stride 2
+        layers += [nn.Flatten(), nn.Linear(cin * half * half, num_classes)]
         return nn.Sequential(*layers)
 
     act = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}[setup.act]
@@ -296,6 +297,7 @@ def train_setup(
         "train_loss": [v if math.isfinite(v) else None for v in losses],
         "diverged": diverged,
         "final_acc": float(np.mean(accs[-3:])),
+        "n_test": len(y_test),
     }
     if "train_acc" in setup.measure:
         out["train_acc"] = accuracy(model, x_train, y_train)

@@ -98,5 +98,6 @@ def train_sync(data: Dataset, setup: Setup, world: int = 2) -> dict:
         "test_acc": res["test_acc"],
         "final_acc": float(sum(res["test_acc"][-3:]) / len(res["test_acc"][-3:])),
         "diverged": not all(math.isfinite(a) for a in res["test_acc"]),
+        "n_test": len(data.y_test),
         "world": world,
     }
