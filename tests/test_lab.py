@@ -111,22 +111,26 @@ def test_part2_verdicts_follow_from_numbers(tiny_report):
     assert infer["diagnosis"] and all("train_eval_gap" in d for d in infer["diagnosis"])
 
     small = ex["small_batches"]
-    err = {(r["method"], r["batch"]): r["error"] for r in small["table"]}
-    assert {m for m, _ in err} == {"bn", "gn", "ln", "in", "renorm", "ghost"}
+    err = {(r["arch"], r["method"], r["batch"]): r["error"] for r in small["table"]}
+    assert {m for a, m, _ in err if a == "cnn"} == {"bn", "gn", "ln", "in", "renorm", "ghost"}
+    assert {m for a, m, _ in err if a == "mlp"} == {"bn", "gn", "ln", "renorm", "ghost"}
     n = small["figures"]["n_test"]
     assert n == len(labdata.load().y_test)
 
     def clearly_below(a, b):  # beyond two standard errors of the difference of two error rates
         return b - a > 2 * ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
 
-    bn_rise = err[("bn", 2)] - err[("bn", 32)]
-    flags = [clearly_below(err[("bn", 32)], err[("bn", 2)]) and bn_rise > err[("gn", 2)] - err[("gn", 32)]]
+    flags = []
+    for arch in ("cnn", "mlp"):
+        bn_rise = err[(arch, "bn", 2)] - err[(arch, "bn", 32)]
+        gn_rise = err[(arch, "gn", 2)] - err[(arch, "gn", 32)]
+        flags.append(clearly_below(err[(arch, "bn", 32)], err[(arch, "bn", 2)]) and bn_rise > gn_rise)
     sync = small["sync"]
     if "error" not in sync:  # the SyncBN run over 2 gloo processes took place
         assert small["figures"]["syncbn_2x2_error"] == pytest.approx(1 - sync["final_acc"])
         # against the same 2 x 2 training without synchronization: ghost BN at batch 4, virtual batches of 2
-        assert small["figures"]["local_2x2_error"] == err[("ghost", 4)]
-        flags.append(clearly_below(1 - sync["final_acc"], err[("ghost", 4)]))
+        assert small["figures"]["local_2x2_error"] == err[("mlp", "ghost", 4)]
+        flags.append(clearly_below(1 - sync["final_acc"], err[("mlp", "ghost", 4)]))
     assert small["verdict"] == _by_rule(flags)
 
     reg = ex["regularization"]
@@ -156,7 +160,8 @@ def test_sync_run_is_compared_at_its_global_batch():
 
     runs = _small_runs(SCALES["default"], 0)
     (sync,) = [r for r in runs if isinstance(r, SyncRun)]
-    bn4 = next(r for r in runs if not isinstance(r, SyncRun) and r.norm == "bn" and r.batch == 4)
+    bn4 = next(r for r in runs if not isinstance(r, SyncRun) and r.arch == "mlp" and r.norm == "bn" and r.batch == 4)
+    assert sync.setup.arch == "mlp"
     assert sync.world * sync.setup.batch == 4 and sync.setup.batch == 2
     assert (sync.setup.steps, sync.setup.lr) == (bn4.steps, bn4.lr)
     assert ghost_size(4) == 2

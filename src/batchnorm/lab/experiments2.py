@@ -122,23 +122,28 @@ def _analyze_infer(scale: Scale, seed: int, runs: list[Setup], results: list[dic
 # --------------------------------------------------------------------------- 6. small batches
 
 SMALL_BATCHES = (32, 16, 8, 4, 2)
-METHODS = ("bn", "gn", "ln", "in", "renorm", "ghost")
+METHODS = ("bn", "gn", "ln", "in", "renorm", "ghost")  # the CNN
+MLP_METHODS = ("bn", "gn", "ln", "renorm", "ghost")  # no InstanceNorm: one value per sample and unit
 
 
-def _cnn(norm: str, batch: int, scale: Scale, seed: int) -> Setup:
+def _small(arch: str, norm: str, batch: int, scale: Scale, seed: int) -> Setup:
     # Every run sees the same number of examples (as the Group Normalization paper keeps the epochs);
     # the learning rate scales linearly with the batch (the paper's rule: 0.1 * batch / 32).
     steps = max(8, scale.cnn_samples // batch)
-    return Setup("cnn", norm, batch, steps=steps, lr=0.1 * batch / 32, momentum=0.9,
-                 seed=seed, eval_every=max(4, steps // 10))  # fmt: skip
+    act = {"act": "relu"} if arch == "mlp" else {}
+    return Setup(arch, norm, batch, steps=steps, lr=0.1 * batch / 32, momentum=0.9,
+                 seed=seed, eval_every=max(4, steps // 10), **act)  # fmt: skip
 
 
 def _small_runs(scale: Scale, seed: int) -> list:
-    runs: list = [_cnn(m, b, scale, s) for m in METHODS for b in SMALL_BATCHES for s in _seeds(scale.part2_seeds, seed)]
+    seeds = _seeds(scale.part2_seeds, seed)
+    runs: list = [_small("cnn", m, b, scale, s) for m in METHODS for b in SMALL_BATCHES for s in seeds]
+    runs += [_small("mlp", m, b, scale, s) for m in MLP_METHODS for b in SMALL_BATCHES for s in seeds]
     # SyncBN over 2 processes at batch 2 each is one run at global batch 4: batch 4's steps and learning
     # rate. Its unsynchronized counterpart (each process normalizing its own 2 samples, gradients
     # averaged over 4) is ghost BN at batch 4 with virtual batches of 2, already in the grid.
-    runs.append(SyncRun(replace(_cnn("bn", 4, scale, seed), batch=2), world=2))
+    # On the MLP, where a BN statistic of 2 samples is all there is.
+    runs.append(SyncRun(replace(_small("mlp", "bn", 4, scale, seed), batch=2), world=2))
     return runs
 
 
@@ -150,49 +155,64 @@ def _clearly_below(a: float, b: float, n: int) -> bool:
 
 def _analyze_small(scale: Scale, seed: int, runs: list, results: list[dict]) -> dict:
     rows = []
-    for m in METHODS:
-        for b in SMALL_BATCHES:
-            accs = [
-                res["final_acc"]
-                for r, res in zip(runs, results)
-                if isinstance(r, Setup) and r.norm == m and r.batch == b
-            ]
-            rows.append({"method": m, "label": NORM_LABELS[m], "batch": b, "error": 1 - _mean(accs)})
-    err = {(r["method"], r["batch"]): r["error"] for r in rows}
+    for arch, methods in (("cnn", METHODS), ("mlp", MLP_METHODS)):
+        for m in methods:
+            for b in SMALL_BATCHES:
+                accs = [
+                    res["final_acc"]
+                    for r, res in zip(runs, results)
+                    if isinstance(r, Setup) and r.arch == arch and r.norm == m and r.batch == b
+                ]
+                label = NORM_LABELS[m] + (", MLP" if arch == "mlp" else "")
+                rows.append({"arch": arch, "method": m, "label": label, "batch": b, "error": 1 - _mean(accs)})
+    err = {(r["arch"], r["method"], r["batch"]): r["error"] for r in rows}
     big, small = SMALL_BATCHES[0], SMALL_BATCHES[-1]
-    bn_rise = err[("bn", small)] - err[("bn", big)]
-    gn_rise = err[("gn", small)] - err[("gn", big)]
+    n_test = min(res["n_test"] for res in results if "n_test" in res)
+    rise, rises = {}, {}
+    for arch in ("cnn", "mlp"):
+        for m in ("bn", "gn"):
+            rise[arch, m] = err[(arch, m, small)] - err[(arch, m, big)]
+        rises[arch] = (
+            _clearly_below(err[(arch, "bn", big)], err[(arch, "bn", small)], n_test)
+            and rise[arch, "bn"] > rise[arch, "gn"]
+        )
     sync_res = next(res for r, res in zip(runs, results) if isinstance(r, SyncRun))
     sync_err = None if "error" in sync_res else 1 - sync_res["final_acc"]
-    local_err = err[("ghost", 4)]  # 2 processes x batch 2 without synchronization (see _small_runs)
-    n_test = min(res.get("n_test", 0) for res in results if "n_test" in res)
+    local_err = err[("mlp", "ghost", 4)]  # 2 processes x batch 2 without synchronization (see _small_runs)
     sync_beats_local = sync_err is not None and _clearly_below(sync_err, local_err, n_test)
-    bn_rises = _clearly_below(err[("bn", big)], err[("bn", small)], n_test) and bn_rise > gn_rise
-    flags = [bn_rises]
+    flags = [rises["cnn"], rises["mlp"]]
     if sync_err is not None:
         flags.append(sync_beats_local)
     verdict = _verdict_all(flags)
+
+    def said(arch: str) -> str:
+        return f"BN {rise[arch, 'bn'] * 100:+.1f} points, GroupNorm {rise[arch, 'gn'] * 100:+.1f}"
+
     return {
         "verdict": verdict,
-        "rule": f"supported if BN's test error rises from batch {big} to {small}, and more than GroupNorm's "
-        "(the Group Normalization paper's finding) AND SyncBN over 2 processes at batch 2 each has a lower "
-        "error than the same 2 x 2 training without synchronization (per-process statistics of 2 samples: "
-        "ghost BN at batch 4); not supported if neither; mixed if one. A rise or a lower error counts only "
-        f"if larger than two standard errors of the difference of two error rates on the {n_test} test "
-        "images (binomial). SyncBN is left out of the rule, and said so, if its processes could not run",
-        "headline": f"from batch {big} to {small} the error rose {bn_rise * 100:+.1f} points with BN, "
-        f"{gn_rise * 100:+.1f} with GroupNorm; test error of SyncBN 2x2 "
-        + (f"{sync_err:.1%}, unsynchronized 2x2 {local_err:.1%}, one process at batch 4 {err[('bn', 4)]:.1%}"
-           if sync_err is not None else f"not run ({sync_res['error']})"),
+        "rule": f"supported if, in the CNN and in the MLP, BN's test error rises from batch {big} to {small}, "
+        "and more than GroupNorm's (the Group Normalization paper's finding), AND SyncBN over 2 processes "
+        "at batch 2 each has a lower error than the same 2 x 2 training without synchronization "
+        "(per-process statistics of 2 samples: ghost BN at batch 4); not supported if none of the three "
+        "holds; mixed otherwise. A rise or a lower error counts only if larger than two standard errors of "
+        f"the difference of two error rates on the {n_test} test images (binomial). SyncBN is left out of "
+        "the rule, and said so, if its processes could not run",
+        "headline": f"from batch {big} to {small} the error changed: CNN {said('cnn')}; MLP {said('mlp')}; "
+        "test error of SyncBN 2x2 (MLP) "
+        + (f"{sync_err:.1%}, unsynchronized 2x2 {local_err:.1%}, one process at batch 4 "
+           f"{err[('mlp', 'bn', 4)]:.1%}" if sync_err is not None else f"not run ({sync_res['error']})"),
         "figures": {
-            "bn_error_rise": bn_rise,
-            "gn_error_rise": gn_rise,
+            "bn_error_rise": rise["cnn", "bn"],
+            "gn_error_rise": rise["cnn", "gn"],
+            "bn_error_rises": rises["cnn"],
+            "mlp_bn_error_rise": rise["mlp", "bn"],
+            "mlp_gn_error_rise": rise["mlp", "gn"],
+            "mlp_bn_error_rises": rises["mlp"],
             "syncbn_2x2_error": sync_err,
             "local_2x2_error": local_err,
-            "bn_2_error": err[("bn", 2)],
-            "bn_4_error": err[("bn", 4)],
+            "mlp_bn_2_error": err[("mlp", "bn", 2)],
+            "mlp_bn_4_error": err[("mlp", "bn", 4)],
             "syncbn_beats_local_2x2": sync_beats_local,
-            "bn_error_rises": bn_rises,
             "n_test": n_test,
         },
         "table": rows,
@@ -347,10 +367,13 @@ EXPERIMENTS: dict[str, Experiment] = {
             "examples (so more steps at smaller batches) at per-step batch 32, 16, 8, 4, 2; BatchNorm, "
             "GroupNorm (4 groups), LayerNorm, InstanceNorm (PyTorch's layers), Batch Renorm (the paper's "
             "schedule scaled to the run) and ghost BN (virtual batch of a quarter, at least 2) from "
-            "batchnorm; and batchnorm.SyncBatchNorm over 2 processes (gloo, DistributedDataParallel) at "
-            "batch 2 each, i.e. global batch 4 with batch 4's steps and learning rate, against the same "
-            "training without synchronization (statistics of each process's 2 samples: ghost BN at batch 4 "
-            "with virtual batches of 2).",
+            "batchnorm. The same protocol with the MLP (3 x 100 ReLU; BN, GroupNorm, LayerNorm, Batch "
+            "Renorm, ghost BN), where a BN statistic comes from the batch alone (at batch 2 every normalized value is "
+            "+-1) while the CNN's also average over the image positions (8x8 and 4x4 on the digits). And "
+            "batchnorm.SyncBatchNorm on the MLP over 2 processes (gloo, DistributedDataParallel) at batch 2 "
+            "each, i.e. global batch 4 with batch 4's steps and learning rate, against the same training "
+            "without synchronization (statistics of each process's 2 samples: ghost BN at batch 4 with "
+            "virtual batches of 2).",
             _small_runs,
             _analyze_small,
             trainer=train_any,

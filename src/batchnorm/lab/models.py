@@ -82,20 +82,24 @@ class NoisyShift(nn.Module):
         return y * s.view(shape).to(y) + m.view(shape).to(y)
 
 
-def _norm2d(kind: str, c: int, setup: Setup) -> nn.Module:
+def _norm(kind: str, c: int, setup: Setup, dims: int = 2) -> nn.Module:
+    """The normalization layer `kind` for c channels of an (N, C) (dims=1) or (N, C, H, W) input."""
+    bn = BatchNorm1d if dims == 1 else BatchNorm2d
     if kind == "bn":
-        return BatchNorm2d(c)
+        return bn(c)
     if kind == "gn":
         return nn.GroupNorm(4, c)
     if kind == "ln":
-        return nn.GroupNorm(1, c)  # LayerNorm over (C, H, W) of each sample
+        return nn.GroupNorm(1, c)  # LayerNorm over (C, H, W) (or the C features) of each sample
     if kind == "in":
         return nn.InstanceNorm2d(c, affine=True)
     if kind == "renorm":
-        return BatchNorm2d(c, renorm=renorm_schedule(setup.steps))
+        return bn(c, renorm=renorm_schedule(setup.steps))
     if kind == "ghost":
-        return BatchNorm2d(c, virtual_batch_size=ghost_size(setup.batch))
-    return nn.Identity()
+        return bn(c, virtual_batch_size=ghost_size(setup.batch))
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown normalization {kind!r}; expected one of {', '.join(NORMS)}")
 
 
 def renorm_schedule(steps: int) -> Renorm:
@@ -122,7 +126,7 @@ def build(setup: Setup, num_features: int, num_classes: int) -> nn.Module:
         for cout, stride in ((16, 1), (32, 2)):
             layers += [
                 nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=setup.norm == "none"),
-                _norm2d(setup.norm, cout, setup),
+                _norm(setup.norm, cout, setup),
             ]
             if setup.noise:
                 layers.append(NoisyShift(cout, noise_gen))
@@ -138,10 +142,10 @@ def build(setup: Setup, num_features: int, num_classes: int) -> nn.Module:
     for hidden in (100, 100, 100):
         linear = nn.Linear(width, hidden, bias=setup.norm == "none")
         layers.append(linear)
-        if setup.norm == "bn":
-            layers.append(BatchNorm1d(hidden))
-        elif setup.norm != "none":
-            raise ValueError(f"the MLP takes norm 'none' or 'bn', got {setup.norm!r}")
+        if setup.norm == "in":
+            raise ValueError("the MLP has no InstanceNorm: one value per sample and unit has no statistics")
+        if setup.norm != "none":
+            layers.append(_norm(setup.norm, hidden, setup, dims=1))
         if setup.noise:
             layers.append(NoisyShift(hidden, noise_gen))
         layers.append(act())

@@ -196,21 +196,24 @@ NORM_COLORS = {"bn": "#00798c", "gn": "#d1495b", "ln": "#edae49", "in": "#66a182
 
 def plot_small_batches(exp: dict) -> list[str]:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    methods = list(dict.fromkeys(r["method"] for r in exp["table"]))
-    for m in methods:
-        rows = [r for r in exp["table"] if r["method"] == m]
-        ax.plot([r["batch"] for r in rows], [r["error"] for r in rows], "o-", color=NORM_COLORS.get(m),
-                label=rows[0]["label"], lw=2.2 if m in ("bn", "gn") else 1.2)  # fmt: skip
+    archs = list(dict.fromkeys(r.get("arch", "cnn") for r in exp["table"]))
+    fig, axes = plt.subplots(1, len(archs), figsize=(6.2 * len(archs), 4.2), sharey=True, squeeze=False)
     f = exp["figures"]
-    if f["syncbn_2x2_error"] is not None:
-        ax.plot([2], [f["syncbn_2x2_error"]], "*", ms=14, color="black", label="SyncBN, 2 processes x batch 2")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([32, 16, 8, 4, 2], ["32", "16", "8", "4", "2"])
-    ax.invert_xaxis()
-    ax.set(xlabel="per-step (per-process) batch size", ylabel="final test error",
-           title="Test error against batch size (Group Normalization paper, in miniature)")  # fmt: skip
-    ax.legend(fontsize=8, ncols=2)
+    for ax, arch in zip(axes[0], archs):
+        table = [r for r in exp["table"] if r.get("arch", "cnn") == arch]
+        for m in dict.fromkeys(r["method"] for r in table):
+            rows = [r for r in table if r["method"] == m]
+            ax.plot([r["batch"] for r in rows], [r["error"] for r in rows], "o-", color=NORM_COLORS.get(m),
+                    label=rows[0]["label"].removesuffix(", MLP"), lw=2.2 if m in ("bn", "gn") else 1.2)  # fmt: skip
+        if arch == "mlp" and f["syncbn_2x2_error"] is not None:
+            ax.plot([2], [f["syncbn_2x2_error"]], "*", ms=14, color="black", label="SyncBN, 2 processes x batch 2")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([32, 16, 8, 4, 2], ["32", "16", "8", "4", "2"])
+        ax.invert_xaxis()
+        ax.set(xlabel="per-step (per-process) batch size", title={"cnn": "CNN", "mlp": "MLP"}.get(arch, arch))
+        ax.legend(fontsize=8, ncols=2)
+    axes[0][0].set_ylabel("final test error")
+    fig.suptitle("Test error against batch size (Group Normalization paper, in miniature)")
     return [_png(fig)]
 
 
