@@ -62,23 +62,17 @@ class _Forward:
         """y = gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta; mask: True = real element (optional)."""
         self._check_input_dim(input)
         _check_num_features(self, input)
-        if self.frozen:
-            if self.running_mean is None or self.running_var is None:
+        running_mean, running_var = self.running_mean, self.running_var
+        if self.frozen or (not self.training and running_mean is not None and running_var is not None):
+            # The running statistics normalize (eval mode, or a frozen layer in any mode).
+            if running_mean is None or running_var is None:
                 raise ValueError(
                     "a frozen BN layer normalizes with its running statistics, but this one has none "
                     "(track_running_stats=False); unfreeze it or build it with track_running_stats=True"
                 )
+            w, b = self.weight, self.bias
             return batch_norm_with_status(
-                input,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
-                False,
-                0.0,
-                self.eps,
-                axis=self.axis,
-                mask=mask,
+                input, running_mean, running_var, w, b, False, 0.0, self.eps, axis=self.axis, mask=mask
             )[0]
         tracking = self.training and self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum

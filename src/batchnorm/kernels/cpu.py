@@ -312,7 +312,7 @@ _canonical_cache: dict[tuple, tuple[int, int, int] | None] = {}
 
 def _canonical(x: Tensor, axis: int) -> tuple[int, int, int] | None:
     """`_layout`, memoized on (shape, strides, axis) for the supported devices and dtypes."""
-    if not isinstance(x, Tensor) or x.layout != torch.strided or x.device.type != "cpu":
+    if not isinstance(x, Tensor) or not x.is_cpu or x.layout != torch.strided:
         return None
     if x.dtype not in _DTYPES:
         return None
@@ -397,8 +397,8 @@ def _vector(t: Tensor | None, C: int, name: str) -> Tensor | None:
     """A per-channel vector as float32 (C,) contiguous on the CPU (None stays None)."""
     if t is None:
         return None
-    if t.dtype == torch.float32 and t.shape == (C,) and t.device.type == "cpu" and t.is_contiguous():
-        return t  # the common case, as it is: only its memory is read
+    if t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() and t.numel() == C:
+        return t  # the common case, as it is: only its C contiguous values are read
     if t.numel() != C:
         raise ValueError(f"{name} must have one value per channel, {C}, got shape {tuple(t.shape)}")
     return t.detach().to(device="cpu", dtype=torch.float32).reshape(C).contiguous()
