@@ -186,7 +186,8 @@ def _analyze_small(scale: Scale, seed: int, runs: list, results: list[dict]) -> 
     verdict = _verdict_all(flags)
 
     def said(arch: str) -> str:
-        return f"BN {rise[arch, 'bn'] * 100:+.1f} points, GroupNorm {rise[arch, 'gn'] * 100:+.1f}"
+        bn, gn = (round(rise[arch, m] * 100, 1) + 0.0 for m in ("bn", "gn"))  # + 0.0: no "-0.0"
+        return f"BN {bn:+.1f} points, GroupNorm {gn:+.1f}"
 
     return {
         "verdict": verdict,
