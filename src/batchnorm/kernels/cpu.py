@@ -509,7 +509,8 @@ def train_backward(
     lib, A, C, B = _prepare(x, axis)
     if dy.shape != x.shape:
         raise ValueError(f"dy has shape {tuple(dy.shape)} but x has {tuple(x.shape)}")
-    if dy.dtype != x.dtype or dy.device != x.device or not _same_layout(dy, x):
+    same = dy.dtype == x.dtype and dy.is_cpu and ((dy.is_contiguous() and x.is_contiguous()) or _same_layout(dy, x))
+    if not same:
         dy = _empty_like(x).copy_(dy)  # the documented copy into x's layout
     w = _vector(weight, C, "weight")
     mu, istd = _vector(mean, C, "mean"), _vector(invstd, C, "invstd")
