@@ -728,32 +728,60 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
 }
 
 #if HAVE_AVX512
-/* Rows [lo, hi) of width W in vectors of 16, the last one of a row masked when W % 16 != 0.
- * st (a constant where inlined): streaming stores, needs W % 16 == 0. */
+#ifndef APPLY_ROWS
+#define APPLY_ROWS 16 /* rows per block of the elementwise passes, for rows wider than one tile */
+#endif
+
+/* Columns [j, j + 16*nv) of rows [r0, r1): the tile's per-column coefficients are loaded once,
+ * into registers, so the loop does one load of x (two with dy) and one store per vector instead
+ * of also reloading three or four coefficient vectors from L1 for every row. */
+INLINE void rows_tile_apply(int op, const void *x, const void *dy, void *out, int64_t W, int64_t r0, int64_t r1,
+                            int64_t j, const int nv, const float *mw, const float *sw, const float *bw,
+                            const float *hw, const int st, int dt) {
+    __m512 m[TILE], sc[TILE], b[TILE], h[TILE];
+    for (int v = 0; v < nv; v++) {
+        m[v] = _mm512_loadu_ps(mw + j + VEC * v);
+        sc[v] = _mm512_loadu_ps(sw + j + VEC * v);
+        b[v] = op == OP_DX ? _mm512_loadu_ps(bw + j + VEC * v) : sc[v];
+        h[v] = _mm512_loadu_ps(hw + j + VEC * v);
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t o = r * W + j;
+        for (int v = 0; v < nv; v++) {
+            const __m512 y = opv(op, x, dy, o + VEC * v, m[v], sc[v], b[v], h[v], dt);
+            if (st)
+                VSTREAM(out, o + VEC * v, y, dt);
+            else
+                VSTORE(out, o + VEC * v, y, dt);
+        }
+    }
+}
+
+/* Rows [lo, hi) of width W: column tiles of 128 columns (apply) or 64 (dx, which keeps four
+ * coefficient vectors per column), over blocks of APPLY_ROWS rows (all rows at once when one
+ * tile spans the row); the last vector of a row masked when W % 16 != 0. st (a constant where
+ * inlined): streaming stores, which need W % 16 == 0. */
 INLINE void rows_avx512(int op, const void *x, const void *dy, void *out, int64_t W, int64_t lo, int64_t hi,
                         const float *mw, const float *sw, const float *bw, const float *hw, const int st, int dt) {
-    int64_t r = lo;
+    const int nv = op == OP_DX ? TILE / 2 : TILE;
     const __mmask16 last = W % VEC ? first_lanes(W % VEC) : (__mmask16)0xFFFF;
-    for (; r < hi; r++) {
-        const int64_t o = r * W;
+    const int64_t rb = W <= nv * VEC ? hi - lo : APPLY_ROWS;
+    for (int64_t r0 = lo; r0 < hi; r0 += rb) {
+        const int64_t r1 = hi - r0 < rb ? hi : r0 + rb;
         int64_t j = 0;
-        for (; j + VEC <= W; j += VEC) {
-            const __m512 m = _mm512_loadu_ps(mw + j), sc = _mm512_loadu_ps(sw + j), h = _mm512_loadu_ps(hw + j);
-            const __m512 b = op == OP_DX ? _mm512_loadu_ps(bw + j) : sc;
-            const __m512 v = opv(op, x, dy, o + j, m, sc, b, h, dt);
-            if (st)
-                VSTREAM(out, o + j, v, dt);
-            else
-                VSTORE(out, o + j, v, dt);
-        }
+        for (; j + nv * VEC <= W; j += nv * VEC) rows_tile_apply(op, x, dy, out, W, r0, r1, j, nv, mw, sw, bw, hw, st, dt);
+        for (; j + VEC <= W; j += VEC) rows_tile_apply(op, x, dy, out, W, r0, r1, j, 1, mw, sw, bw, hw, st, dt);
         if (j < W) {
             const __m512 m = _mm512_maskz_loadu_ps(last, mw + j), sc = _mm512_maskz_loadu_ps(last, sw + j);
             const __m512 h = _mm512_maskz_loadu_ps(last, hw + j);
-            const __m512 xv = _mm512_sub_ps(VLDM(x, o + j, last, dt), m);
-            const __m512 v = op == OP_APPLY ? _mm512_fmadd_ps(xv, sc, h)
-                                            : _mm512_fmadd_ps(sc, VLDM(dy, o + j, last, dt),
-                                                              _mm512_fmadd_ps(_mm512_maskz_loadu_ps(last, bw + j), xv, h));
-            VSTORE_MASKED(out, o + j, v, last, dt);
+            const __m512 bb = op == OP_DX ? _mm512_maskz_loadu_ps(last, bw + j) : sc;
+            for (int64_t r = r0; r < r1; r++) {
+                const int64_t o = r * W + j;
+                const __m512 xv = _mm512_sub_ps(VLDM(x, o, last, dt), m);
+                const __m512 v = op == OP_APPLY ? _mm512_fmadd_ps(xv, sc, h)
+                                                : _mm512_fmadd_ps(sc, VLDM(dy, o, last, dt), _mm512_fmadd_ps(bb, xv, h));
+                VSTORE_MASKED(out, o, v, last, dt);
+            }
         }
     }
 }
