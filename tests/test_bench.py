@@ -42,7 +42,7 @@ def test_report_has_one_row_per_case_and_mode(report):
     assert [(r["case"], r["mode"]) for r in report["rows"]] == [
         (c.name, m) for c in TINY for m in bench.MODES
     ]
-    assert report["settings"] == {"device": "cpu", "repeats": 2, "warmup": 2, "compile": False}
+    assert report["settings"] == {"device": "cpu", "repeats": 2, "min_time_s": 0.0, "warmup": 2, "compile": False}
     assert report["traffic_model_passes"] == {"train_fwd": 3, "train_fwd_bwd": 8, "eval_fwd": 2}
     machine = report["machine"]
     for key in ("platform", "cpu_count", "torch", "device_name", "torch_threads"):
@@ -68,6 +68,24 @@ def test_numbers_are_positive_and_consistent(report):
         assert t["ours"] == pytest.approx(statistics.median(row["samples_ms"]["ours"]))
         assert row["min_ms"]["eager"] == pytest.approx(min(row["samples_ms"]["eager"]))
         assert row["max_rel_diff_vs_eager"] < (2e-2 if row["dtype"] == "bfloat16" else 1e-4)
+
+
+def test_min_time_adds_runs_up_to_the_cap(monkeypatch):
+    """Short calls are repeated until each implementation has min_time seconds, at most MAX_ROUNDS runs."""
+    monkeypatch.setattr(bench, "MAX_ROUNDS", 150)
+    case = bench.Case((4, 3, 5, 5), torch.float32)
+    rep = bench.run_suite([case], repeats=2, compile=False, copy_bytes=4 << 20, modes=["eval_fwd"], min_time=0.002)
+    (row,) = rep["rows"]
+    assert 2 < row["runs"] <= 150
+    # every implementation got its 2 ms of timed calls, or the cap stopped the run
+    assert row["runs"] == 150 or min(row["timed_s"].values()) >= 0.002
+    q = row["quartiles_ms"]["ours"]
+    assert q[0] <= row["times_ms"]["ours"] <= q[2]
+    huge = bench.run_suite([case], repeats=2, compile=False, copy_bytes=4 << 20, modes=["eval_fwd"], min_time=60)
+    assert huge["rows"][0]["runs"] == 150  # the cap, not a minute
+    assert len(huge["rows"][0]["samples_ms"]["ours"]) <= 150
+    with pytest.raises(ValueError, match="min_time"):
+        bench.run_suite([case], min_time=-1, compile=False)
 
 
 def test_geometric_means_follow_from_rows(report):

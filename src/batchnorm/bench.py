@@ -73,6 +73,7 @@ __all__ = [
 
 MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
 MODE_LABELS = {"train_fwd": "train fwd", "train_fwd_bwd": "train fwd+bwd", "eval_fwd": "eval fwd"}
+MAX_ROUNDS = 400  # timed runs per implementation at most, whatever min_time asks
 PASSES = {"train_fwd": 3, "train_fwd_bwd": 8, "eval_fwd": 2}  # the traffic model, in passes of E*s bytes
 # Distinct tensors of x's size a mode touches (x, y; x, y, dy, dx): its working set.
 _TENSORS_TOUCHED = {"train_fwd": 2, "train_fwd_bwd": 4, "eval_fwd": 2}
@@ -361,6 +362,7 @@ def run_suite(
     warmup: int = 2,
     compile: bool = True,
     modes: Sequence[str] = MODES,
+    min_time: float = 0.0,
     copy_bytes: int | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
@@ -370,7 +372,9 @@ def run_suite(
     settings, the copy bandwidth, one row per (case, mode) with median times in
     ms (None for compile when it is off or failed), speedups (> 1: ours is
     faster), ours' GB/s and % of the roofline, and per-mode geometric means.
-    `console` shows a progress bar there; None runs silently.
+    Each implementation runs `repeats` times, and more (up to MAX_ROUNDS) until its
+    calls add up to `min_time` seconds: short cases then get enough samples for a
+    steady median. `console` shows a progress bar there; None runs silently.
     """
     device = resolve_device(str(device))
     cases = suite() if cases is None else list(cases)
@@ -378,6 +382,8 @@ def run_suite(
         raise ValueError("no cases to run")
     if repeats < 1 or warmup < 1:
         raise ValueError(f"repeats and warmup must be at least 1, got repeats={repeats}, warmup={warmup}")
+    if not min_time >= 0:
+        raise ValueError(f"min_time must be at least 0 seconds, got {min_time}")
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; expected some of {list(MODES)}")
@@ -420,7 +426,7 @@ def run_suite(
             for mode in modes:
                 if progress:
                     progress.update(task, description=f"{case.name} · {MODE_LABELS[mode]}")
-                rows.append(_run_mode(case, mode, calls, repeats, warmup, sync, llc, compile_error))
+                rows.append(_run_mode(case, mode, calls, repeats, warmup, sync, llc, compile_error, min_time))
                 if progress:
                     progress.advance(task)
             del tensors, calls, impls
@@ -453,7 +459,13 @@ def run_suite(
         "schema": 1,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
-        "settings": {"device": str(device), "repeats": repeats, "warmup": warmup, "compile": compile},
+        "settings": {
+            "device": str(device),
+            "repeats": repeats,
+            "min_time_s": min_time,
+            "warmup": warmup,
+            "compile": compile,
+        },
         "copy_bandwidth_gbps": copy_bw / 1e9,
         "copy_bandwidth_runs_gbps": {k: v / 1e9 for k, v in copy.items()},
         "traffic_model_passes": dict(PASSES),
@@ -472,6 +484,7 @@ def _run_mode(
     sync: Callable[[], None],
     llc: int | None,
     compile_error: str | None,
+    min_time: float = 0.0,
 ) -> dict[str, Any]:
     """Warm up every implementation, then time them in turn (random order per repetition); one result row."""
     active = dict(calls)
@@ -500,10 +513,12 @@ def _run_mode(
     # 10-15% on in-cache shapes).
     rng = random.Random(0)
     order = list(active)
-    for _ in range(repeats):
+    rounds = 0
+    while rounds < repeats or (rounds < MAX_ROUNDS and min(sum(v) for v in samples.values()) < min_time):
         rng.shuffle(order)
         for name in order:
             samples[name].append(_time_call(active[name][mode], sync))
+        rounds += 1
 
     ms = {name: statistics.median(samples[name]) * 1e3 if name in samples else None for name in IMPLS}
     element_size = torch.empty((), dtype=case.dtype).element_size()
@@ -526,7 +541,13 @@ def _run_mode(
         "compile_s": compile_s,
         "compile_error": compile_error if "compile" not in active else None,
         "max_rel_diff_vs_eager": max_rel_diff,
-        "samples_ms": {name: [t * 1e3 for t in ts] for name, ts in samples.items()},
+        "runs": rounds,
+        "timed_s": {name: sum(ts) for name, ts in samples.items()},
+        "quartiles_ms": {name: [q * 1e3 for q in statistics.quantiles(ts, n=4)] for name, ts in samples.items()}
+        if rounds > 1
+        else None,
+        # every sample up to 100, then every k-th (the JSON stays small)
+        "samples_ms": {name: [t * 1e3 for t in ts[:: max(1, len(ts) // 100)]] for name, ts in samples.items()},
     }
 
 
@@ -563,11 +584,13 @@ _TOLERANCE = {"float32": 1e-4, "float64": 1e-10}  # half types: 2e-2
 def render(report: dict[str, Any], console: Console) -> None:
     """The table (one row per case and mode), the geometric means, and any warnings."""
     m = report["machine"]
+    min_time = report["settings"].get("min_time_s")
     console.print(
         f"[bold]batchnorm bench[/] on {m['device_name']} ({m['device']}, {m['cpu_count']} CPUs, "
         f"{m['torch_threads']} torch threads), torch {m['torch']}; copy bandwidth "
         f"{report['copy_bandwidth_gbps']:.1f} GB/s (read + write); median of "
-        f"{report['settings']['repeats']} runs",
+        f"{report['settings']['repeats']}+ runs in random order"
+        + (f" (at least {min_time:g} s of each)" if min_time else ""),
         highlight=False,
     )
     load = m.get("load_average")
@@ -687,7 +710,10 @@ def write_json(report: dict[str, Any], path: Path) -> None:
 def bench(
     quick: bool = typer.Option(False, "--quick", help="A representative subset (about a minute on 2 cores)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-    repeats: int = typer.Option(20, "--repeats", help="Timed runs per implementation and mode."),
+    repeats: int = typer.Option(20, "--repeats", help="Timed runs per implementation and mode (at least)."),
+    min_time: float = typer.Option(
+        0.25, "--min-time", help="Seconds of timed calls per implementation and mode, at least (more runs)."
+    ),
     json_path: Path | None = typer.Option(
         None, "--json", help="Also write the full results as JSON to this path."
     ),
@@ -709,6 +735,8 @@ def bench(
         _fail(str(exc))
     if repeats < 1:
         _fail(f"--repeats must be at least 1, got {repeats}")
+    if not min_time >= 0:
+        _fail(f"--min-time must be at least 0 seconds, got {min_time}")
     cases = suite(quick)
     if only is not None:
         cases = [c for c in cases if only.lower() in c.name.lower()]
@@ -719,7 +747,9 @@ def bench(
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=140)
-    report = run_suite(cases, device=dev, repeats=repeats, compile=compile, console=Console(stderr=True))
+    report = run_suite(
+        cases, device=dev, repeats=repeats, compile=compile, min_time=min_time, console=Console(stderr=True)
+    )
     report["settings"].update(quick=quick, only=only)
     render(report, console)
     if json_path is not None:
