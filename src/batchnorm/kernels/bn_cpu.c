@@ -36,7 +36,7 @@
  * last-level cache together (bn_set_cache_bytes, default 32 MiB), the output is written with
  * non-temporal (streaming) stores where AVX-512 is available: no read-for-ownership of the
  * output lines, and the input the pass reads is not evicted by them (see use_stream). Outputs of
- * 32 MiB and more are advised MADV_HUGEPAGE first (see advise_huge).
+ * 8 MiB and more are advised MADV_HUGEPAGE first (see advise_huge).
  *
  * Threads: the caller passes the count (torch.get_num_threads()); small inputs use fewer.
  * Loaded into a process that imported torch, this library's libgomp.so.1 resolves to the one
@@ -92,12 +92,13 @@ void bn_set_hugepages(int on) { hugepages = on; }
 /* A freshly allocated output of many MB is first touched by our writes: with 4 KiB pages
  * the page faults cost more than the writes (about 20 ms for 100 MB here). Advising its
  * whole 2 MiB-aligned interior MADV_HUGEPAGE (Linux, transparent huge pages in `madvise`
- * mode) makes that ~3x cheaper. Only from HUGE_MIN_BYTES: glibc serves every allocation of
- * 32 MiB and more with a fresh mmap, while smaller ones come back from its heap already
- * mapped after the first few calls: advising those only costs a system call and splits the
- * heap's mapping (measured: no difference either way for 12.8-25.7 MB outputs, calls in random
- * order). Errors are ignored. */
-#define HUGE_MIN_BYTES ((int64_t)32 << 20)
+ * mode) makes that ~3x cheaper. From HUGE_MIN_BYTES: glibc maps an allocation of that size
+ * afresh whenever its heap cannot serve it, which in a training loop of varied tensor sizes is
+ * often (raising this to 32 MiB, on the theory that smaller outputs always come back from the
+ * heap already mapped, made NCHW (32,1024,14,14) training forward 4-7x slower in
+ * `batchnorm bench`: 25.7 MB outputs page-faulting on 4 KiB pages). Pages already present are
+ * unaffected; errors are ignored. */
+#define HUGE_MIN_BYTES ((int64_t)8 << 20)
 static void advise_huge(void *p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const uintptr_t huge = (uintptr_t)2 << 20;

@@ -25,10 +25,9 @@ Parameters and statistics are float32 (C,) vectors.
 
 Memory: outputs come from torch.empty_like (x's strides). Where a pass's tensors (x and y;
 x, dy and dx) do not fit in the last-level cache together, the output is written with
-streaming (non-temporal) stores, and outputs of 32 MiB and
-more (which glibc maps afresh for every allocation) are advised MADV_HUGEPAGE before their
-first write (Linux): with 4 KiB pages the page faults of a fresh 100 MB output cost more
-than the pass itself. BATCHNORM_NO_HUGEPAGES=1
+streaming (non-temporal) stores, and outputs of 8 MiB and
+more are advised MADV_HUGEPAGE before their first write (Linux): with 4 KiB pages the page
+faults of a fresh 100 MB output cost more than the pass itself. BATCHNORM_NO_HUGEPAGES=1
 turns the advice off.
 
 Build: on first use (`available()`, `supports()` or a kernel call) `bn_cpu.c` is compiled with
