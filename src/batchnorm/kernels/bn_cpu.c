@@ -12,8 +12,10 @@
  *   rows (B == 1, or small B with narrow rows) the data is an (A, C*B) matrix; column j
  *       belongs to channel (j / B) % C. Vectorized across columns; narrow rows are widened
  *       (k consecutive rows form one row of W = k*C*B >= MIN_WIDTH columns). Rows are split
- *       over the threads; each keeps per-column accumulators; threads and the columns of a
- *       channel are merged at the end.
+ *       over the threads, which work on column tiles of 128 columns with the tile's
+ *       accumulators or coefficients in registers (wide float32 rows: 256-bit row loops for
+ *       the apply pass); per-column results are merged across blocks, threads and the
+ *       columns of a channel at the end.
  *
  * Numerics (the statistics are the only delicate part):
  *   - each chunk / row block is small enough to stay in L1/L2, and its statistics come from
