@@ -773,7 +773,7 @@ INLINE void rows_tile_apply(int op, const void *x, const void *dy, void *out, in
                             const float *hw, const int st, int dt) {
     __m512 m[TILE], sc[TILE], b[TILE], h[TILE];
     for (int v = 0; v < nv; v++) {
-        m[v] = _mm512_loadu_ps(mw + j + VEC * v);
+        m[v] = mw ? _mm512_loadu_ps(mw + j + VEC * v) : _mm512_setzero_ps();
         sc[v] = _mm512_loadu_ps(sw + j + VEC * v);
         b[v] = op == OP_DX ? _mm512_loadu_ps(bw + j + VEC * v) : sc[v];
         h[v] = _mm512_loadu_ps(hw + j + VEC * v);
@@ -809,7 +809,8 @@ INLINE void rows_avx512(int op, const void *x, const void *dy, void *out, int64_
         for (; j + nv * VEC <= W; j += nv * VEC) rows_tile_apply(op, x, dy, out, W, r0, r1, j, nv, mw, sw, bw, hw, st, dt);
         for (; j + VEC <= W; j += VEC) rows_tile_apply(op, x, dy, out, W, r0, r1, j, 1, mw, sw, bw, hw, st, dt);
         if (j < W) {
-            const __m512 m = _mm512_maskz_loadu_ps(last, mw + j), sc = _mm512_maskz_loadu_ps(last, sw + j);
+            const __m512 m = mw ? _mm512_maskz_loadu_ps(last, mw + j) : _mm512_setzero_ps();
+            const __m512 sc = _mm512_maskz_loadu_ps(last, sw + j);
             const __m512 h = _mm512_maskz_loadu_ps(last, hw + j);
             const __m512 bb = op == OP_DX ? _mm512_maskz_loadu_ps(last, bw + j) : sc;
             for (int64_t r = r0; r < r1; r++) {
@@ -825,7 +826,8 @@ INLINE void rows_avx512(int op, const void *x, const void *dy, void *out, int64_
 #endif
 
 /* The elementwise pass over this thread's wide rows, with per-column coefficient vectors of
- * width W (the first Wc of them serve the tail rows). Streaming needs W % VEC == 0. */
+ * width W (the first Wc of them serve the tail rows); mw NULL: no centre (inference).
+ * Streaming needs W % VEC == 0. */
 INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, rows_shape s, const float *mw,
                              const float *sw, const float *bw, const float *hw, int stream, int dt, int t,
                              int T) {
@@ -845,14 +847,15 @@ INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, r
         const int64_t o = r * W;
 #pragma omp simd
         for (int64_t j = 0; j < W; j++)
-            ST(out, o + j, op1(op, x, dy, o + j, mw[j], sw[j], op == OP_DX ? bw[j] : 0.f, hw[j], dt), dt);
+            ST(out, o + j, op1(op, x, dy, o + j, mw ? mw[j] : 0.f, sw[j], op == OP_DX ? bw[j] : 0.f, hw[j], dt), dt);
     }
 #endif
     if (t == T - 1)
         for (r = 0; r < s.tail; r++) {
             const int64_t o = s.Ms * W + r * s.Wc;
             for (int64_t j = 0; j < s.Wc; j++)
-                ST(out, o + j, op1(op, x, dy, o + j, mw[j], sw[j], op == OP_DX ? bw[j] : 0.f, hw[j], dt), dt);
+                ST(out, o + j, op1(op, x, dy, o + j, mw ? mw[j] : 0.f, sw[j], op == OP_DX ? bw[j] : 0.f, hw[j], dt),
+                   dt);
         }
 #if HAVE_AVX512
     if (stream) _mm_sfence();
@@ -1191,38 +1194,17 @@ int bn_inference(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B
         free(zero);
     } else {
         rows_shape s = rows_layout(A, C, B);
-#if HAVE_AVX512
-        if (dt == DT_F32 && s.k == 1 && s.W > TILE * VEC) { /* wide rows, not widened: no tail rows */
-            float *coef = malloc(sizeof(float) * 2 * (size_t)s.W);
-            if (!coef) return 1;
-            expand(s, scale, coef, 0, s.W);
-            expand(s, shift, coef + s.W, 0, s.W);
-            const int st = stream && s.W % 8 == 0;
-#pragma omp parallel num_threads(nt)
-            {
-                int64_t lo, hi;
-                part(s.Ms, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-                if (st)
-                    rows_wide_f32(x, y, s.W, lo, hi, NULL, coef, coef + s.W, 1);
-                else
-                    rows_wide_f32(x, y, s.W, lo, hi, NULL, coef, coef + s.W, 0);
-                if (st) _mm_sfence();
-            }
-            free(coef);
-            return 0;
-        }
-#endif
-        float *coefw = calloc((size_t)(3 * s.W), sizeof(float)); /* center 0 */
+        float *coefw = malloc(sizeof(float) * 2 * (size_t)s.W); /* no centre: mw NULL */
         if (!coefw) return 1;
-        expand(s, scale, coefw + s.W, 0, s.W);
-        expand(s, shift, coefw + 2 * s.W, 0, s.W);
+        expand(s, scale, coefw, 0, s.W);
+        expand(s, shift, coefw + s.W, 0, s.W);
 #pragma omp parallel num_threads(nt)
         {
             int t = omp_get_thread_num(), T = omp_get_num_threads();
             if (dt == DT_F32)
-                rows_elementwise(OP_APPLY, x, NULL, y, s, coefw, coefw + s.W, NULL, coefw + 2 * s.W, stream, DT_F32, t, T);
+                rows_elementwise(OP_APPLY, x, NULL, y, s, NULL, coefw, NULL, coefw + s.W, stream, DT_F32, t, T);
             else
-                rows_elementwise(OP_APPLY, x, NULL, y, s, coefw, coefw + s.W, NULL, coefw + 2 * s.W, stream, DT_BF16, t, T);
+                rows_elementwise(OP_APPLY, x, NULL, y, s, NULL, coefw, NULL, coefw + s.W, stream, DT_BF16, t, T);
         }
         free(coefw);
     }
