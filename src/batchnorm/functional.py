@@ -511,12 +511,10 @@ class _FusedUpdate:
 
 def _cpu_forward(input, weight, bias, eps, axis, fused: _FusedUpdate | None):
     """The CPU kernel's training forward: (y, mean, var, invstd), updating `fused`'s buffers."""
-    if fused is None:
-        y, mean, var, invstd, _ = _cpu.train_forward_update(input, weight, bias, eps, axis, None, None, 0.0)
-    else:
-        y, mean, var, invstd, fused.updated = _cpu.train_forward_update(
-            input, weight, bias, eps, axis, fused.mean, fused.var, fused.momentum
-        )
+    rm, rv, momentum = (None, None, 0.0) if fused is None else (fused.mean, fused.var, fused.momentum)
+    y, mean, var, invstd, updated = _cpu.train_forward_update(input, weight, bias, eps, axis, rm, rv, momentum)
+    if fused is not None:
+        fused.updated = updated
     return y, mean, var, invstd
 
 

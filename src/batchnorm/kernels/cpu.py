@@ -426,7 +426,7 @@ def train_forward(
     Reads x twice and writes y once. Raises ValueError if not supports(x, axis),
     RuntimeError if the kernel is not available.
     """
-    y, mean, var, _, _ = _train_forward(x, weight, bias, eps, axis, None, None, 0.0)
+    y, mean, var, _, _ = train_forward_update(x, weight, bias, eps, axis, None, None, 0.0)
     return y, mean, var
 
 
@@ -439,7 +439,7 @@ def can_update(running: Tensor | None, C: int) -> bool:
         isinstance(running, Tensor)
         and running.dtype == torch.float32
         and running.shape == (C,)
-        and running.device.type == "cpu"
+        and running.is_cpu
         and running.is_contiguous()
         and not running.requires_grad
     )
@@ -464,26 +464,19 @@ def train_forward_update(
     finite (then nothing is written). Otherwise (None, or another dtype or layout) the
     buffers are not touched and `updated` is None: the caller updates them.
     """
-    C = x.shape[axis] if isinstance(x, Tensor) and -x.dim() <= axis < x.dim() else -1
-    if not (can_update(running_mean, C) and can_update(running_var, C)):
-        y, mean, var, invstd, _ = _train_forward(x, weight, bias, eps, axis, None, None, 0.0)
-        return y, mean, var, invstd, None
-    return _train_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum)
-
-
-def _train_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum):
     lib, A, C, B = _prepare(x, axis)
+    fused = can_update(running_mean, C) and can_update(running_var, C)
     w, b = _vector(weight, C, "weight"), _vector(bias, C, "bias")
     y = _empty_like(x)
     mean, var, invstd = (torch.empty(C, dtype=torch.float32) for _ in range(3))
     rc = lib.bn_train_forward(
         _DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), A, C, B, _ptr(w), _ptr(b), float(eps),
-        mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), _ptr(running_mean), _ptr(running_var),
-        float(momentum), torch.get_num_threads(),
+        mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), _ptr(running_mean) if fused else None,
+        _ptr(running_var) if fused else None, float(momentum), torch.get_num_threads(),
     )  # fmt: skip
     if rc == 1:
         _check(rc, "the forward")
-    return y, mean, var, invstd, rc == 0
+    return y, mean, var, invstd, (rc == 0) if fused else None
 
 
 def train_backward(
