@@ -80,18 +80,26 @@ def same_layout(a, b):
     return a.shape == b.shape and all(s == t for n, s, t in zip(a.shape, a.stride(), b.stride()) if n != 1)
 
 
+def channel(v, x, axis):
+    """A (C,) vector in float64, shaped to broadcast along x's channel axis."""
+    view = [1] * x.dim()
+    view[axis % x.dim()] = -1
+    return v.double().view(view)
+
+
+def reference_apply(x, mean, var, w, b, axis):
+    """float64 (x - mean) / sqrt(var + eps) * w + b on the same (already rounded) values."""
+    y = (x.double() - channel(mean, x, axis)) / torch.sqrt(channel(var, x, axis) + EPS)
+    return y if w is None else y * channel(w, x, axis) + channel(b, x, axis)
+
+
 def reference_forward(x, w, b, axis):
     """float64 torch on the same (already rounded) values: y, mean, biased var."""
     xd = x.double()
     dims = reduce_dims(x, axis)
     mean = xd.mean(dims)
     var = xd.var(dims, unbiased=False)
-    view = [1] * x.dim()
-    view[axis % x.dim()] = -1
-    y = (xd - mean.view(view)) / torch.sqrt(var.view(view) + EPS)
-    if w is not None:
-        y = y * w.double().view(view) + b.double().view(view)
-    return y, mean, var
+    return reference_apply(x, mean, var, w, b, axis), mean, var
 
 
 def set_threads(nthreads: int, streaming: bool):
@@ -220,9 +228,7 @@ def test_inference_matches_float64(shape, fmt, axis, dtype, affine, nthreads, st
     C = shape[axis]
     scale, shift = params(C, seed=4)
     y = cpu.inference(x, scale, shift, axis)
-    view = [1] * x.dim()
-    view[axis % x.dim()] = -1
-    y_ref = x.double() * scale.double().view(view) + shift.double().view(view)
+    y_ref = x.double() * channel(scale, x, axis) + channel(shift, x, axis)
     assert y.dtype == dtype and same_layout(y, x)
     torch.testing.assert_close(y.double(), y_ref, **out_tol(dtype))
 
@@ -238,11 +244,7 @@ def test_eval_forward_matches_float64(shape, fmt, axis, dtype, affine, nthreads,
     mean, var = torch.randn(C, generator=g), torch.rand(C, generator=g) + 0.1
     for weight, bias in ((w, b), (None, None)):
         y = cpu.eval_forward(x, mean, var, weight, bias, EPS, axis)
-        view = [1] * x.dim()
-        view[axis % x.dim()] = -1
-        y_ref = (x.double() - mean.double().view(view)) / torch.sqrt(var.double().view(view) + EPS)
-        if weight is not None:
-            y_ref = y_ref * w.double().view(view) + b.double().view(view)
+        y_ref = reference_apply(x, mean, var, weight, bias, axis)
         assert y.dtype == dtype and same_layout(y, x)
         torch.testing.assert_close(y.double(), y_ref, **out_tol(dtype))
 
