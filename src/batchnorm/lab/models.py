@@ -92,6 +92,8 @@ def _norm(kind: str, c: int, setup: Setup, dims: int = 2) -> nn.Module:
     if kind == "ln":
         return nn.GroupNorm(1, c)  # LayerNorm over (C, H, W) (or the C features) of each sample
     if kind == "in":
+        if dims == 1:
+            raise ValueError("the MLP has no InstanceNorm: one value per sample and unit has no statistics")
         return nn.InstanceNorm2d(c, affine=True)
     if kind == "renorm":
         return bn(c, renorm=renorm_schedule(setup.steps))
@@ -142,8 +144,6 @@ def build(setup: Setup, num_features: int, num_classes: int) -> nn.Module:
     for hidden in (100, 100, 100):
         linear = nn.Linear(width, hidden, bias=setup.norm == "none")
         layers.append(linear)
-        if setup.norm == "in":
-            raise ValueError("the MLP has no InstanceNorm: one value per sample and unit has no statistics")
         if setup.norm != "none":
             layers.append(_norm(setup.norm, hidden, setup, dims=1))
         if setup.noise:
