@@ -62,10 +62,13 @@ class _Forward:
         """y = gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta; mask: True = real element (optional)."""
         self._check_input_dim(input)
         _check_num_features(self, input)
-        running_mean, running_var = self.running_mean, self.running_var
-        if self.frozen or (not self.training and running_mean is not None and running_var is not None):
+        # Each parameter and buffer is read once: nn.Module's attribute lookup costs ~0.3 us a time,
+        # which on small tensors is a visible share of the call.
+        running_mean, running_var, training = self.running_mean, self.running_var, self.training
+        has_stats = running_mean is not None and running_var is not None
+        if self.frozen or (not training and has_stats):
             # The running statistics normalize (eval mode, or a frozen layer in any mode).
-            if running_mean is None or running_var is None:
+            if not has_stats:
                 raise ValueError(
                     "a frozen BN layer normalizes with its running statistics, but this one has none "
                     "(track_running_stats=False); unfreeze it or build it with track_running_stats=True"
@@ -74,25 +77,21 @@ class _Forward:
             return batch_norm_with_status(
                 input, running_mean, running_var, w, b, False, 0.0, self.eps, axis=self.axis, mask=mask
             )[0]
-        tracking = self.training and self.track_running_stats
+        tracked = self.num_batches_tracked
+        tracking = training and self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
-        if tracking and self.num_batches_tracked is not None and self.momentum is None:
-            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)  # cumulative average
+        if tracking and tracked is not None and self.momentum is None:
+            factor = 1.0 / (float(tracked) + 1.0)  # cumulative average
         # Batch statistics in training, and in eval when there are no running statistics.
-        use_batch = self.training or (self.running_mean is None and self.running_var is None)
-        keep = not self.training or self.track_running_stats
-        variants = {}
-        if use_batch:
-            # Ghost batches are a training device; inference (even on batch statistics) is plain BN.
-            variants["virtual_batch_size"] = self.virtual_batch_size if self.training else None
-            variants["process_group"] = self._sync_group(input)
-            if self.renorm is not None and tracking:
-                step = 0 if self.num_batches_tracked is None else int(self.num_batches_tracked)
-                variants["renorm"] = self.renorm.limits(step)
+        use_batch = training or (running_mean is None and running_var is None)
+        keep = not training or self.track_running_stats
+        renorm = None
+        if use_batch and self.renorm is not None and tracking:
+            renorm = self.renorm.limits(0 if tracked is None else int(tracked))
         y, counted = batch_norm_with_status(
             input,
-            self.running_mean if keep else None,
-            self.running_var if keep else None,
+            running_mean if keep else None,
+            running_var if keep else None,
             self.weight,
             self.bias,
             use_batch,
@@ -100,10 +99,13 @@ class _Forward:
             self.eps,
             axis=self.axis,
             mask=mask,
-            **variants,
+            # Ghost batches are a training device; inference (even on batch statistics) is plain BN.
+            virtual_batch_size=self.virtual_batch_size if use_batch and training else None,
+            renorm=renorm,
+            process_group=self._sync_group(input) if use_batch else None,
         )
-        if tracking and counted and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        if tracking and counted and tracked is not None:
+            tracked.add_(1)
         return y
 
     def extra_repr(self) -> str:
