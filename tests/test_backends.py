@@ -83,3 +83,24 @@ def test_auto_picks_the_kernel_where_it_runs():
     expected = "cpu" if cpu_kernel.available() else "composite"
     assert F._pick_path(x, 1) == expected
     assert F._pick_path(x.double(), 1) == "composite"  # the kernel takes float32 and bfloat16
+
+
+@pytest.mark.parametrize("shape", [(64, 8), (4, 8, 5, 5)])
+def test_auto_gives_small_float32_training_with_autograd_to_torchs_kernel(shape):
+    """Below NATIVE_GRAD_MAX_ELEMS torch's C++ autograd node is cheaper than our Python one."""
+    C = shape[1]
+    w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    small = torch.randn(shape)
+    assert "NativeBatchNorm" in type(F.batch_norm(small, rm, rv, w, b, True).grad_fn).__name__
+    big_shape = (F.NATIVE_GRAD_MAX_ELEMS // C + 1, C)
+    assert "NativeBatchNorm" not in type(F.batch_norm(torch.randn(big_shape), None, None, w, b, True).grad_fn).__name__
+    with torch.no_grad():  # nothing recorded: our kernel, which updates the statistics in the same call
+        before = rm.clone()
+        F.batch_norm(small, rm, rv, w, b, True)
+    assert not torch.equal(rm, before)
+    with F.use_backend("cpu"):  # forcing the kernel still means the kernel
+        assert "NativeBatchNorm" not in type(F.batch_norm(small, rm, rv, w, b, True).grad_fn).__name__
+    # bfloat16 stays on our kernel (torch may return its invstd in bfloat16)
+    y16 = F.batch_norm(small.bfloat16(), rm, rv, w, b, True)
+    assert "NativeBatchNorm" not in type(y16.grad_fn).__name__

@@ -216,11 +216,13 @@ def test_non_finite_batch_never_reaches_running_stats(bad, momentum):
     [(torch.float32, torch.float32), (torch.float32, torch.float64), (torch.bfloat16, torch.float32)],
     ids=["f32", "f32-f64stats", "bf16-f32stats"],  # the first and last: the kernel updates them itself
 )
-def test_non_finite_batch_functional_leaves_stats(backend, x_dtype, stats_dtype):
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])  # small float32 + grad: torch's kernel
+def test_non_finite_batch_functional_leaves_stats(backend, x_dtype, stats_dtype, grad):
     rm, rv = torch.randn(3, dtype=stats_dtype), torch.rand(3, dtype=stats_dtype) + 0.5
     before = rm.clone(), rv.clone()
     x = torch.randn(5, 3).to(x_dtype)
     x[0, 2] = float("nan")
+    x.requires_grad_(grad)
     with use_backend(backend), pytest.warns(RuntimeWarning, match="NaN or Inf"):
         y = batch_norm(x, rm, rv, training=True)
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])

@@ -310,6 +310,30 @@ def test_train_forward_update_leaves_other_buffers_to_the_caller(make_buffers):
     torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
 
 
+def test_update_running_from_torchs_mean_and_invstd():
+    """The running-statistics rule from torch's kernel's outputs equals the one inside our forward."""
+    x = make((6, 4, 3, 5), None, torch.float32, offset=2.0, scale=3.0)
+    _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, EPS)
+    rm0, rv0 = torch.randn(4), torch.rand(4) + 0.5
+    rm, rv = rm0.clone(), rv0.clone()
+    assert cpu.update_running(mean, invstd, x.numel() // 4, EPS, rm, rv, 0.3) is True
+    rm_k, rv_k = rm0.clone(), rv0.clone()
+    cpu.train_forward_update(x, None, None, EPS, 1, rm_k, rv_k, 0.3)
+    torch.testing.assert_close(rm, rm_k, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rv, rv_k, rtol=1e-5, atol=1e-6)
+
+    bad = invstd.clone()
+    bad[2] = float("nan")
+    before = rm.clone(), rv.clone()
+    assert cpu.update_running(mean, bad, x.numel() // 4, EPS, rm, rv, 0.3) is False
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+    f64 = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    assert cpu.update_running(mean, invstd, x.numel() // 4, EPS, *f64, 0.3) is None  # the caller's job
+    assert cpu.update_running(mean.double(), invstd, x.numel() // 4, EPS, rm, rv, 0.3) is None
+    assert torch.equal(f64[0], torch.zeros(4)) and torch.equal(rm, before[0])
+
+
 # --------------------------------------------------------------------------- numerics
 
 

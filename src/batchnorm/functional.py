@@ -141,13 +141,16 @@ def batch_norm_with_status(
     """
     axis = _check_input(input, axis)
     C = input.shape[axis]
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        _check_channels(name, t, C, input, axis)
+    want = (C,)
+    if not (
+        (running_mean is None or running_mean.shape == want)
+        and (running_var is None or running_var.shape == want)
+        and (weight is None or weight.shape == want)
+        and (bias is None or bias.shape == want)
+    ):  # (one test per call when all is well; the loop says which one is wrong)
+        named = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
+        for name, t in named:
+            _check_channels(name, t, C, input, axis)
     if (running_mean is None) != (running_var is None):
         raise ValueError(
             "running_mean and running_var must be given together or both be None, "
@@ -197,19 +200,23 @@ def batch_norm_with_status(
         return _inference(input, stats, stats + 1, weight, bias, eps, axis), True
 
     path = _pick_path(input, axis)
+    if path == "cpu" and _backend == "auto" and _native_is_cheaper(input, weight, bias):
+        path = "torch"
     if path == "torch":
-        y, mean, var = _torch_train(input, weight, bias, eps, axis)
+        y, mean, invstd = _torch_train(input, weight, bias, eps, axis)
+        if running_mean is None:
+            return y, True
+        return y, _update_from_invstd(running_mean, running_var, mean, invstd, input.numel() // C, eps, momentum)
+    # The CPU kernel updates float32 running statistics itself, in the same call.
+    fused = _FusedUpdate.make(path, running_mean, running_var, momentum)
+    if path == "cpu" and not _wants_grad(input, weight, bias):
+        y, mean, var, _ = _cpu_forward(input, weight, bias, eps, axis, fused)
     else:
-        # The CPU kernel updates float32 running statistics itself, in the same call.
-        fused = _FusedUpdate.make(path, running_mean, running_var, momentum)
-        if path == "cpu" and not _wants_grad(input, weight, bias):
-            y, mean, var, _ = _cpu_forward(input, weight, bias, eps, axis, fused)
-        else:
-            y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps, axis, path, fused)
-        if fused is not None and fused.updated is not None:
-            if not fused.updated:
-                _warn_not_finite(stacklevel=3)
-            return y, fused.updated
+        y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps, axis, path, fused)
+    if fused is not None and fused.updated is not None:
+        if not fused.updated:
+            _warn_not_finite(stacklevel=3)
+        return y, fused.updated
     if running_mean is None:
         return y, True
     m = input.numel() // C
@@ -298,10 +305,43 @@ def _to_axis1(t: Tensor, axis: int) -> Tensor:
 
 
 def _torch_train(input: Tensor, weight, bias, eps: float, axis: int) -> tuple[Tensor, Tensor, Tensor]:
-    """PyTorch's kernel: y and the batch's (mean, biased var); autograd through torch's backward."""
+    """PyTorch's kernel: y and the batch's (mean, invstd); autograd through torch's backward."""
     y, mean, invstd = torch.native_batch_norm(_to_axis1(input, axis), weight, bias, None, None, True, 0.0, eps)
-    var = (invstd.detach().double().reciprocal().square() - eps).clamp_min(0.0).to(mean.dtype)
-    return (y if axis == 1 else y.movedim(1, axis)), mean.detach(), var
+    return (y if axis == 1 else y.movedim(1, axis)), mean.detach(), invstd.detach()
+
+
+def _update_from_invstd(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, m: int, eps: float, momentum: float
+) -> bool:
+    """`_update_running_stats` from torch's kernel's (mean, invstd): var = invstd**-2 - eps, unbiased."""
+    updated = _cpu.update_running(mean, invstd, m, eps, running_mean, running_var, momentum)
+    if updated is None:  # buffers the C helper does not take (another dtype, a GPU): torch ops
+        var = (invstd.double().reciprocal().square() - eps).clamp_min(0.0)
+        return _update_running_stats(running_mean, running_var, mean, (var * (m / (m - 1))).to(mean.dtype), momentum)
+    if not updated:
+        _warn_not_finite(stacklevel=4)
+    return updated
+
+
+# Below this many elements a training call that autograd records runs on torch's kernel: the
+# Python autograd.Function around ours costs ~20 us a step more than torch's C++ node (forward
+# plus backward), more than our kernel saves on tensors this small. Measured on 2 cores: see
+# benchmarks/README.md ("Small tensors").
+NATIVE_GRAD_MAX_ELEMS = 1 << 16
+
+
+def _native_is_cheaper(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether torch's kernel runs this training call faster than ours (small float32, recorded by autograd)."""
+    # float32 only: for bfloat16 input torch's kernel may return invstd in bfloat16 (without weight),
+    # too coarse for the running variance.
+    if input.dtype is not torch.float32 or input.numel() > NATIVE_GRAD_MAX_ELEMS:
+        return False
+    f32 = torch.float32
+    return (
+        (weight is None or weight.dtype is f32)
+        and (bias is None or bias.dtype is f32)
+        and _wants_grad(input, weight, bias)
+    )
 
 
 def _torch_eval(input: Tensor, mean, var, weight, bias, eps: float, axis: int) -> Tensor:

@@ -63,7 +63,7 @@
 #define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
 #endif
 
-#define BN_ABI_VERSION 3
+#define BN_ABI_VERSION 4
 #define LANES 32                    /* independent float accumulators per reduction */
 #define CHUNK_BYTES (16 << 10)      /* planes: statistics chunk, stays in L1 */
 #ifndef BLOCK_BYTES
@@ -549,8 +549,6 @@ static int use_rows(int64_t A, int64_t C, int64_t B, int dt) {
     return B == 1 || (B < ROWS_MAX_B && C * B * elem_size(dt) <= ROWS_MAX_ROW_BYTES);
 }
 
-INLINE int64_t chan_of(rows_shape s, int64_t j) { return (j / s.B) % s.C; }
-
 INLINE int64_t rows_block(int64_t W, int dt) {
     int64_t R = BLOCK_BYTES / (W * elem_size(dt));
     return R < 1 ? 1 : (R > MAX_BLOCK_ROWS ? MAX_BLOCK_ROWS : R);
@@ -864,7 +862,15 @@ INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, r
 
 /* Expand per-channel coefficients to per-column ones: v[j] = per_channel[(j / B) % C], j in [lo, hi). */
 INLINE void expand(rows_shape s, const float *per_channel, float *v, int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; j++) v[j] = per_channel[chan_of(s, j)];
+    if (lo >= hi) return;
+    int64_t q = lo / s.B, e = lo - q * s.B, c = q % s.C; /* column lo: element e of channel c */
+    for (int64_t j = lo; j < hi; j++) { /* one division per call, not two per column */
+        v[j] = per_channel[c];
+        if (++e == s.B) {
+            e = 0;
+            if (++c == s.C) c = 0;
+        }
+    }
 }
 
 /* ------------------------------------------------------------------ per-channel epilogues */
@@ -985,6 +991,22 @@ static int finish_forward(int64_t C, double m, double eps, const float *mean, co
         running_var[c] = running_var[c] * keep + mom * (var[c] * unbias);
     }
     return 0;
+}
+
+/* The running-statistics update of finish_forward for a forward that returned the batch's mean
+ * and invstd = (var + eps)^-1/2 (float32 (C,)), as torch's kernel does: var = invstd^-2 - eps,
+ * at least 0 (a NaN stays NaN and is refused). 0: updated; 2: not finite, nothing written. */
+int bn_update_running(int64_t C, double m, double eps, const float *mean, const float *invstd, float *running_mean,
+                      float *running_var, double momentum) {
+    float *var = malloc(sizeof(float) * (size_t)(C > 0 ? C : 1));
+    if (!var) return 1;
+    for (int64_t c = 0; c < C; c++) {
+        double v = 1.0 / ((double)invstd[c] * (double)invstd[c]) - eps;
+        var[c] = (float)(v < 0.0 ? 0.0 : v);
+    }
+    int rc = finish_forward(C, m, eps, mean, var, NULL, running_mean, running_var, momentum);
+    free(var);
+    return rc;
 }
 
 /* y = BN(x) with the batch statistics; mean (float32) and biased var (float32) per channel.

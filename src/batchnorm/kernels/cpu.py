@@ -78,12 +78,13 @@ __all__ = [
     "train_backward",
     "train_forward",
     "train_forward_update",
+    "update_running",
     "why_unavailable",
 ]
 
 SOURCE = Path(__file__).with_name("bn_cpu.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-_ABI_VERSION = 3  # bn_abi_version() of a library built from the current bn_cpu.c
+_ABI_VERSION = 4  # bn_abi_version() of a library built from the current bn_cpu.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
 _COMPILE_TIMEOUT_S = 120
 
@@ -263,7 +264,8 @@ def _load(lib_path: Path) -> ctypes.CDLL:
     lib.bn_train_backward.argtypes = [i32, p, p, p, i64, i64, i64, p, p, p, p, p, i32]
     lib.bn_inference.argtypes = [i32, p, p, i64, i64, i64, p, p, i32]
     lib.bn_eval.argtypes = [i32, p, p, i64, i64, i64, p, p, p, p, f64, i32]
-    for fn in (lib.bn_train_forward, lib.bn_train_backward, lib.bn_inference, lib.bn_eval):
+    lib.bn_update_running.argtypes = [i64, f64, f64, p, p, p, p, f64]
+    for fn in (lib.bn_train_forward, lib.bn_train_backward, lib.bn_inference, lib.bn_eval, lib.bn_update_running):
         fn.restype = i32
     lib.bn_set_cache_bytes.argtypes = [i64]
     lib.bn_set_cache_bytes.restype = None
@@ -435,14 +437,11 @@ def can_update(running: Tensor | None, C: int) -> bool:
 
     It must be a float32, contiguous CPU tensor of shape (C,) that does not require grad.
     """
-    return (
-        isinstance(running, Tensor)
-        and running.dtype == torch.float32
-        and running.shape == (C,)
-        and running.is_cpu
-        and running.is_contiguous()
-        and not running.requires_grad
-    )
+    return isinstance(running, Tensor) and _float32_vector(running, C) and not running.requires_grad
+
+
+def _float32_vector(t: Tensor, C: int) -> bool:
+    return t.dtype is torch.float32 and t.shape == (C,) and t.is_cpu and t.is_contiguous()
 
 
 def train_forward_update(
@@ -477,6 +476,37 @@ def train_forward_update(
     if rc == 1:
         _check(rc, "the forward")
     return y, mean, var, invstd, (rc == 0) if fused else None
+
+
+def update_running(
+    mean: Tensor,
+    invstd: Tensor,
+    count: int,
+    eps: float,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+) -> bool | None:
+    """PyTorch's running-statistics rule from a forward's float32 (C,) mean and invstd (torch's kernel's outputs).
+
+    var = invstd**-2 - eps (at least 0), unbiased with count / (count - 1):
+    running = (1 - momentum) * running + momentum * batch. True if updated, False if some
+    channel's statistics were not finite (nothing written), None if the kernel cannot do it
+    (unavailable, or buffers that fail `can_update`, or statistics not float32 (C,) on the CPU):
+    then the caller updates them.
+    """
+    lib, C = _library(), mean.numel()
+    if lib is None or not (can_update(running_mean, C) and can_update(running_var, C)):
+        return None
+    if not (_float32_vector(mean, C) and _float32_vector(invstd, C)):
+        return None
+    rc = lib.bn_update_running(
+        C, float(count), float(eps), mean.data_ptr(), invstd.data_ptr(), running_mean.data_ptr(),
+        running_var.data_ptr(), float(momentum),
+    )  # fmt: skip
+    if rc == 1:
+        _check(rc, "the running statistics")
+    return rc == 0
 
 
 def train_backward(
