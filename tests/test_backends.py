@@ -86,21 +86,33 @@ def test_auto_picks_the_kernel_where_it_runs():
 
 
 @pytest.mark.parametrize("shape", [(64, 8), (4, 8, 5, 5)])
-def test_auto_gives_small_float32_training_with_autograd_to_torchs_kernel(shape):
-    """Below NATIVE_GRAD_MAX_ELEMS torch's C++ autograd node is cheaper than our Python one."""
+def test_auto_gives_small_float32_calls_to_torchs_kernel(shape, monkeypatch):
+    """Up to NATIVE_MAX_ELEMS[mode] elements torch's kernel has less fixed cost per call than ours."""
+    calls = []
+    for name in ("_torch_train", "_torch_eval"):
+        real = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     C = shape[1]
     w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
     rm, rv = torch.zeros(C), torch.ones(C)
     small = torch.randn(shape)
-    assert "NativeBatchNorm" in type(F.batch_norm(small, rm, rv, w, b, True).grad_fn).__name__
-    big_shape = (F.NATIVE_GRAD_MAX_ELEMS // C + 1, C)
-    assert "NativeBatchNorm" not in type(F.batch_norm(torch.randn(big_shape), None, None, w, b, True).grad_fn).__name__
-    with torch.no_grad():  # nothing recorded: our kernel, which updates the statistics in the same call
+
+    def path(*args, **kwargs) -> str:
+        calls.clear()
+        F.batch_norm(*args, **kwargs)
+        return calls[0] if calls else "ours"
+
+    assert path(small, rm, rv, w, b, True) == "_torch_train"
+    with torch.no_grad():
         before = rm.clone()
-        F.batch_norm(small, rm, rv, w, b, True)
-    assert not torch.equal(rm, before)
+        assert path(small, rm, rv, w, b, True) == "_torch_train"
+        assert not torch.equal(rm, before)  # the running statistics move on this path too
+        assert path(small, rm, rv, w, b, False) == "_torch_eval"
+        assert path(small.bfloat16(), rm, rv, w, b, False) == "_torch_eval"
+        assert path(small, rm, rv, w.double(), b, False) == "ours"  # params torch's kernel does not take
+    big = torch.randn(F.NATIVE_MAX_ELEMS["train_grad"] // C + 1, C)
+    assert path(big, rm, rv, w, b, True) == "ours"
+    # bfloat16 training stays on our kernel (torch may return its invstd in bfloat16)
+    assert path(small.bfloat16(), rm, rv, w, b, True) == "ours"
     with F.use_backend("cpu"):  # forcing the kernel still means the kernel
-        assert "NativeBatchNorm" not in type(F.batch_norm(small, rm, rv, w, b, True).grad_fn).__name__
-    # bfloat16 stays on our kernel (torch may return its invstd in bfloat16)
-    y16 = F.batch_norm(small.bfloat16(), rm, rv, w, b, True)
-    assert "NativeBatchNorm" not in type(y16.grad_fn).__name__
+        assert path(small, rm, rv, w, b, True) == "ours"

@@ -140,6 +140,10 @@ def test_suites():
     assert {c.dtype for c in full} == {torch.float32, torch.bfloat16}
     assert sum(c.channels_last for c in full) == 12
     assert 0 < len(quick) < 10 and {c.dtype for c in quick} == {torch.float32, torch.bfloat16}
+    small = bench.suite(small=True)
+    assert small and all(c.elements <= 1 << 17 for c in small) and len({c.name for c in small}) == len(small)
+    with pytest.raises(ValueError, match="one of quick and small"):
+        bench.suite(quick=True, small=True)
     with pytest.raises(ValueError, match="4-D"):
         Case((4, 3, 8), channels_last=True)
 
@@ -149,7 +153,7 @@ def test_suites():
 
 @pytest.fixture
 def app(monkeypatch):
-    monkeypatch.setattr(bench, "suite", lambda quick=False: TINY[:2])
+    monkeypatch.setattr(bench, "suite", lambda quick=False, small=False: TINY[:2])
     app = typer.Typer()
     bench.register(app)
 
@@ -178,6 +182,7 @@ def test_command_writes_json(app, tmp_path):
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--only", "no-such-case"], "matches no case"),
         (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--quick", "--small"], "give one of them"),
     ],
 )
 def test_command_rejects_bad_input(app, args, message):

@@ -103,7 +103,7 @@ def _step_and_compare(theirs, ours, x: torch.Tensor, fmt, out_tol: dict, acc_tol
 
 
 # "auto" as users run it: these small float32 inputs, recorded by autograd, take torch's kernel
-# (functional.NATIVE_GRAD_MAX_ELEMS); "cpu" forces our C kernel on the same inputs.
+# (functional.NATIVE_MAX_ELEMS); "cpu" forces our C kernel on the same inputs.
 DTYPE_PATHS = [("float64", "auto"), ("float32", "auto"), ("float32", "cpu"), ("bfloat16", "auto")]
 
 

@@ -116,13 +116,31 @@ class Case:
 _RESNET50 = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7)]
 
 
-def suite(quick: bool = False) -> list[Case]:
+# Small tensors, where the cost of a call is mostly fixed overhead (Python, dispatch, autograd):
+# an MLP's hidden layers, a small CNN's feature maps, a short sequence batch.
+_SMALL = [
+    Case((128, 64)),
+    Case((512, 256)),
+    Case((32, 16, 8, 8)),
+    Case((32, 16, 8, 8), channels_last=True),
+    Case((16, 64, 8, 8)),
+    Case((32, 128, 16)),
+    Case((128, 64), torch.bfloat16),
+]
+
+
+def suite(quick: bool = False, small: bool = False) -> list[Case]:
     """The shape suite of issue 3, or with `quick` a subset that takes about a minute on 2 cores.
 
     Full: ResNet-50 stage shapes at batch 32 and a 3-channel 224x224 image batch,
     each NCHW and channels_last; 2-D (4096, 1024) and 3-D (32, 128, 512);
-    everything in float32 and bfloat16 (28 cases).
+    everything in float32 and bfloat16 (28 cases). `small`: instead, seven inputs of
+    8K-131K elements (MLP and small-CNN layers), where per-call overhead decides.
     """
+    if quick and small:
+        raise ValueError("choose one of quick and small")
+    if small:
+        return list(_SMALL)
     if quick:
         return [
             Case((32, 64, 56, 56)),
@@ -709,6 +727,9 @@ def write_json(report: dict[str, Any], path: Path) -> None:
 
 def bench(
     quick: bool = typer.Option(False, "--quick", help="A representative subset (about a minute on 2 cores)."),
+    small: bool = typer.Option(
+        False, "--small", help="Small tensors instead (MLP and small-CNN layers): per-call overhead."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     repeats: int = typer.Option(20, "--repeats", help="Timed runs per implementation and mode (at least)."),
     min_time: float = typer.Option(
@@ -737,11 +758,13 @@ def bench(
         _fail(f"--repeats must be at least 1, got {repeats}")
     if not min_time >= 0:
         _fail(f"--min-time must be at least 0 seconds, got {min_time}")
-    cases = suite(quick)
+    if quick and small:
+        _fail("--quick and --small choose different suites; give one of them")
+    cases = suite(quick, small)
     if only is not None:
         cases = [c for c in cases if only.lower() in c.name.lower()]
         if not cases:
-            names = ", ".join(c.name for c in suite(quick))
+            names = ", ".join(c.name for c in suite(quick, small))
             _fail(f"--only '{only}' matches no case; the cases are: {names}")
     # Piped or captured output gets rich's 80 columns unless COLUMNS says otherwise: too narrow.
     console = Console()
@@ -750,7 +773,7 @@ def bench(
     report = run_suite(
         cases, device=dev, repeats=repeats, compile=compile, min_time=min_time, console=Console(stderr=True)
     )
-    report["settings"].update(quick=quick, only=only)
+    report["settings"].update(quick=quick, small=small, only=only)
     render(report, console)
     if json_path is not None:
         write_json(report, json_path)

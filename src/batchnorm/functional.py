@@ -199,9 +199,11 @@ def batch_norm_with_status(
         stats = input.new_zeros(C, dtype=_acc_dtype(input.dtype))
         return _inference(input, stats, stats + 1, weight, bias, eps, axis), True
 
-    path = _pick_path(input, axis)
-    if path == "cpu" and _backend == "auto" and _native_is_cheaper(input, weight, bias):
-        path = "torch"
+    if _backend == "auto" and input.is_cpu:
+        mode = "train_grad" if _wants_grad(input, weight, bias) else "train"
+        path = "torch" if _native_is_cheaper(mode, input, weight, bias) else _pick_path(input, axis)
+    else:
+        path = _pick_path(input, axis)
     if path == "torch":
         y, mean, invstd = _torch_train(input, weight, bias, eps, axis)
         if running_mean is None:
@@ -323,29 +325,29 @@ def _update_from_invstd(
     return updated
 
 
-# Below this many elements a training call that autograd records runs on torch's kernel: the
-# Python autograd.Function around ours costs ~20 us a step more than torch's C++ node (forward
-# plus backward), more than our kernel saves on tensors this small. Measured on 2 cores: see
-# benchmarks/README.md ("Small tensors").
-NATIVE_GRAD_MAX_ELEMS = 1 << 16
+# CPU float32 calls up to this many elements run on torch's kernel in "auto": there the cost of a
+# call is mostly fixed overhead, and torch's C++ dispatch has less of it than our Python and
+# ctypes. With autograd, our Python autograd.Function alone costs ~20 us a step more than
+# torch's C++ node; eval and forward-only training lose a few microseconds of checks and ctypes.
+# Measured on 2 cores where our kernel starts to win (benchmarks/README.md, "Small tensors").
+NATIVE_MAX_ELEMS = {"train_grad": 1 << 16, "train": 1 << 14, "eval": 1 << 16}
 
 
-def _native_is_cheaper(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
-    """Whether torch's kernel runs this training call faster than ours (small float32, recorded by autograd)."""
-    # float32 only: for bfloat16 input torch's kernel may return invstd in bfloat16 (without weight),
-    # too coarse for the running variance.
-    if input.dtype is not torch.float32 or input.numel() > NATIVE_GRAD_MAX_ELEMS:
+def _native_is_cheaper(mode: str, input: Tensor, *params: Tensor | None) -> bool:
+    """Whether torch's kernel runs this call faster than ours: a small float32 tensor with float32 params.
+
+    Training with float32 input only: for bfloat16 input torch's kernel may return invstd in
+    bfloat16 (without weight), too coarse for the running variance.
+    """
+    if input.numel() > NATIVE_MAX_ELEMS[mode]:
         return False
-    f32 = torch.float32
-    return (
-        (weight is None or weight.dtype is f32)
-        and (bias is None or bias.dtype is f32)
-        and _wants_grad(input, weight, bias)
-    )
+    if input.dtype is not torch.float32 and not (mode == "eval" and input.dtype is torch.bfloat16):
+        return False
+    return all(p is None or p.dtype is torch.float32 for p in params)
 
 
 def _torch_eval(input: Tensor, mean, var, weight, bias, eps: float, axis: int) -> Tensor:
-    y = torch.nn.functional.batch_norm(_to_axis1(input, axis), mean, var, weight, bias, False, 0.0, eps)
+    y = torch.batch_norm(_to_axis1(input, axis), weight, bias, mean, var, False, 0.0, eps, False)
     return y if axis == 1 else y.movedim(1, axis)
 
 
@@ -485,7 +487,10 @@ def _inference(
     """
     path = None
     if fast and input.numel() and not _wants_grad(input, mean, var, weight, bias):
-        path = _pick_path(input, axis)
+        if _backend == "auto" and input.is_cpu and _native_is_cheaper("eval", input, mean, var, weight, bias):
+            path = "torch"
+        else:
+            path = _pick_path(input, axis)
         if path == "cpu":  # scale and shift are computed inside the kernel
             return _cpu.eval_forward(input, mean, var, weight, bias, eps, axis)
         if path == "torch":
