@@ -112,7 +112,9 @@ def test_auto_gives_small_float32_calls_to_torchs_kernel(shape, monkeypatch):
         assert path(small, rm, rv, w.double(), b, False) == "ours"  # params torch's kernel does not take
     big = torch.randn(F.NATIVE_MAX_ELEMS["train_grad"] // C + 1, C)
     assert path(big, rm, rv, w, b, True) == "ours"
-    # bfloat16 training stays on our kernel (torch may return its invstd in bfloat16)
-    assert path(small.bfloat16(), rm, rv, w, b, True) == "ours"
+    # bfloat16 training: torch's kernel with float32 parameters (mixed precision: float32 statistics);
+    # without parameters it would return invstd in bfloat16, so ours
+    assert path(small.bfloat16(), rm, rv, w, b, True) == "_torch_train"
+    assert path(small.bfloat16(), rm, rv, None, None, True) == "ours"
     with F.use_backend("cpu"):  # forcing the kernel still means the kernel
         assert path(small, rm, rv, w, b, True) == "ours"

@@ -102,9 +102,9 @@ def _step_and_compare(theirs, ours, x: torch.Tensor, fmt, out_tol: dict, acc_tol
             assert_close(bb, ba, **acc_tol)
 
 
-# "auto" as users run it: these small float32 inputs, recorded by autograd, take torch's kernel
-# (functional.NATIVE_MAX_ELEMS); "cpu" forces our C kernel on the same inputs.
-DTYPE_PATHS = [("float64", "auto"), ("float32", "auto"), ("float32", "cpu"), ("bfloat16", "auto")]
+# "auto" as users run it: these small inputs take torch's kernel (functional.NATIVE_MAX_ELEMS);
+# "cpu" forces our C kernel on the same inputs.
+DTYPE_PATHS = [("float64", "auto"), ("float32", "auto"), ("float32", "cpu"), ("bfloat16", "auto"), ("bfloat16", "cpu")]
 
 
 @pytest.mark.parametrize("dtype_name, backend", DTYPE_PATHS, ids=[f"{d}-{b}" for d, b in DTYPE_PATHS])

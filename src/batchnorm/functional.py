@@ -325,23 +325,25 @@ def _update_from_invstd(
     return updated
 
 
-# CPU float32 calls up to this many elements run on torch's kernel in "auto": there the cost of a
-# call is mostly fixed overhead, and torch's C++ dispatch has less of it than our Python and
-# ctypes. With autograd, our Python autograd.Function alone costs ~20 us a step more than
-# torch's C++ node; eval and forward-only training lose a few microseconds of checks and ctypes.
-# Measured on 2 cores where our kernel starts to win (benchmarks/README.md, "Small tensors").
+# Small CPU calls (float32, bfloat16) of up to this many elements run on torch's kernel in
+# "auto": the cost of such a call is mostly fixed overhead, and torch's C++ dispatch has less of
+# it than our Python and ctypes. With autograd, our Python autograd.Function alone costs ~20 us
+# a step more than torch's C++ node; eval and forward-only training lose a few microseconds of
+# checks and ctypes. Measured on 2 cores where our kernel starts to win (benchmarks/README.md,
+# "Small tensors").
 NATIVE_MAX_ELEMS = {"train_grad": 1 << 16, "train": 1 << 14, "eval": 1 << 16}
 
 
 def _native_is_cheaper(mode: str, input: Tensor, *params: Tensor | None) -> bool:
-    """Whether torch's kernel runs this call faster than ours: a small float32 tensor with float32 params.
+    """Whether torch's kernel runs this call faster than ours: a small float32 or bfloat16 tensor.
 
-    Training with float32 input only: for bfloat16 input torch's kernel may return invstd in
-    bfloat16 (without weight), too coarse for the running variance.
+    params (weight and bias; in eval also the running statistics) must be float32 or None.
+    Training on bfloat16 needs a weight or a bias: without either, torch's kernel returns the
+    batch's invstd in bfloat16, too coarse for the running variance.
     """
-    if input.numel() > NATIVE_MAX_ELEMS[mode]:
+    if input.numel() > NATIVE_MAX_ELEMS[mode] or input.dtype not in (torch.float32, torch.bfloat16):
         return False
-    if input.dtype is not torch.float32 and not (mode == "eval" and input.dtype is torch.bfloat16):
+    if input.dtype is torch.bfloat16 and mode != "eval" and params[0] is None and params[1] is None:
         return False
     return all(p is None or p.dtype is torch.float32 for p in params)
 
