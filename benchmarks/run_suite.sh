@@ -3,6 +3,7 @@
 # then print the table as markdown (for benchmarks/README.md).
 #
 #   benchmarks/run_suite.sh --quick                 # cpu-<cpu>-<cores>core-quick.json
+#   benchmarks/run_suite.sh --small                 # cpu-<cpu>-<cores>core-small.json
 #   benchmarks/run_suite.sh                         # the full suite (28 cases)
 #   benchmarks/run_suite.sh --device cuda           # cuda-<gpu>-full.json
 #
@@ -18,6 +19,7 @@ device=cpu
 prev=
 for arg in "$@"; do
     [[ $arg == --quick ]] && suite=quick
+    [[ $arg == --small ]] && suite=small
     [[ $prev == --device ]] && device=$arg
     [[ $arg == --device=* ]] && device=${arg#--device=}
     [[ $arg == --json* ]] && { echo "run_suite.sh chooses the JSON path itself; drop --json" >&2; exit 2; }

@@ -575,7 +575,7 @@ def _run_mode(
 def _fmt_ms(v: float | None) -> str:
     if v is None:
         return "—"
-    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+    return f"{v:.4f}" if v < 0.1 else f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
 
 
 def _fmt_x(v: float | None) -> str:
