@@ -279,7 +279,7 @@ def _load(lib_path: Path) -> ctypes.CDLL:
 def _last_level_cache_bytes() -> int:
     """The largest CPU cache from Linux sysfs (32 MiB where unknown).
 
-    Passes whose tensors do not fit in it write their output with streaming stores. sysfs, not
+    Passes whose tensors fill or exceed it write their output with streaming stores. sysfs, not
     sysconf: in virtual machines sysconf(_SC_LEVEL3_CACHE_SIZE) can report the host's cache.
     """
     best = (0, 32 << 20)
@@ -297,7 +297,7 @@ def _last_level_cache_bytes() -> int:
 
 
 def _set_streaming_threshold(nbytes: int) -> None:
-    """Set the cache size the kernel assumes: passes whose tensors exceed it get streaming stores.
+    """Set the cache size the kernel assumes: passes whose tensors fill or exceed it get streaming stores.
 
     0: always, -1: never; the default is the last-level cache size. For tests and benchmarks.
     """
