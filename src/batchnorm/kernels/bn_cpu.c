@@ -1181,16 +1181,28 @@ int bn_inference(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B
 
 /* Eval-mode BN from the running statistics (float32 (C,); w, b may be NULL):
  * y = x * scale + shift, scale = w * (var + eps)^-1/2, shift = b - mean * scale. */
+INLINE void eval_coeffs(int64_t C, const float *mean, const float *var, const float *w, const float *b, double eps,
+                        float *scale, float *shift, int has_w, int has_b) {
+    for (int64_t c = 0; c < C; c++) { /* has_w, has_b constant: no branch, so it vectorizes */
+        double sc = 1.0 / sqrt((double)var[c] + eps);
+        if (has_w) sc *= (double)w[c];
+        scale[c] = (float)sc;
+        shift[c] = (float)((has_b ? (double)b[c] : 0.0) - (double)mean[c] * sc);
+    }
+}
+
 int bn_eval(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *mean, const float *var,
             const float *w, const float *b, double eps, int nthreads) {
     float *coef = malloc(sizeof(float) * 2 * (size_t)C);
     if (!coef) return 1;
-    for (int64_t c = 0; c < C; c++) {
-        double sc = 1.0 / sqrt((double)var[c] + eps);
-        if (w) sc *= (double)w[c];
-        coef[c] = (float)sc;
-        coef[C + c] = (float)((b ? (double)b[c] : 0.0) - (double)mean[c] * sc);
-    }
+    if (w && b)
+        eval_coeffs(C, mean, var, w, b, eps, coef, coef + C, 1, 1);
+    else if (w)
+        eval_coeffs(C, mean, var, w, b, eps, coef, coef + C, 1, 0);
+    else if (b)
+        eval_coeffs(C, mean, var, w, b, eps, coef, coef + C, 0, 1);
+    else
+        eval_coeffs(C, mean, var, w, b, eps, coef, coef + C, 0, 0);
     int rc = bn_inference(dt, x, y, A, C, B, coef, coef + C, nthreads);
     free(coef);
     return rc;

@@ -31,7 +31,7 @@ faults of a fresh 100 MB output cost more than the pass itself. BATCHNORM_NO_HUG
 turns the advice off.
 
 Build: on first use (`available()`, `supports()` or a kernel call) `bn_cpu.c` is compiled with
-$CC (default `cc`, else `gcc`) and `-O3 -march=native -fopenmp -shared -fPIC` (plus
+$CC (default `cc`, else `gcc`) and `-O3 -march=native -fno-math-errno -fopenmp -shared -fPIC` (plus
 $BATCHNORM_KERNEL_CFLAGS) into $BATCHNORM_CACHE (default ~/.cache/batchnorm)/<hash of source,
 compiler, flags, CPU>/libbn_cpu.so, about 1.5 s, once per machine and source version (old
 directories may be deleted). Compiling goes to a temporary name and is renamed into place
@@ -83,7 +83,7 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("bn_cpu.c")
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 _ABI_VERSION = 4  # bn_abi_version() of a library built from the current bn_cpu.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
 _COMPILE_TIMEOUT_S = 120
