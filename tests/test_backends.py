@@ -118,3 +118,17 @@ def test_auto_gives_small_float32_calls_to_torchs_kernel(shape, monkeypatch):
     assert path(small.bfloat16(), rm, rv, None, None, True) == "ours"
     with F.use_backend("cpu"):  # forcing the kernel still means the kernel
         assert path(small, rm, rv, w, b, True) == "ours"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_axis_output_keeps_the_input_layout(backend):
+    """BatchNorm(axis=-1) on contiguous (N, L, C): y and dx contiguous too, on every path."""
+    x = torch.randn(4, 6, 8, requires_grad=True)
+    layer = bn.BatchNorm(8, axis=-1)
+    with F.use_backend(backend):
+        for training in (True, False):
+            layer.train(training)
+            y = layer(x)
+            assert y.is_contiguous(), (training, y.stride())
+            (dx,) = torch.autograd.grad(y, x, torch.randn_like(y))
+            assert dx.shape == x.shape

@@ -199,11 +199,8 @@ def batch_norm_with_status(
         stats = input.new_zeros(C, dtype=_acc_dtype(input.dtype))
         return _inference(input, stats, stats + 1, weight, bias, eps, axis), True
 
-    if _backend == "auto" and input.is_cpu:
-        mode = "train_grad" if _wants_grad(input, weight, bias) else "train"
-        path = "torch" if _native_is_cheaper(mode, input, weight, bias) else _pick_path(input, axis)
-    else:
-        path = _pick_path(input, axis)
+    mode = "train_grad" if _wants_grad(input, weight, bias) else "train"
+    path = "torch" if _native_is_cheaper(mode, input, axis, weight, bias) else _pick_path(input, axis)
     if path == "torch":
         y, mean, invstd = _torch_train(input, weight, bias, eps, axis)
         if running_mean is None:
@@ -211,7 +208,7 @@ def batch_norm_with_status(
         return y, _update_from_invstd(running_mean, running_var, mean, invstd, input.numel() // C, eps, momentum)
     # The CPU kernel updates float32 running statistics itself, in the same call.
     fused = _FusedUpdate.make(path, running_mean, running_var, momentum)
-    if path == "cpu" and not _wants_grad(input, weight, bias):
+    if path == "cpu" and mode == "train":  # nothing for autograd to record: the kernel alone
         y, mean, var, _ = _cpu_forward(input, weight, bias, eps, axis, fused)
     else:
         y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps, axis, path, fused)
@@ -310,7 +307,11 @@ def _to_axis1(t: Tensor, axis: int) -> Tensor:
 def _torch_train(input: Tensor, weight, bias, eps: float, axis: int) -> tuple[Tensor, Tensor, Tensor]:
     """PyTorch's kernel: y and the batch's (mean, invstd); autograd through torch's backward."""
     y, mean, invstd = torch.native_batch_norm(_to_axis1(input, axis), weight, bias, None, None, True, 0.0, eps)
-    return (y if axis == 1 else y.movedim(1, axis)), mean.detach(), invstd.detach()
+    if axis != 1:
+        y = y.movedim(1, axis)
+        if input.is_contiguous() and not y.is_contiguous():  # torch lays y out for the moved view
+            y = y.contiguous()
+    return y, mean.detach(), invstd.detach()
 
 
 def _update_from_invstd(
@@ -335,14 +336,17 @@ def _update_from_invstd(
 NATIVE_MAX_ELEMS = {"train_grad": 1 << 16, "train": 1 << 14, "eval": 1 << 16}
 
 
-def _native_is_cheaper(mode: str, input: Tensor, *params: Tensor | None) -> bool:
-    """Whether torch's kernel runs this call faster than ours: a small float32 or bfloat16 tensor.
+def _native_is_cheaper(mode: str, input: Tensor, axis: int, *params: Tensor | None) -> bool:
+    """Whether "auto" gives this call to torch's kernel: a small float32 or bfloat16 CPU tensor, channels on axis 1.
 
     params (weight and bias; in eval also the running statistics) must be float32 or None.
     Training on bfloat16 needs a weight or a bias: without either, torch's kernel returns the
-    batch's invstd in bfloat16, too coarse for the running variance.
+    batch's invstd in bfloat16, too coarse for the running variance. Axis 1 only: torch's
+    kernel would lay out the output of a moved view differently from the input.
     """
-    if input.numel() > NATIVE_MAX_ELEMS[mode] or input.dtype not in (torch.float32, torch.bfloat16):
+    if _backend != "auto" or axis != 1 or not input.is_cpu or input.numel() > NATIVE_MAX_ELEMS[mode]:
+        return False
+    if input.dtype not in (torch.float32, torch.bfloat16):
         return False
     if input.dtype is torch.bfloat16 and mode != "eval" and params[0] is None and params[1] is None:
         return False
@@ -490,10 +494,8 @@ def _inference(
     """
     path = None
     if fast and input.numel() and not _wants_grad(input, mean, var, weight, bias):
-        if _backend == "auto" and input.is_cpu and _native_is_cheaper("eval", input, mean, var, weight, bias):
-            path = "torch"
-        else:
-            path = _pick_path(input, axis)
+        cheaper = _native_is_cheaper("eval", input, axis, mean, var, weight, bias)
+        path = "torch" if cheaper else _pick_path(input, axis)
         if path == "cpu":  # scale and shift are computed inside the kernel
             return _cpu.eval_forward(input, mean, var, weight, bias, eps, axis)
         if path == "torch":
