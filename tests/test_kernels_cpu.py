@@ -42,6 +42,7 @@ LAYOUTS = [
     pytest.param((6, 1, 4, 4), CL, 1, id="c1-nhwc"),
     pytest.param((37, 1), None, 1, id="2d-c1"),
     pytest.param((3, 2, 9000), None, 1, id="planes-chunked"),  # B over one chunk (f32 and bf16)
+    pytest.param((9, 5, 7, 7), None, 1, id="nchw-7x7"),  # 45 whole planes: two batches of 16 and 13 alone
 ]
 # Big enough for two threads (the kernel gives each at least 32K elements).
 LAYOUTS_MT = [
@@ -52,6 +53,7 @@ LAYOUTS_MT = [
     pytest.param((200, 512), None, 1, id="mt-2d-c512"),  # wide rows on two threads
     pytest.param((2, 1, 180, 190), None, 1, id="mt-c1"),
     pytest.param((64, 200, 6), None, 1, id="mt-3d-b6"),  # rows path with B > 1
+    pytest.param((64, 41, 7, 7), None, 1, id="mt-nchw-7x7"),  # 2624 planes in batches of 16, split unevenly
 ]
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
 

@@ -245,50 +245,112 @@ INLINE __m512 VLDM(const void *p, int64_t i, __mmask16 k, int dt) {
 
 INLINE __mmask16 first_lanes(int64_t n) { return (__mmask16)((1u << n) - 1u); }
 
+/* Pass 1 of seg_stats over n >= 1 contiguous values: a0, a1 += x - x0 (the last partial vector masked). */
+INLINE void seg_sum(const void *x, int64_t off, int64_t n, __m512 x0, int dt, __m512 *a0, __m512 *a1) {
+    int64_t i = 0;
+    for (; i + 2 * VEC <= n; i += 2 * VEC) {
+        *a0 = _mm512_add_ps(*a0, _mm512_sub_ps(VLD(x, off + i, dt), x0));
+        *a1 = _mm512_add_ps(*a1, _mm512_sub_ps(VLD(x, off + i + VEC, dt), x0));
+    }
+    if (i + VEC <= n) {
+        *a0 = _mm512_add_ps(*a0, _mm512_sub_ps(VLD(x, off + i, dt), x0));
+        i += VEC;
+    }
+    if (i < n) {
+        const __mmask16 k = first_lanes(n - i);
+        *a1 = _mm512_add_ps(*a1, _mm512_maskz_sub_ps(k, VLDM(x, off + i, k, dt), x0));
+    }
+}
+
+/* Pass 2: a0, a1 += ((x - x0) - dm)^2. */
+INLINE void seg_sq(const void *x, int64_t off, int64_t n, __m512 x0, __m512 dm, int dt, __m512 *a0, __m512 *a1) {
+    int64_t i = 0;
+    for (; i + 2 * VEC <= n; i += 2 * VEC) {
+        __m512 d0 = _mm512_sub_ps(_mm512_sub_ps(VLD(x, off + i, dt), x0), dm);
+        __m512 d1 = _mm512_sub_ps(_mm512_sub_ps(VLD(x, off + i + VEC, dt), x0), dm);
+        *a0 = _mm512_fmadd_ps(d0, d0, *a0);
+        *a1 = _mm512_fmadd_ps(d1, d1, *a1);
+    }
+    if (i + VEC <= n) {
+        __m512 d0 = _mm512_sub_ps(_mm512_sub_ps(VLD(x, off + i, dt), x0), dm);
+        *a0 = _mm512_fmadd_ps(d0, d0, *a0);
+        i += VEC;
+    }
+    if (i < n) {
+        const __mmask16 k = first_lanes(n - i);
+        __m512 d1 = _mm512_maskz_sub_ps(k, _mm512_sub_ps(VLDM(x, off + i, k, dt), x0), dm);
+        *a1 = _mm512_fmadd_ps(d1, d1, *a1);
+    }
+}
+
 /* Mean and M2 of n >= 1 contiguous values x[off : off+n], by two passes (the chunk is in L1):
  * two vector accumulators, the last partial vector through a masked load. */
 INLINE void seg_stats(const void *x, int64_t off, int64_t n, int dt, double *mean, double *m2) {
     const float x0f = LD(x, off, dt);
     const __m512 x0 = _mm512_set1_ps(x0f);
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 2 * VEC <= n; i += 2 * VEC) {
-        a0 = _mm512_add_ps(a0, _mm512_sub_ps(VLD(x, off + i, dt), x0));
-        a1 = _mm512_add_ps(a1, _mm512_sub_ps(VLD(x, off + i + VEC, dt), x0));
-    }
-    if (i + VEC <= n) {
-        a0 = _mm512_add_ps(a0, _mm512_sub_ps(VLD(x, off + i, dt), x0));
-        i += VEC;
-    }
-    __mmask16 k = first_lanes(n - i);
-    if (i < n) a1 = _mm512_add_ps(a1, _mm512_maskz_sub_ps(k, VLDM(x, off + i, k, dt), x0));
+    seg_sum(x, off, n, x0, dt, &a0, &a1);
     const float dmf = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) / (float)n; /* mean of x - x0 */
-    const __m512 dm = _mm512_set1_ps(dmf);
-
     a0 = a1 = _mm512_setzero_ps();
-    for (i = 0; i + 2 * VEC <= n; i += 2 * VEC) {
-        __m512 d0 = _mm512_sub_ps(_mm512_sub_ps(VLD(x, off + i, dt), x0), dm);
-        __m512 d1 = _mm512_sub_ps(_mm512_sub_ps(VLD(x, off + i + VEC, dt), x0), dm);
-        a0 = _mm512_fmadd_ps(d0, d0, a0);
-        a1 = _mm512_fmadd_ps(d1, d1, a1);
-    }
-    if (i + VEC <= n) {
-        __m512 d0 = _mm512_sub_ps(_mm512_sub_ps(VLD(x, off + i, dt), x0), dm);
-        a0 = _mm512_fmadd_ps(d0, d0, a0);
-        i += VEC;
-    }
-    if (i < n) {
-        __m512 d1 = _mm512_maskz_sub_ps(k, _mm512_sub_ps(VLDM(x, off + i, k, dt), x0), dm);
-        a1 = _mm512_fmadd_ps(d1, d1, a1);
-    }
+    seg_sq(x, off, n, x0, _mm512_set1_ps(dmf), dt, &a0, &a1);
     *mean = (double)x0f + (double)dmf;
     *m2 = (double)_mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
-/* sum(dy) and sum(dy * (x - mu)) over n contiguous values at off (masked lanes load dy = 0). */
-INLINE void seg_grad_sums(const void *dy, const void *x, int64_t off, int64_t n, float mu, int dt,
-                          double *s1, double *s2) {
-    const __m512 m = _mm512_set1_ps(mu);
+/* Lane j = the sum of v[j]'s 16 lanes, for j < 16: four levels of shuffles and adds (30
+ * instructions for 16 horizontal sums, against about 8 each one at a time), then the 4x4
+ * transpose of lanes those levels leave. */
+INLINE __m512 reduce16(const __m512 *v) {
+    __m512 u[8], w[4], z[2];
+    for (int i = 0; i < 8; i++) /* 512 -> 256 bits: v[2i] in lanes 0-7, v[2i+1] in 8-15 */
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++) /* 256 -> 128 */
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++) /* 128 -> 64, within 128-bit lanes */
+        z[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+}
+
+/* 16 float32 lanes to 16 doubles at out. */
+INLINE void store16_pd(double *out, __m512 v) {
+    _mm512_storeu_pd(out, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    _mm512_storeu_pd(out + 8, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+
+/* seg_stats of the 16 whole planes p0 .. p0+15 of B values each (their data in L1 after the
+ * first pass), into r1/r2[p0 ..]: the same two passes per plane, the horizontal sums 16 at a
+ * time. For 7x7 planes one reduction per plane and pass was most of the statistics' time. */
+INLINE void planes16_stats(const void *x, int64_t p0, int64_t B, int dt, double *r1, double *r2) {
+    __m512 v[16];
+    float x0a[16];
+    for (int j = 0; j < 16; j++) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        x0a[j] = LD(x, (p0 + j) * B, dt);
+        seg_sum(x, (p0 + j) * B, B, _mm512_set1_ps(x0a[j]), dt, &a0, &a1);
+        v[j] = _mm512_add_ps(a0, a1);
+    }
+    const __m512 dm = _mm512_div_ps(reduce16(v), _mm512_set1_ps((float)B)); /* mean of x - x0, per plane */
+    for (int j = 0; j < 16; j++) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        seg_sq(x, (p0 + j) * B, B, _mm512_set1_ps(x0a[j]), _mm512_permutexvar_ps(_mm512_set1_epi32(j), dm), dt,
+               &a0, &a1);
+        v[j] = _mm512_add_ps(a0, a1);
+    }
+    const __m512 x0 = _mm512_loadu_ps(x0a);
+    double mx[16], md[16];
+    store16_pd(mx, x0);
+    store16_pd(md, dm);
+    for (int j = 0; j < 16; j++) r1[p0 + j] = mx[j] + md[j]; /* as seg_stats: x0 + dm in double */
+    store16_pd(r2 + p0, reduce16(v));
+}
+
+/* sum(dy) and sum(dy * (x - m)) over n contiguous values at off, as vectors (masked lanes load dy = 0). */
+INLINE void seg_grad_acc(const void *dy, const void *x, int64_t off, int64_t n, __m512 m, int dt, __m512 *s1,
+                         __m512 *s2) {
     __m512 a1 = _mm512_setzero_ps(), b1 = a1, a2 = a1, b2 = a1;
     int64_t i = 0;
     for (; i + 2 * VEC <= n; i += 2 * VEC) {
@@ -304,8 +366,30 @@ INLINE void seg_grad_sums(const void *dy, const void *x, int64_t off, int64_t n,
         a1 = _mm512_add_ps(a1, g);
         a2 = _mm512_fmadd_ps(g, _mm512_sub_ps(VLDM(x, off + i, k, dt), m), a2);
     }
-    *s1 = (double)_mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
-    *s2 = (double)_mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+    *s1 = _mm512_add_ps(a1, b1);
+    *s2 = _mm512_add_ps(a2, b2);
+}
+
+/* sum(dy) and sum(dy * (x - mu)) over n contiguous values at off. */
+INLINE void seg_grad_sums(const void *dy, const void *x, int64_t off, int64_t n, float mu, int dt,
+                          double *s1, double *s2) {
+    __m512 v1, v2;
+    seg_grad_acc(dy, x, off, n, _mm512_set1_ps(mu), dt, &v1, &v2);
+    *s1 = (double)_mm512_reduce_add_ps(v1);
+    *s2 = (double)_mm512_reduce_add_ps(v2);
+}
+
+/* seg_grad_sums of the 16 whole planes p0 .. p0+15 (channel of plane p: p % C), into
+ * r1/r2[p0 ..], the horizontal sums 16 at a time (see planes16_stats). */
+INLINE void planes16_grad(const void *dy, const void *x, const float *mu, int64_t p0, int64_t C, int64_t B, int dt,
+                          double *r1, double *r2) {
+    __m512 v1[16], v2[16];
+    for (int64_t j = 0, c = p0 % C; j < 16; j++) {
+        seg_grad_acc(dy, x, (p0 + j) * B, B, _mm512_set1_ps(mu[c]), dt, &v1[j], &v2[j]);
+        if (++c == C) c = 0;
+    }
+    store16_pd(r1 + p0, reduce16(v1));
+    store16_pd(r2 + p0, reduce16(v2));
 }
 #else
 /* Mean and M2 of n >= 1 contiguous values x[off : off+n], by two passes (the chunk is in L1).
@@ -377,6 +461,22 @@ INLINE void planes_units(const void *x, const void *dy, const float *mu, int64_t
     plane_chunks(B, dt, &nch, &L);
     part(A * C * nch, t, T, &lo, &hi);
     if (lo >= hi) return;
+#if HAVE_AVX512
+    if (nch == 1) { /* whole planes: unit = plane = slot; 16 at a time */
+        int64_t p = lo;
+        for (; p + 16 <= hi; p += 16)
+            if (grad)
+                planes16_grad(dy, x, mu, p, C, B, dt, r1, r2);
+            else
+                planes16_stats(x, p, B, dt, r1, r2);
+        for (; p < hi; p++)
+            if (grad)
+                seg_grad_sums(dy, x, p * B, B, mu[p % C], dt, &r1[p], &r2[p]);
+            else
+                seg_stats(x, p * B, B, dt, &r1[p], &r2[p]);
+        return;
+    }
+#endif
     int64_t p = lo / nch, k = lo % nch, c = p % C, a = p / C; /* advanced without division */
     for (int64_t u = lo; u < hi; u++) {
         int64_t start = k * L, n = (B - start) < L ? (B - start) : L;
