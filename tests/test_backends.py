@@ -102,11 +102,11 @@ def test_auto_gives_small_float32_calls_to_torchs_kernel(shape, monkeypatch):
         F.batch_norm(*args, **kwargs)
         return calls[0] if calls else "ours"
 
+    before = rm.clone()
     assert path(small, rm, rv, w, b, True) == "_torch_train"
+    assert not torch.equal(rm, before)  # the running statistics move on this path too
     with torch.no_grad():
-        before = rm.clone()
-        assert path(small, rm, rv, w, b, True) == "_torch_train"
-        assert not torch.equal(rm, before)  # the running statistics move on this path too
+        assert path(small, rm, rv, w, b, True) == "ours"  # no autograd: our kernel, one call
         assert path(small, rm, rv, w, b, False) == "_torch_eval"
         assert path(small.bfloat16(), rm, rv, w, b, False) == "_torch_eval"
         assert path(small, rm, rv, w.double(), b, False) == "ours"  # params torch's kernel does not take
