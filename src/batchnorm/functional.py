@@ -329,12 +329,12 @@ def _update_from_invstd(
 
 # Small CPU calls (float32, bfloat16) of up to this many elements run on torch's kernel in
 # "auto": there a call costs mostly fixed overhead. With autograd our Python autograd.Function
-# alone costs ~20 us a step more than torch's C++ node; in eval torch's call is ~1 us cheaper
-# than our ctypes call up to ~16K elements. Training without autograd stays on our kernel at
-# every size: it updates the running statistics in the same call, where torch's kernel needs a
-# second one (our checks) and was 2 us slower at 8K elements. Measured on 2 cores
-# (benchmarks/README.md, "Small tensors").
-NATIVE_MAX_ELEMS = {"train_grad": 1 << 16, "train": 0, "eval": 1 << 14}
+# alone costs ~20 us a step more than torch's C++ node; in eval torch's call has less fixed cost
+# than our ctypes call (`bench --small`: 0.71x -> 0.79x with eval routed up to 65536 elements
+# rather than 16384). Training without autograd stays on our kernel at every size: it updates
+# the running statistics in the same call, where torch's kernel needs a second one (our rule),
+# 2 us slower at 8K elements. Measured on 2 cores (benchmarks/README.md, "Small tensors").
+NATIVE_MAX_ELEMS = {"train_grad": 1 << 16, "train": 0, "eval": 1 << 16}
 
 
 def _native_is_cheaper(mode: str, input: Tensor, axis: int, *params: Tensor | None) -> bool:
