@@ -43,6 +43,7 @@ LAYOUTS = [
     pytest.param((37, 1), None, 1, id="2d-c1"),
     pytest.param((3, 2, 9000), None, 1, id="planes-chunked"),  # B over one chunk (f32 and bf16)
     pytest.param((9, 5, 7, 7), None, 1, id="nchw-7x7"),  # 45 whole planes: two batches of 16 and 13 alone
+    pytest.param((2, 500, 4, 5), None, 1, id="nchw-b20-wide"),  # planes (rows too wide) of 20: overlapping tails
 ]
 # Big enough for two threads (the kernel gives each at least 32K elements).
 LAYOUTS_MT = [
