@@ -300,6 +300,15 @@ def _pick_path(input: Tensor, axis: int) -> str:
     return name
 
 
+def _kernel_layout(input: Tensor, axis: int) -> tuple[int, int, int] | None:
+    """(A, C, B) if the backend ("auto" or "cpu") runs this input on the CPU kernel, else None.
+
+    `_pick_path` in one lookup, handed on to the kernel call: in a busy process every Python
+    layer of a call costs microseconds (benchmarks/kernel_notes.md).
+    """
+    return _cpu.layout(input, axis) if _backend in ("auto", "cpu") and input.is_cpu else None
+
+
 def _to_axis1(t: Tensor, axis: int) -> Tensor:
     return t if axis == 1 else t.movedim(axis, 1)
 
@@ -495,10 +504,12 @@ def _inference(
     """
     path = None
     if fast and input.numel() and not _wants_grad(input, mean, var, weight, bias):
-        cheaper = _native_is_cheaper("eval", input, axis, mean, var, weight, bias)
-        path = "torch" if cheaper else _pick_path(input, axis)
-        if path == "cpu":  # scale and shift are computed inside the kernel
-            return _cpu.eval_forward(input, mean, var, weight, bias, eps, axis)
+        if _native_is_cheaper("eval", input, axis, mean, var, weight, bias):
+            return _torch_eval(input, mean, var, weight, bias, eps, axis)
+        acb = _kernel_layout(input, axis)
+        if acb is not None:  # scale and shift are computed inside the kernel
+            return _cpu.eval_forward(input, mean, var, weight, bias, eps, axis, acb)
+        path = _pick_path(input, axis)
         if path == "torch":
             return _torch_eval(input, mean, var, weight, bias, eps, axis)
     acc = _acc_dtype(input.dtype)

@@ -73,6 +73,7 @@ __all__ = [
     "can_update",
     "eval_forward",
     "inference",
+    "layout",
     "library_path",
     "supports",
     "train_backward",
@@ -370,6 +371,12 @@ def _empty_like(x: Tensor) -> Tensor:
     return out
 
 
+def layout(x: Tensor, axis: int) -> tuple[int, int, int] | None:
+    """(A, C, B) of x if `supports(x, axis)`, else None: what `eval_forward` may be handed as `acb`."""
+    acb = _canonical(x, axis)
+    return acb if acb is not None and available() else None
+
+
 def supports(x: Tensor, axis: int) -> bool:
     """True if the kernel is available and runs on x as it is (no copy of x).
 
@@ -572,13 +579,18 @@ def eval_forward(
     bias: Tensor | None,
     eps: float,
     axis: int,
+    acb: tuple[int, int, int] | None = None,
 ) -> Tensor:
     """Eval-mode BN in one call: y = x * scale + shift, scale = w * (var + eps)**-1/2, shift = b - mean * scale.
 
     mean, var (the running statistics), weight and bias: (C,) of any float dtype (used as float32;
     weight, bias may be None). The coefficients are computed in float64 inside the kernel.
+    acb: `layout(x, axis)` if the caller has it (saves the lookup).
     """
-    lib, A, C, B = _prepare(x, axis)
+    if acb is None:
+        lib, A, C, B = _prepare(x, axis)
+    else:
+        lib, (A, C, B) = _lib, acb
     mu, v = _vector(mean, C, "mean"), _vector(var, C, "var")
     w, b = _vector(weight, C, "weight"), _vector(bias, C, "bias")
     y = _empty_like(x)
