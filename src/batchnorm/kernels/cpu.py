@@ -384,7 +384,7 @@ def supports(x: Tensor, axis: int) -> bool:
     (A, C, B) block in memory order (contiguous, channels_last, channels_last_3d, (N, L, C)
     with axis=-1, any dense permutation). Compiles the kernel on the first call.
     """
-    return _canonical(x, axis) is not None and available()
+    return layout(x, axis) is not None
 
 
 def _prepare(x: Tensor, axis: int) -> tuple[ctypes.CDLL, int, int, int]:
