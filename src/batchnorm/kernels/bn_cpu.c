@@ -541,7 +541,11 @@ INLINE __m512 opv(int op, const void *x, const void *dy, int64_t i, __m512 m, __
 #endif
 
 #if HAVE_AVX512
-/* The elementwise pass with regular stores for planes of B >= 16 values: plane by plane, whole
+#define PLANE_LOOP_MAX 4096 /* longest planes for planes_elementwise_cached (threads split whole planes) */
+
+/* The elementwise pass with regular stores for planes of 16 <= B <= PLANE_LOOP_MAX values
+ * (longer planes gain nothing, and a thread's share must not hang on few long planes: one
+ * (1, 3, 224, 224) image would split 2:1): plane by plane, whole
  * vectors, and the plane's last vector ending at its end, overlapping the one before (the
  * overlap is written twice with the same values): no masks and no per-vector bookkeeping.
  * For 7x7 planes the straddling loop below spent most of its instructions on the latter
@@ -566,12 +570,12 @@ INLINE void planes_elementwise_cached(int op, const void *x, const void *dy, voi
  * lanes from there on take the next plane's coefficients (masked blend). So short planes
  * (7x7) cost no scalar heads and tails, and a cache line is never written half by streaming
  * and half by regular stores. Thread shares are multiples of 64 elements; only the end of
- * the tensor can be a partial vector (masked store). With regular stores and B >= 16:
- * planes_elementwise_cached. */
+ * the tensor can be a partial vector (masked store). With regular stores and 16 <= B <=
+ * PLANE_LOOP_MAX: planes_elementwise_cached. */
 INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C,
                                int64_t B, const float *m, const float *s, const float *b, const float *h,
                                int stream, int dt, int t, int T) {
-    if (!stream && B >= VEC) {
+    if (!stream && B >= VEC && B <= PLANE_LOOP_MAX) {
         planes_elementwise_cached(op, x, dy, out, P, C, B, m, s, b, h, dt, t, T);
         return;
     }
