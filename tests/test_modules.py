@@ -209,3 +209,29 @@ def test_in_a_model_backward_reaches_every_parameter():
     model(torch.randn(8, 5)).sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")  # torch.jit, imported by inductor
+def test_layer_under_torch_compile_matches_torch():
+    """torch.compile of our layer (Dynamo breaks the graph at the kernel calls) computes what torch's layer does:
+    small inputs (torch's kernel under our checks) and larger ones (our C kernel), training then eval."""
+    torch.manual_seed(0)
+    ours, theirs = bn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    compiled = torch.compile(ours)
+    for shape in [(2, 4, 3, 3), (8, 4, 48, 48)]:  # 72 and 73728 elements: both sides of NATIVE_MAX_ELEMS
+        x = (torch.randn(shape) * 2 + 1).requires_grad_()
+        ya, yb = compiled(x), theirs(x)
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(ya)
+        ga = torch.autograd.grad(ya, (x, ours.weight, ours.bias), g)
+        gb = torch.autograd.grad(yb, (x, theirs.weight, theirs.bias), g)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-5, atol=1e-6)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(8, 4, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), theirs(x), rtol=1e-5, atol=1e-5)
