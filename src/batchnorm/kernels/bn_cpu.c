@@ -1008,6 +1008,12 @@ INLINE void expand(rows_shape s, const float *per_channel, float *v, int64_t lo,
 /* ------------------------------------------------------------------ per-channel epilogues */
 
 /* Forward: from (mean, M2) of channel c, the outputs and the apply coefficients. */
+/* fn(..., has_w, has_b) with the two flags as constants, one call per combination, so that the
+ * per-channel loop inside fn has no branch and vectorizes. */
+#define BY_WEIGHT_BIAS(w, b, fn, ...)                                                               \
+    ((w) && (b) ? fn(__VA_ARGS__, 1, 1)                                                            \
+                : (w) ? fn(__VA_ARGS__, 1, 0) : (b) ? fn(__VA_ARGS__, 0, 1) : fn(__VA_ARGS__, 0, 0))
+
 INLINE void fwd_coeffs_loop(int64_t c0, int64_t c1, const double *restrict cmean, const double *restrict cm2,
                             double m, const float *restrict w, const float *restrict b, double eps,
                             float *restrict mean_out, float *restrict var_out, float *restrict ctr,
@@ -1031,14 +1037,7 @@ INLINE void fwd_coeffs_loop(int64_t c0, int64_t c1, const double *restrict cmean
 static void fwd_coeffs(int64_t c0, int64_t c1, const double *cmean, const double *cm2, double m, const float *w,
                        const float *b, double eps, float *mean_out, float *var_out, float *ctr, float *scale,
                        float *shift) {
-    if (w && b)
-        fwd_coeffs_loop(c0, c1, cmean, cm2, m, w, b, eps, mean_out, var_out, ctr, scale, shift, 1, 1);
-    else if (w)
-        fwd_coeffs_loop(c0, c1, cmean, cm2, m, w, b, eps, mean_out, var_out, ctr, scale, shift, 1, 0);
-    else if (b)
-        fwd_coeffs_loop(c0, c1, cmean, cm2, m, w, b, eps, mean_out, var_out, ctr, scale, shift, 0, 1);
-    else
-        fwd_coeffs_loop(c0, c1, cmean, cm2, m, w, b, eps, mean_out, var_out, ctr, scale, shift, 0, 0);
+    BY_WEIGHT_BIAS(w, b, fwd_coeffs_loop, c0, c1, cmean, cm2, m, w, b, eps, mean_out, var_out, ctr, scale, shift);
 }
 
 /* Backward: dx = k*dy + b*(x - mean) + c' with k = w*invstd, b = -k*invstd^2*s2/m, c' = -k*s1/m. */
@@ -1346,14 +1345,7 @@ int bn_eval(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, con
             const float *w, const float *b, double eps, int nthreads) {
     float *coef = malloc(sizeof(float) * 2 * (size_t)C);
     if (!coef) return 1;
-    if (w && b)
-        eval_coeffs(C, mean, var, w, b, eps, coef, coef + C, 1, 1);
-    else if (w)
-        eval_coeffs(C, mean, var, w, b, eps, coef, coef + C, 1, 0);
-    else if (b)
-        eval_coeffs(C, mean, var, w, b, eps, coef, coef + C, 0, 1);
-    else
-        eval_coeffs(C, mean, var, w, b, eps, coef, coef + C, 0, 0);
+    BY_WEIGHT_BIAS(w, b, eval_coeffs, C, mean, var, w, b, eps, coef, coef + C);
     int rc = bn_inference(dt, x, y, A, C, B, coef, coef + C, nthreads);
     free(coef);
     return rc;
