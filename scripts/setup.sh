@@ -32,4 +32,12 @@ if [ "$extras" = "lab,dev" ] && ! command -v chromium >/dev/null 2>&1; then
             >/dev/null 2>&1 || echo "setup: chromium could not be installed; the browser test will skip"
     fi
 fi
+# Build the CPU kernel now (once per machine, ~15 s with its C++ entry points) rather than in
+# the first call; if it cannot be built, say why: batchnorm then runs on torch's ops.
+echo "setup: building the CPU kernel"
+.venv/bin/python - <<'PY'
+from batchnorm.kernels import cpu
+if cpu.extension() is None:
+    print("setup: note:", cpu.why_unavailable() or cpu.extension_why_unavailable())
+PY
 echo "setup: done; run .venv/bin/batchnorm --help"

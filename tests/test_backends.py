@@ -85,9 +85,16 @@ def test_auto_picks_the_kernel_where_it_runs():
     assert F._pick_path(x.double(), 1) == "composite"  # the kernel takes float32 and bfloat16
 
 
+@pytest.mark.parametrize("extension", [True, False], ids=["cxx", "ctypes"])
 @pytest.mark.parametrize("shape", [(64, 8), (4, 8, 5, 5)])
-def test_auto_gives_small_float32_calls_to_torchs_kernel(shape, monkeypatch):
-    """Up to NATIVE_MAX_ELEMS[mode] elements torch's kernel has less fixed cost per call than ours."""
+def test_auto_gives_small_float32_calls_to_torchs_kernel(shape, extension, monkeypatch):
+    """Up to NATIVE_MAX_ELEMS[mode] elements torch's kernel has less fixed cost per call than ours
+    through Python; our C++ entry points (cpu.extension) have less than torch's in eval."""
+    if extension and cpu_kernel.extension() is None:
+        pytest.skip(f"no C++ entry points: {cpu_kernel.extension_why_unavailable()}")
+    if not extension:
+        monkeypatch.setattr(cpu_kernel, "extension", lambda: None)
+    small_eval = "ours" if extension else "_torch_eval"
     calls = []
     for name in ("_torch_train", "_torch_eval"):
         real = getattr(F, name)
@@ -107,8 +114,8 @@ def test_auto_gives_small_float32_calls_to_torchs_kernel(shape, monkeypatch):
     assert not torch.equal(rm, before)  # the running statistics move on this path too
     with torch.no_grad():
         assert path(small, rm, rv, w, b, True) == "ours"  # no autograd: our kernel, one call
-        assert path(small, rm, rv, w, b, False) == "_torch_eval"
-        assert path(small.bfloat16(), rm, rv, w, b, False) == "_torch_eval"
+        assert path(small, rm, rv, w, b, False) == small_eval
+        assert path(small.bfloat16(), rm, rv, w, b, False) == small_eval
         assert path(small, rm, rv, w.double(), b, False) == "ours"  # params torch's kernel does not take
     big = torch.randn(F.NATIVE_MAX_ELEMS["train_grad"] // C + 1, C)
     assert path(big, rm, rv, w, b, True) == "ours"

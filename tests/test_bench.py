@@ -48,6 +48,7 @@ def test_report_has_one_row_per_case_and_mode(report):
     for key in ("platform", "cpu_count", "torch", "device_name", "torch_threads"):
         assert machine[key], key
     assert machine["torch"] == torch.__version__
+    assert machine["cpu_kernel"].startswith(("C++ entry points", "ctypes (", "unavailable: "))
     runs = report["copy_bandwidth_runs_gbps"]
     assert report["copy_bandwidth_gbps"] == max(runs["start"], runs["end"]) > 0
     json.loads(json.dumps(report))  # plain JSON all the way down

@@ -472,6 +472,7 @@ def test_concurrent_builds_of_the_portable_variant(tmp_path):
     portable C variant (no AVX-512 code: compiler-vectorized loops, regular stores), and check
     it on a few layouts against float64."""
     env = {**os.environ, "BATCHNORM_CACHE": str(tmp_path), "BATCHNORM_KERNEL_CFLAGS": "-mno-avx512f"}
+    env["BATCHNORM_NO_EXTENSION"] = "1"  # the ctypes path; test_extension.py builds the C++ one
     code = textwrap.dedent(
         """
         import torch

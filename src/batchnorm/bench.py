@@ -259,7 +259,20 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
+    else:
+        info["cpu_kernel"] = _cpu_kernel_state()
     return info
+
+
+def _cpu_kernel_state() -> str:
+    """How our CPU calls reach the C kernel: through the C++ entry points, ctypes, or not at all."""
+    from .kernels import cpu
+
+    if not cpu.available():
+        return f"unavailable: {cpu.why_unavailable()}"
+    if cpu.extension() is None:
+        return f"ctypes (C++ entry points unavailable: {cpu.extension_why_unavailable()})"
+    return "C++ entry points"
 
 
 # --------------------------------------------------------------------------- timing

@@ -139,6 +139,25 @@ def batch_norm_with_status(
     statistics and the running statistics were left as they were; the layers
     then do not count the batch in `num_batches_tracked` either.
     """
+    # The whole call in C++ when it takes it (it checks as below, else declines). Not while
+    # torch.compile traces: Dynamo warns on every unknown C++ function; it breaks the graph at
+    # the kernel call below without a word.
+    fast = _backend in _KERNEL_BACKENDS and mask is None and not torch.compiler.is_compiling()
+    ext = _cpu.extension() if fast else None
+    if ext is not None:
+        try:
+            if not training:
+                y = ext.eval(input, running_mean, running_var, weight, bias, eps, axis)
+                if y is not None:
+                    return y, True
+            elif virtual_batch_size is None and renorm is None and process_group is None:
+                r = ext.train(input, weight, bias, running_mean, running_var, eps, momentum, axis, True)
+                if r is not None:
+                    if r[4] == 0:
+                        _warn_not_finite(stacklevel=3)
+                    return r[0], r[4] != 0
+        except TypeError:  # an argument of another type (pybind11's message): the checks below say what
+            pass
     axis = _check_input(input, axis)
     C = input.shape[axis]
     want = (C,)
@@ -302,13 +321,16 @@ def _pick_path(input: Tensor, axis: int) -> str:
     return name
 
 
+_KERNEL_BACKENDS = ("auto", "cpu")  # the backends that run the CPU kernel where it takes the input
+
+
 def _kernel_layout(input: Tensor, axis: int) -> tuple[int, int, int] | None:
     """(A, C, B) if the backend ("auto" or "cpu") runs this input on the CPU kernel, else None.
 
     `_pick_path` in one lookup, handed on to the kernel call: in a busy process every Python
     layer of a call costs microseconds (benchmarks/kernel_notes.md).
     """
-    return _cpu.layout(input, axis) if _backend in ("auto", "cpu") and input.is_cpu else None
+    return _cpu.layout(input, axis) if _backend in _KERNEL_BACKENDS and input.is_cpu else None
 
 
 def _to_axis1(t: Tensor, axis: int) -> Tensor:

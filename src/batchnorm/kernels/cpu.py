@@ -1,4 +1,5 @@
-"""The compiled CPU kernel: batch normalization in C + OpenMP (`bn_cpu.c`), called through ctypes.
+"""The compiled CPU kernel: batch normalization in C + OpenMP (`bn_cpu.c`), called through ctypes
+or, where they build, its C++ entry points (`bn_cpu_ext.cpp`, `extension()`).
 
 Per channel c over the m = numel / C values of every other axis:
 
@@ -37,7 +38,9 @@ compiler, flags, CPU>/libbn_cpu.so, about 1.5 s, once per machine and source ver
 directories may be deleted). Compiling goes to a temporary name and is renamed into place
 under a file lock, so parallel processes may race safely. If that fails, or
 BATCHNORM_NO_KERNEL=1 is set, `available()` is False and `why_unavailable()` says why;
-nothing here raises at import. Threads: torch.get_num_threads() per call (fewer for small
+nothing here raises at import. The C++ entry points are built the same way with $CXX against
+the installed torch (~10-15 s; see `extension()`); `train_forward_update` and `train_backward`
+call them when they are there and fall back to ctypes for calls they decline. Threads: torch.get_num_threads() per call (fewer for small
 inputs); the library's OpenMP runtime is the libgomp torch has loaded, so they share one
 thread pool. Not for tensors being traced (torch.compile's fake tensors have no data).
 
@@ -54,16 +57,20 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import importlib.util
 import math
 import os
 import platform
 import shlex
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -140,16 +147,38 @@ def _build_and_load() -> tuple[ctypes.CDLL, Path]:
     flag = os.environ.get("BATCHNORM_NO_KERNEL", "")
     if flag not in ("", "0"):
         raise _UnavailableError(f"disabled by BATCHNORM_NO_KERNEL={flag}")
+    compiler = _compiler("CC", ("cc", "gcc"))
+    flags = [*CFLAGS, *shlex.split(os.environ.get("BATCHNORM_KERNEL_CFLAGS", ""))]
+    lib_path = _cached_build(SOURCE, compiler, flags, (), "libbn_cpu.so", "the CPU kernel")
+    return _load(lib_path), lib_path
+
+
+def _read_source(path: Path) -> bytes:
     try:
-        source = SOURCE.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise _UnavailableError(
-            f"kernel source {SOURCE} is missing ({exc.strerror}); the package was installed "
-            "without its package data (batchnorm/kernels/*.c)"
+            f"kernel source {path} is missing ({exc.strerror}); the package was installed "
+            f"without its package data (batchnorm/kernels/*{path.suffix})"
         ) from None
-    compiler = _compiler()
-    flags = [*CFLAGS, *shlex.split(os.environ.get("BATCHNORM_KERNEL_CFLAGS", ""))]
-    key = _cache_key(source, compiler, flags)
+
+
+def _cached_build(
+    source_path: Path,
+    compiler: list[str],
+    flags: list[str],
+    libs: Sequence[str],
+    name: str,
+    what: str,
+    depends: Sequence[str] = (),
+) -> Path:
+    """The shared library `name` built from the source file: from the cache, or compiled into it.
+
+    `compiler *flags -o name source *libs`; the cache directory is named by a hash of all of them
+    and of `depends` (versions of what the build reads besides the source).
+    """
+    source = _read_source(source_path)
+    key = _cache_key(source, compiler, [*flags, *libs, *depends])
     errors = []
     for root in _cache_roots():
         directory = root / key
@@ -158,25 +187,27 @@ def _build_and_load() -> tuple[ctypes.CDLL, Path]:
         except OSError as exc:
             errors.append(f"{directory}: {exc.strerror}")
             continue
-        lib_path = directory / "libbn_cpu.so"
+        lib_path = directory / name
         with _file_lock(directory / ".lock"):
             if not lib_path.exists():
-                _compile(compiler, flags, source, directory, lib_path)
-        return _load(lib_path), lib_path
-    raise _UnavailableError("no writable cache directory for the compiled kernel: " + "; ".join(errors))
+                if name.startswith("_") and sys.stderr.isatty():  # the C++ build takes a while: say why
+                    print(f"batchnorm: compiling {what} (once per machine and torch version) ...", file=sys.stderr)
+                _compile(compiler, flags, libs, source, source_path.name, directory, lib_path, what)
+        return lib_path
+    raise _UnavailableError(f"no writable cache directory for {what}: " + "; ".join(errors))
 
 
-def _compiler() -> list[str]:
-    """$CC split into words (it may carry flags), else `cc`, else `gcc`."""
-    words = shlex.split(os.environ.get("CC", ""))
+def _compiler(variable: str, defaults: tuple[str, ...]) -> list[str]:
+    """$variable split into words (it may carry flags), else the first of `defaults` on PATH."""
+    words = shlex.split(os.environ.get(variable, ""))
     if not words:
-        found = shutil.which("cc") or shutil.which("gcc")
+        found = next(filter(None, map(shutil.which, defaults)), None)
         if found is None:
-            raise _UnavailableError("no C compiler: neither $CC nor cc nor gcc is on PATH")
+            raise _UnavailableError(f"no compiler: neither ${variable} nor {' nor '.join(defaults)} is on PATH")
         words = [found]
     exe = shutil.which(words[0])
     if exe is None:
-        raise _UnavailableError(f"C compiler {words[0]!r} (from $CC) not found on PATH")
+        raise _UnavailableError(f"compiler {words[0]!r} (from ${variable}) not found on PATH")
     return [exe, *words[1:]]
 
 
@@ -226,25 +257,33 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _compile(compiler: list[str], flags: list[str], source: bytes, directory: Path, lib_path: Path) -> None:
+def _compile(
+    compiler: list[str],
+    flags: list[str],
+    libs: Sequence[str],
+    source: bytes,
+    source_name: str,
+    directory: Path,
+    lib_path: Path,
+    what: str,
+) -> None:
     """Compile a copy of the source (the bytes that were hashed) to a temporary name, then rename."""
-    fd, tmp_src = tempfile.mkstemp(prefix="bn_cpu.", suffix=".c", dir=directory)
-    tmp_lib = tmp_src[:-2] + ".so"
+    stem, suffix = os.path.splitext(source_name)
+    fd, tmp_src = tempfile.mkstemp(prefix=stem + ".", suffix=suffix, dir=directory)
+    tmp_lib = tmp_src[: -len(suffix)] + ".so"
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(source)
-        cmd = [*compiler, *flags, "-o", tmp_lib, tmp_src]
+        cmd = [*compiler, *flags, "-o", tmp_lib, tmp_src, *libs]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise _UnavailableError(f"compiling the CPU kernel failed: {' '.join(cmd)}: {exc}") from None
+            raise _UnavailableError(f"compiling {what} failed: {' '.join(cmd)}: {exc}") from None
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip()[-2000:]
-            raise _UnavailableError(
-                f"compiling the CPU kernel failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}"
-            )
+            raise _UnavailableError(f"compiling {what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
         os.replace(tmp_lib, lib_path)
-        os.replace(tmp_src, directory / "bn_cpu.c")  # kept for reference beside the binary
+        os.replace(tmp_src, directory / source_name)  # kept for reference beside the binary
     finally:
         for leftover in (tmp_src, tmp_lib):
             with contextlib.suppress(OSError):
@@ -275,6 +314,95 @@ def _load(lib_path: Path) -> ctypes.CDLL:
     lib.bn_set_hugepages.restype = None
     lib.bn_set_hugepages(0 if os.environ.get("BATCHNORM_NO_HUGEPAGES", "") not in ("", "0") else 1)
     return lib
+
+
+# --------------------------------------------------------------------------- C++ entry points
+
+EXT_SOURCE = Path(__file__).with_name("bn_cpu_ext.cpp")
+EXT_CXXFLAGS = ("-O2", "-std=c++20", "-shared", "-fPIC", "-DTORCH_API_INCLUDE_EXTENSION_H")
+_ext: ModuleType | None = None
+_ext_why: str | None = None
+_ext_tried = False
+_ext_lock = threading.Lock()
+
+
+def extension() -> ModuleType | None:
+    """The kernel's C++ entry points (`bn_cpu_ext.cpp`), or None where they cannot be built.
+
+    `eval`, `train` and `backward` take tensors and do in one C++ call what `eval_forward`,
+    `train_forward_update` and `train_backward` do in Python around a ctypes call; each returns
+    None for a call it does not take (then the Python path runs). Built on first use, like the
+    kernel, against the installed torch's headers and libraries, with $CXX (default `c++`, else
+    `g++`): about 15 s on 2 cores, once per machine, torch version and source version.
+    BATCHNORM_NO_EXTENSION=1 turns them off (the ctypes path then runs every call).
+    """
+    global _ext, _ext_why, _ext_tried
+    if _ext_tried:
+        return _ext
+    with _ext_lock:  # not _lock: the build takes it (through library_path)
+        if not _ext_tried:
+            try:
+                _ext = _build_and_import_extension()
+            except _UnavailableError as exc:
+                _ext_why = str(exc)
+            except Exception as exc:  # anything unforeseen: fall back to the ctypes path
+                _ext_why = f"unexpected {type(exc).__name__} while building the C++ entry points: {exc}"
+            _ext_tried = True
+    return _ext
+
+
+def extension_why_unavailable() -> str | None:
+    """None if `extension()` is loaded, else the reason."""
+    extension()
+    return _ext_why
+
+
+def _build_and_import_extension() -> ModuleType:
+    flag = os.environ.get("BATCHNORM_NO_EXTENSION", "")
+    if flag not in ("", "0"):
+        raise _UnavailableError(f"disabled by BATCHNORM_NO_EXTENSION={flag}")
+    kernel = library_path()
+    if kernel is None:
+        raise _UnavailableError(f"the C kernel they call is not available: {_why}")
+    compiler = _compiler("CXX", ("c++", "g++"))
+    torch_dir = Path(torch.__file__).parent
+    include = torch_dir / "include"
+    flags = [
+        *EXT_CXXFLAGS,
+        f"-I{include}",
+        f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
+        f"-I{sysconfig.get_path('include')}",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *shlex.split(os.environ.get("BATCHNORM_EXTENSION_CXXFLAGS", "")),
+    ]
+    lib = torch_dir / "lib"
+    # The kernel by its path: the loader then maps the copy ctypes already loaded.
+    libs = [str(kernel), f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
+    name = "_bn_cpu_ext" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+    depends = (torch.__version__, str(torch.version.git_version), sys.version)
+    path = _cached_build(EXT_SOURCE, compiler, flags, libs, name, "the C++ entry points", depends)
+    try:
+        spec = importlib.util.spec_from_file_location("_bn_cpu_ext", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        version = module.abi_version()
+    except (ImportError, OSError, AttributeError) as exc:
+        raise _UnavailableError(f"loading the C++ entry points {path} failed: {exc}") from None
+    if version != _ABI_VERSION:
+        raise _UnavailableError(f"{path} calls a kernel of ABI version {version}, expected {_ABI_VERSION}")
+    _self_test(module)
+    return module
+
+
+def _self_test(module: ModuleType) -> None:
+    """One small eval against torch's ops: a build that links but misreads tensors is refused, not used."""
+    x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    mean, var = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 1.0, 0.25])
+    with torch.no_grad():
+        y = module.eval(x, mean, var, None, None, 0.0, 1)
+    want = (x - mean.view(3, 1)) / var.sqrt().view(3, 1)
+    if y is None or not torch.allclose(y, want):
+        raise _UnavailableError("the C++ entry points failed their self-test (wrong eval output); not used")
 
 
 def _last_level_cache_bytes() -> int:
@@ -470,6 +598,12 @@ def train_forward_update(
     finite (then nothing is written). Otherwise (None, or another dtype or layout) the
     buffers are not touched and `updated` is None: the caller updates them.
     """
+    ext = None if torch.compiler.is_compiling() else extension()
+    if ext is not None:  # the same call in C++, unless it declines (then as below)
+        r = ext.train(x, weight, bias, running_mean, running_var, eps, momentum, axis, False)
+        if r is not None:
+            y, mean, var, invstd, updated = r
+            return y, mean, var, invstd, None if updated < 0 else updated == 1
     lib, A, C, B = _prepare(x, axis)
     fused = can_update(running_mean, C) and can_update(running_var, C)
     w, b = _vector(weight, C, "weight"), _vector(bias, C, "bias")
@@ -536,6 +670,11 @@ def train_backward(
     dy for a channels_last x) it is first copied into x's layout: one more read and write.
     Reads x and dy twice and writes dx once (once each, without dx, if need_dx is False).
     """
+    ext = None if torch.compiler.is_compiling() else extension()
+    if ext is not None:  # the same call in C++, unless it declines (then as below)
+        r = ext.backward(dy, x, weight, mean, invstd, axis, need_dx)
+        if r is not None:
+            return r
     lib, A, C, B = _prepare(x, axis)
     if dy.shape != x.shape:
         raise ValueError(f"dy has shape {tuple(dy.shape)} but x has {tuple(x.shape)}")

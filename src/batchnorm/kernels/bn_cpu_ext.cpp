@@ -1,0 +1,231 @@
+/* The CPU kernel's entry points as one C++ call each: checks, output allocation and the kernel
+ * call of `cpu.py`'s eval_forward / train_forward_update / train_backward, without Python.
+ *
+ * Why: a batch-norm call's fixed cost is mostly its Python layers and the ctypes call (argument
+ * conversion), and when a convolution has just streamed megabytes through the caches, those
+ * layers run cold: ~85 us for our eval on a tiny tensor against ~55 us for torch's
+ * F.batch_norm, while this file's eval costs ~23 us (2-core EPYC, benchmarks/kernel_notes.md,
+ * "Fourth session"). In a warm loop: 2.3 us against 5.0 us for F.batch_norm.
+ *
+ * Contract: every entry point returns None when it cannot take the call as given (another
+ * dtype, device or layout, a tensor subclass, a shape or value the Python path rejects). The
+ * caller then runs the Python path, which raises the documented errors or converts. So nothing
+ * here raises for bad input; a failed scratch allocation in the kernel raises MemoryError.
+ *
+ * Built by cpu.py against the installed torch (its headers and libraries) and linked to the C
+ * kernel's shared library, which the process has already loaded through ctypes: one copy, so
+ * the cache-size setting is shared. */
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+extern "C" {
+int bn_abi_version(void);
+int bn_train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *w, const float *b,
+                     double eps, float *mean_out, float *var_out, float *invstd_out, float *running_mean,
+                     float *running_var, double momentum, int nthreads);
+int bn_train_backward(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B, const float *w,
+                      const float *mean, const float *invstd, float *s1_out, float *s2_out, int nthreads);
+int bn_eval(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *mean, const float *var,
+            const float *w, const float *b, double eps, int nthreads);
+}
+
+namespace {
+
+using Opt = std::optional<at::Tensor>;
+
+struct Layout {
+    int64_t A, C, B;
+};
+
+/* A tensor with real CPU memory behind it: not a subclass with its own dispatch (fake tensors
+ * of torch.compile, functional tensors), not a negative or conjugate view. */
+bool plain_cpu(const at::Tensor &t) {
+    if (!t.defined() || !t.is_cpu() || t.layout() != at::kStrided || !t.has_storage()) return false;
+    const auto keys = t.key_set();
+    if (keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::Functionalize)) return false;
+    return !t.is_neg() && !t.is_conj();
+}
+
+/* The kernel's dtype code (cpu._DTYPES), or -1. */
+int dtype_code(const at::Tensor &t) {
+    switch (t.scalar_type()) {
+        case at::kFloat: return 0;
+        case at::kBFloat16: return 1;
+        default: return -1;
+    }
+}
+
+/* cpu._layout: (A, C, B) if x reads in memory order as a contiguous (A, C, B) block. */
+std::optional<Layout> layout(const at::Tensor &x, int64_t axis) {
+    const int64_t nd = x.dim();
+    if (nd < 2 || x.numel() == 0 || axis < -nd || axis >= nd) return std::nullopt;
+    axis = axis < 0 ? axis + nd : axis;
+    const auto sizes = x.sizes();
+    const auto strides = x.strides();
+    const int64_t C = sizes[axis];
+    if (x.is_contiguous()) {
+        int64_t A = 1, B = 1;
+        for (int64_t d = 0; d < axis; d++) A *= sizes[d];
+        for (int64_t d = axis + 1; d < nd; d++) B *= sizes[d];
+        return Layout{A, C, B};
+    }
+    // Dense: the dims of size > 1, by increasing stride, each stride the product of the sizes inside it.
+    if (nd > 64) return std::nullopt;
+    int64_t dims[64], n = 0;
+    for (int64_t d = 0; d < nd; d++)
+        if (sizes[d] != 1) dims[n++] = d;
+    std::stable_sort(dims, dims + n, [&](int64_t a, int64_t b) { return strides[a] < strides[b]; });
+    int64_t expected = 1;
+    for (int64_t i = 0; i < n; i++) {
+        if (strides[dims[i]] != expected) return std::nullopt;
+        expected *= sizes[dims[i]];
+    }
+    if (C == 1) return Layout{1, 1, x.numel()};
+    int64_t B = 1;
+    for (int64_t i = 0; i < n; i++)
+        if (strides[dims[i]] < strides[axis]) B *= sizes[dims[i]];
+    return Layout{x.numel() / (B * C), C, B};
+}
+
+/* A float32 (C,) contiguous CPU vector, as the kernel reads it. */
+bool is_vector(const at::Tensor &t, int64_t C) {
+    return plain_cpu(t) && t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == C && t.is_contiguous();
+}
+
+/* An optional per-channel vector: absent (nullptr, true), usable (its data, true), or not (false). */
+bool optional_vector(const Opt &t, int64_t C, const float **data) {
+    *data = nullptr;
+    if (!t.has_value()) return true;
+    if (!is_vector(*t, C)) return false;
+    *data = t->data_ptr<float>();
+    return true;
+}
+
+/* x's layout if x is a plain float32/bfloat16 CPU tensor the kernel reads as it is. */
+std::optional<Layout> kernel_layout(const at::Tensor &x, int64_t axis) {
+    if (!plain_cpu(x) || dtype_code(x) < 0) return std::nullopt;
+    return layout(x, axis);
+}
+
+bool wants_grad(std::initializer_list<const at::Tensor *> tensors) {
+    if (!at::GradMode::is_enabled()) return false;
+    for (const at::Tensor *t : tensors)
+        if (t && t->defined() && t->requires_grad()) return true;
+    return false;
+}
+
+/* An output with x's strides (x is dense, so empty_like preserves them). */
+at::Tensor output_like(const at::Tensor &x) { return at::empty_like(x, at::MemoryFormat::Preserve); }
+
+at::Tensor float_vector(int64_t C) { return at::empty({C}, at::TensorOptions().dtype(at::kFloat)); }
+
+/* 1: the kernel could not allocate its scratch memory (pybind11 raises MemoryError). */
+void check_rc(int rc) {
+    if (rc == 1) throw std::bad_alloc();
+}
+
+/* Eval-mode BN: y = x * scale + shift, scale = w * (var + eps)^-1/2, shift = b - mean * scale.
+ * None unless: no gradient is wanted, x is a plain float32/bfloat16 CPU tensor of a kernel
+ * layout, mean and var are float32 (C,) contiguous, weight and bias the same or None. */
+py::object eval(const at::Tensor &x, const Opt &mean, const Opt &var, const Opt &weight, const Opt &bias, double eps,
+                int64_t axis) {
+    auto acb = kernel_layout(x, axis);
+    if (!acb || !mean || !var) return py::none();
+    const int64_t C = acb->C;
+    if (!is_vector(*mean, C) || !is_vector(*var, C)) return py::none();
+    const float *w, *b;
+    if (!optional_vector(weight, C, &w) || !optional_vector(bias, C, &b)) return py::none();
+    if (wants_grad({&x, &*mean, &*var, weight ? &*weight : nullptr, bias ? &*bias : nullptr})) return py::none();
+    at::Tensor y = output_like(x);
+    const int dt = dtype_code(x), threads = at::get_num_threads();
+    int rc;
+    {
+        py::gil_scoped_release unlocked;
+        rc = bn_eval(dt, x.const_data_ptr(), y.mutable_data_ptr(), acb->A, C, acb->B, mean->const_data_ptr<float>(),
+                     var->const_data_ptr<float>(), w, b, eps, threads);
+    }
+    check_rc(rc);
+    return py::cast(y);
+}
+
+/* A running-statistics buffer the kernel may update in place (cpu.can_update). */
+bool can_update(const Opt &t, int64_t C) { return t.has_value() && is_vector(*t, C) && !t->requires_grad(); }
+
+/* Training-mode forward with the batch statistics: (y, mean, var, invstd, updated).
+ * updated: 1 if the running statistics were updated in the same call, 0 if the batch was not
+ * finite (nothing written), -1 if none were given. None unless x and the parameters are as for
+ * eval, running_mean and running_var are both None or both float32 (C,) contiguous buffers
+ * without grad, eps > 0, 0 <= momentum <= 1 and each channel has more than one value; and,
+ * when `no_grad_only`, no gradient is wanted (the whole no-autograd step in one call). */
+py::object train(const at::Tensor &x, const Opt &weight, const Opt &bias, const Opt &running_mean,
+                 const Opt &running_var, double eps, double momentum, int64_t axis, bool no_grad_only) {
+    auto acb = kernel_layout(x, axis);
+    if (!acb || !(eps > 0) || !(momentum >= 0 && momentum <= 1)) return py::none();
+    const int64_t C = acb->C;
+    if (acb->A * acb->B < 2) return py::none();  // one value per channel: the Python path says why
+    const float *w, *b;
+    if (!optional_vector(weight, C, &w) || !optional_vector(bias, C, &b)) return py::none();
+    const bool fused = running_mean.has_value();
+    if (fused != running_var.has_value()) return py::none();
+    if (fused && !(can_update(running_mean, C) && can_update(running_var, C))) return py::none();
+    if (no_grad_only && wants_grad({&x, weight ? &*weight : nullptr, bias ? &*bias : nullptr})) return py::none();
+    at::Tensor y = output_like(x), mean = float_vector(C), var = float_vector(C), invstd = float_vector(C);
+    const int dt = dtype_code(x), threads = at::get_num_threads();
+    float *rm = fused ? running_mean->mutable_data_ptr<float>() : nullptr;
+    float *rv = fused ? running_var->mutable_data_ptr<float>() : nullptr;
+    int rc;
+    {
+        py::gil_scoped_release unlocked;
+        rc = bn_train_forward(dt, x.const_data_ptr(), y.mutable_data_ptr(), acb->A, C, acb->B, w, b, eps,
+                              mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(),
+                              invstd.mutable_data_ptr<float>(), rm, rv, momentum, threads);
+    }
+    check_rc(rc);
+    const int updated = fused ? (rc == 0 ? 1 : 0) : -1;
+    return py::make_tuple(y, mean, var, invstd, updated);
+}
+
+/* Training-mode backward: (dx or None, s1, s2), s1 = sum(dy), s2 = sum(dy * (x - mean)).
+ * None unless dy has x's dtype and the same strides (so the same memory order), weight is
+ * None or as for eval, and mean and invstd are float32 (C,) contiguous. */
+py::object backward(const at::Tensor &dy, const at::Tensor &x, const Opt &weight, const at::Tensor &mean,
+                    const at::Tensor &invstd, int64_t axis, bool need_dx) {
+    auto acb = kernel_layout(x, axis);
+    if (!acb || !plain_cpu(dy) || dy.scalar_type() != x.scalar_type() || dy.sizes() != x.sizes()) return py::none();
+    const int64_t C = acb->C;
+    if (!(dy.is_contiguous() && x.is_contiguous())) {
+        for (int64_t d = 0; d < x.dim(); d++)
+            if (x.size(d) != 1 && dy.stride(d) != x.stride(d)) return py::none();
+    }
+    const float *w;
+    if (!optional_vector(weight, C, &w) || !is_vector(mean, C) || !is_vector(invstd, C)) return py::none();
+    at::Tensor dx = need_dx ? output_like(x) : at::Tensor(), s1 = float_vector(C), s2 = float_vector(C);
+    const int dt = dtype_code(x), threads = at::get_num_threads();
+    int rc;
+    {
+        py::gil_scoped_release unlocked;
+        rc = bn_train_backward(dt, dy.const_data_ptr(), x.const_data_ptr(), need_dx ? dx.mutable_data_ptr() : nullptr,
+                               acb->A, C, acb->B, w, mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(),
+                               s1.mutable_data_ptr<float>(), s2.mutable_data_ptr<float>(), threads);
+    }
+    check_rc(rc);
+    return py::make_tuple(need_dx ? py::cast(dx) : py::none(), s1, s2);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_bn_cpu_ext, m) {
+    m.doc() = "The batchnorm CPU kernel's entry points in C++ (see bn_cpu_ext.cpp)";
+    m.def("abi_version", &bn_abi_version);
+    m.def("eval", &eval);
+    m.def("train", &train);
+    m.def("backward", &backward);
+}

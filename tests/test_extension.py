@@ -1,0 +1,304 @@
+"""The kernel's C++ entry points (`cpu.extension()`, bn_cpu_ext.cpp) against the ctypes path.
+
+Both call the same C kernel with the same (A, C, B): on every layout the outputs, statistics,
+gradients and running statistics must be bitwise equal (the ctypes path is checked against
+float64 in test_kernels_cpu.py). Then every call the C++ side must decline (so that the Python
+path converts or raises its documented error), the public functions on the C++ path, and the
+build's fallbacks in subprocesses.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import batchnorm as bn
+import batchnorm.functional as F
+from batchnorm.kernels import cpu
+
+ext = cpu.extension()
+pytestmark = pytest.mark.skipif(ext is None, reason=f"C++ entry points: {cpu.extension_why_unavailable()}")
+
+CL, CL3 = torch.channels_last, torch.channels_last_3d
+EPS = 1e-5
+
+# (shape, memory format, axis) reaching each canonical (A, C, B) and both code paths of the kernel.
+LAYOUTS = [
+    pytest.param((4, 3, 5, 7), None, 1, id="nchw"),
+    pytest.param((4, 3, 5, 7), CL, 1, id="nhwc"),
+    pytest.param((2, 3, 4, 5, 6), CL3, 1, id="ndhwc"),
+    pytest.param((2, 3, 4, 5, 6), None, 1, id="ncdhw"),
+    pytest.param((67, 3), None, 1, id="2d"),
+    pytest.param((20, 264), None, 1, id="2d-c264"),
+    pytest.param((5, 3, 7), None, 1, id="3d"),
+    pytest.param((4, 6, 3), None, -1, id="nlc-axis-1"),
+    pytest.param((4, 6, 3), None, 2, id="nlc-axis2"),
+    pytest.param((6, 1, 4, 4), CL, 1, id="c1-nhwc"),
+    pytest.param((9, 5, 7, 7), None, 1, id="nchw-7x7"),
+    pytest.param((4, 3, 80, 80), CL, 1, id="mt-nhwc"),  # two threads
+    pytest.param((64, 41, 7, 7), None, 1, id="mt-nchw-7x7"),
+]
+PERMUTED = [  # dense, not contiguous in any memory format: (make, axis)
+    pytest.param(lambda: torch.randn(6, 50).t(), 1, id="transposed-2d"),
+    pytest.param(lambda: torch.randn(4, 8, 5).transpose(1, 2), 2, id="transposed-3d"),
+    pytest.param(lambda: torch.randn(4, 3, 5, 5).permute(0, 2, 1, 3), 2, id="permuted"),
+    pytest.param(lambda: torch.randn(4, 3, 5, 5).contiguous(memory_format=CL).permute(3, 1, 2, 0), 1, id="cl-perm"),
+]
+DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+def make(shape, fmt, dtype):
+    x = (3 + 2 * torch.randn(shape, dtype=torch.float64)).to(dtype)
+    return x if fmt is None else x.contiguous(memory_format=fmt)
+
+
+def vectors(C):
+    return torch.randn(C), torch.rand(C) + 0.5, torch.rand(C) + 0.5, torch.randn(C)  # mean, var, w, b
+
+
+def bitwise(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+    assert torch.equal(a, b)
+
+
+@pytest.fixture
+def ctypes_path(monkeypatch):
+    """A function that runs its argument with the C++ entry points switched off (the ctypes path)."""
+
+    def run(fn):
+        with monkeypatch.context() as m:
+            m.setattr(cpu, "extension", lambda: None)
+            return fn()
+
+    return run
+
+
+def all_layouts():
+    cases = [pytest.param(lambda s=p.values[0], f=p.values[1]: (s, f), p.values[2], id=p.id) for p in LAYOUTS]
+    return cases + PERMUTED
+
+
+def build(make_x, dtype):
+    x = make_x()
+    if isinstance(x, tuple):
+        x = make(*x, dtype)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make_x,axis", all_layouts())
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_same_bits_as_the_ctypes_path(make_x, axis, dtype, affine, ctypes_path):
+    """eval, training forward (running statistics updated in the same call) and backward."""
+    x = build(make_x, dtype)
+    C = x.shape[axis]
+    mean, var, w, b = vectors(C)
+    w, b = (w, b) if affine else (None, None)
+    with torch.no_grad():
+        y = ext.eval(x, mean, var, w, b, EPS, axis)
+    y_ref = ctypes_path(lambda: cpu.eval_forward(x, mean, var, w, b, EPS, axis))
+    bitwise(y, y_ref)
+    assert y.stride() == x.stride()
+
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y, bmean, bvar, invstd, updated = ext.train(x, w, b, rm, rv, EPS, 0.1, axis, False)
+    ref = ctypes_path(lambda: cpu.train_forward_update(x, w, b, EPS, axis, rm_ref, rv_ref, 0.1))
+    for got, want in zip((y, bmean, bvar, invstd), ref[:4]):
+        bitwise(got, want)
+    assert updated == 1 and ref[4] is True
+    bitwise(rm, rm_ref)
+    bitwise(rv, rv_ref)
+
+    dy = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    dy = torch.empty_like(x).copy_(dy)  # x's strides
+    for need_dx in (True, False):
+        got = ext.backward(dy, x, w, bmean, invstd, axis, need_dx)
+        want = ctypes_path(lambda need_dx=need_dx: cpu.train_backward(dy, x, w, bmean, invstd, axis, need_dx))
+        assert (got[0] is None) == (not need_dx) == (want[0] is None)
+        for a, e in zip(got, want):
+            if e is not None:
+                bitwise(a, e)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", [None, CL], ids=["nchw", "nhwc"])
+def test_layer_on_the_cxx_path_matches_the_ctypes_path_and_torch(fmt, dtype, ctypes_path, tol):
+    """The public layer on both paths and torch's: training with autograd, without, then eval."""
+    C = 6
+    ours, ours_ctypes, theirs = bn.BatchNorm2d(C), bn.BatchNorm2d(C), torch.nn.BatchNorm2d(C)
+    for layer in (ours, ours_ctypes):
+        layer.load_state_dict(theirs.state_dict())
+    # 76800 elements: above functional.NATIVE_MAX_ELEMS, so every step runs our kernel
+    for training, grad in ((True, True), (True, False), (True, False), (False, False)):
+        x = make((8, C, 40, 40), fmt, dtype)
+        outs = []
+        for layer, run in ((ours, lambda f: f()), (ours_ctypes, ctypes_path), (theirs, lambda f: f())):
+            layer.train(training)
+            xi = x.clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                y = run(lambda layer=layer, xi=xi: layer(xi))
+                dx = run(lambda y=y, xi=xi: torch.autograd.grad(y, xi, torch.ones_like(y))[0]) if grad else None
+            outs.append((y.detach(), dx))
+        for got, want in zip(outs[0], outs[1]):
+            if want is not None:
+                bitwise(got, want)
+        torch.testing.assert_close(outs[0][0].float(), outs[2][0].float(), **tol(dtype))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        bitwise(getattr(ours, name), getattr(ours_ctypes, name))
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-4, atol=1e-4)
+
+
+def test_no_grad_training_is_one_cxx_call(monkeypatch):
+    """Training under no_grad reaches the kernel without the Python path (nothing below is called)."""
+    x = torch.randn(16, 4, 5, 5)
+    rm, rv = torch.zeros(4), torch.ones(4)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Python path ran")
+
+    monkeypatch.setattr(F, "_check_input", fail)
+    with torch.no_grad():
+        y = F.batch_norm(x, rm, rv, training=True, momentum=0.5)
+        torch.testing.assert_close(rm, 0.5 * x.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+        F.batch_norm(x, rm, rv, training=False)
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(4), rtol=0, atol=1e-5)
+
+
+def test_nonfinite_batch_on_the_cxx_path_keeps_the_running_statistics():
+    layer = bn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    x[1, 2, 3, 4] = float("nan")
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="left unchanged"):
+        layer(x)
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and torch.equal(layer.running_var, torch.ones(3))
+    assert int(layer.num_batches_tracked) == 0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(4, 3, 5, 5))  # a finite batch counts again, silently
+    assert int(layer.num_batches_tracked) == 1
+
+
+# --------------------------------------------------------------------------- what it declines
+
+x4 = torch.randn(4, 3, 5, 5)
+V = torch.ones(3)
+
+
+def _fake():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.randn(4, 3, 5, 5)
+
+
+DECLINED_EVAL = [
+    pytest.param(lambda: (x4.double(), V, V, None, None, EPS, 1), id="float64"),
+    pytest.param(lambda: (x4.half(), V, V, None, None, EPS, 1), id="float16"),
+    pytest.param(lambda: (x4[:, :, ::2], V, V, None, None, EPS, 1), id="strided"),
+    pytest.param(lambda: (x4[:0], V, V, None, None, EPS, 1), id="empty"),
+    pytest.param(lambda: (torch.randn(3), V, V, None, None, EPS, 0), id="1d"),
+    pytest.param(lambda: (x4, V, V, None, None, EPS, 4), id="axis-out-of-range"),
+    pytest.param(lambda: (x4, torch.ones(4), V, None, None, EPS, 1), id="mean-size"),
+    pytest.param(lambda: (x4, V, torch.ones(1, 3), None, None, EPS, 1), id="var-2d"),
+    pytest.param(lambda: (x4, V, V.double(), None, None, EPS, 1), id="var-float64"),
+    pytest.param(lambda: (x4, V, torch.ones(6)[::2], None, None, EPS, 1), id="var-strided"),
+    pytest.param(lambda: (x4, V, V, torch.ones(3, dtype=torch.bfloat16), None, EPS, 1), id="weight-bf16"),
+    pytest.param(lambda: (x4, None, None, None, None, EPS, 1), id="no-statistics"),
+    pytest.param(lambda: (x4, V, V, torch.ones(3, requires_grad=True), None, EPS, 1), id="weight-wants-grad"),
+    pytest.param(lambda: (x4.clone().requires_grad_(), V, V, None, None, EPS, 1), id="input-wants-grad"),
+    pytest.param(lambda: (x4.to("meta"), V, V, None, None, EPS, 1), id="meta"),
+    pytest.param(lambda: (_fake(), V, V, None, None, EPS, 1), id="fake-tensor"),
+]
+
+
+@pytest.mark.parametrize("make_args", DECLINED_EVAL)
+def test_eval_declines(make_args):
+    assert ext.eval(*make_args()) is None
+
+
+DECLINED_TRAIN = [  # (x, w, b, running_mean, running_var, eps, momentum, axis, no_grad_only)
+    pytest.param(lambda: (x4.double(), None, None, None, None, EPS, 0.1, 1, False), id="float64"),
+    pytest.param(lambda: (x4, None, None, None, None, 0.0, 0.1, 1, False), id="eps-0"),
+    pytest.param(lambda: (x4, None, None, None, None, EPS, 1.5, 1, False), id="momentum-1.5"),
+    pytest.param(lambda: (x4, None, None, None, None, EPS, float("nan"), 1, False), id="momentum-nan"),
+    pytest.param(lambda: (torch.randn(1, 3, 1, 1), None, None, None, None, EPS, 0.1, 1, False), id="one-value"),
+    pytest.param(lambda: (x4, None, None, V.clone(), None, EPS, 0.1, 1, False), id="mean-without-var"),
+    pytest.param(lambda: (x4, None, None, V.double(), V.double(), EPS, 0.1, 1, False), id="stats-float64"),
+    pytest.param(lambda: (x4, None, None, V.clone().requires_grad_(), V.clone(), EPS, 0.1, 1, False), id="stats-grad"),
+    pytest.param(lambda: (x4, torch.ones(4), None, None, None, EPS, 0.1, 1, False), id="weight-size"),
+    pytest.param(lambda: (x4.clone().requires_grad_(), None, None, None, None, EPS, 0.1, 1, True), id="wants-grad"),
+]
+
+
+@pytest.mark.parametrize("make_args", DECLINED_TRAIN)
+def test_train_declines(make_args):
+    assert ext.train(*make_args()) is None
+
+
+def test_backward_declines_dy_of_another_layout_or_dtype():
+    x = torch.randn(4, 3, 5, 5)
+    mean, invstd = x.mean((0, 2, 3)), torch.ones(3)
+    assert ext.backward(torch.randn(4, 3, 5, 5).contiguous(memory_format=CL), x, None, mean, invstd, 1, True) is None
+    assert ext.backward(torch.randn(4, 3, 5, 5).double(), x, None, mean, invstd, 1, True) is None
+    assert ext.backward(torch.randn(4, 3, 5, 4), x, None, mean, invstd, 1, True) is None
+    assert ext.backward(torch.randn(4, 3, 5, 5), x, None, mean.double(), invstd, 1, True) is None
+
+
+def test_public_errors_are_unchanged():
+    """The C++ side declines what the Python path rejects, so its messages still reach the user."""
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        F.batch_norm(torch.randn(1, 3), None, None, training=True)
+    with pytest.raises(ValueError, match="running_mean has shape"):
+        F.batch_norm(x4, torch.zeros(4), torch.ones(4))
+    with pytest.raises(ValueError, match="momentum must be in"):
+        F.batch_norm(x4, torch.zeros(3), torch.ones(3), training=True, momentum=2.0)
+    with pytest.raises(TypeError, match="floating-point"):
+        F.batch_norm(x4.int(), torch.zeros(3), torch.ones(3))
+    with pytest.raises(TypeError, match=r"torch\.Tensor input"):
+        F.batch_norm([[1.0, 2.0]], torch.zeros(2), torch.ones(2))
+
+
+# --------------------------------------------------------------------------- build and fallback
+
+CHECK = """
+    import torch
+    import batchnorm.functional as F
+    from batchnorm.kernels import cpu
+    x = torch.randn(8, 3, 4, 4)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with torch.no_grad():
+        y = F.batch_norm(x, rm, rv, training=True)
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
+    print(cpu.available(), cpu.extension() is not None, cpu.extension_why_unavailable(), sep="|")
+"""
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_env_var_turns_the_cxx_path_off_and_the_kernel_still_runs():
+    proc = run_python(CHECK, BATCHNORM_NO_EXTENSION="1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().split("|") == ["True", "False", "disabled by BATCHNORM_NO_EXTENSION=1"]
+
+
+def test_cxx_compiler_failure_is_reported_and_the_kernel_still_runs(tmp_path):
+    proc = run_python(CHECK, BATCHNORM_CACHE=str(tmp_path), CXX="false")
+    assert proc.returncode == 0, proc.stderr
+    kernel, has_ext, why = proc.stdout.strip().split("|", 2)
+    assert (kernel, has_ext) == ("True", "False")
+    assert why.startswith("compiling the C++ entry points failed")
