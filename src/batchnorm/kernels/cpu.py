@@ -40,8 +40,8 @@ under a file lock, so parallel processes may race safely. If that fails, or
 BATCHNORM_NO_KERNEL=1 is set, `available()` is False and `why_unavailable()` says why;
 nothing here raises at import. The C++ entry points are built the same way with $CXX against
 the installed torch (~10-15 s; see `extension()`); `train_forward_update` and `train_backward`
-call them when they are there and fall back to ctypes for calls they decline. Threads: torch.get_num_threads() per call (fewer for small
-inputs); the library's OpenMP runtime is the libgomp torch has loaded, so they share one
+call them when they are there and fall back to ctypes for calls they decline.
+Threads: torch.get_num_threads() per call (fewer for small inputs); the library's OpenMP runtime is the libgomp torch has loaded, so they share one
 thread pool. Not for tensors being traced (torch.compile's fake tensors have no data).
 
 >>> import torch
