@@ -41,8 +41,8 @@ BATCHNORM_NO_KERNEL=1 is set, `available()` is False and `why_unavailable()` say
 nothing here raises at import. The C++ entry points are built the same way with $CXX against
 the installed torch (~10-15 s; see `extension()`); `train_forward_update` and `train_backward`
 call them when they are there and fall back to ctypes for calls they decline.
-Threads: torch.get_num_threads() per call (fewer for small inputs); the library's OpenMP runtime is the libgomp torch has loaded, so they share one
-thread pool. Not for tensors being traced (torch.compile's fake tensors have no data).
+Threads: torch.get_num_threads() per call (fewer for small inputs); the library's OpenMP
+runtime is the libgomp torch has loaded, so they share one thread pool. Not for tensors being traced (torch.compile's fake tensors have no data).
 
 >>> import torch
 >>> from batchnorm.kernels import cpu
