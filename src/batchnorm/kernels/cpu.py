@@ -42,7 +42,8 @@ nothing here raises at import. The C++ entry points are built the same way with 
 the installed torch (~10-15 s; see `extension()`); `train_forward_update` and `train_backward`
 call them when they are there and fall back to ctypes for calls they decline.
 Threads: torch.get_num_threads() per call (fewer for small inputs); the library's OpenMP
-runtime is the libgomp torch has loaded, so they share one thread pool. Not for tensors being traced (torch.compile's fake tensors have no data).
+runtime is the libgomp torch has loaded, so they share one thread pool. Not for tensors being
+traced (torch.compile's fake tensors have no data).
 
 >>> import torch
 >>> from batchnorm.kernels import cpu
