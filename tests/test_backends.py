@@ -89,12 +89,12 @@ def test_auto_picks_the_kernel_where_it_runs():
 @pytest.mark.parametrize("shape", [(64, 8), (4, 8, 5, 5)])
 def test_auto_gives_small_float32_calls_to_torchs_kernel(shape, extension, monkeypatch):
     """Up to NATIVE_MAX_ELEMS[mode] elements torch's kernel has less fixed cost per call than ours
-    through Python; our C++ entry points (cpu.extension) have less than torch's in eval."""
+    through Python and ctypes; through our C++ entry points (cpu.extension) ours has less."""
     if extension and cpu_kernel.extension() is None:
         pytest.skip(f"no C++ entry points: {cpu_kernel.extension_why_unavailable()}")
     if not extension:
         monkeypatch.setattr(cpu_kernel, "extension", lambda: None)
-    small_eval = "ours" if extension else "_torch_eval"
+    small_eval, small_train = ("ours", "ours") if extension else ("_torch_eval", "_torch_train")
     calls = []
     for name in ("_torch_train", "_torch_eval"):
         real = getattr(F, name)
@@ -110,7 +110,7 @@ def test_auto_gives_small_float32_calls_to_torchs_kernel(shape, extension, monke
         return calls[0] if calls else "ours"
 
     before = rm.clone()
-    assert path(small, rm, rv, w, b, True) == "_torch_train"
+    assert path(small, rm, rv, w, b, True) == small_train
     assert not torch.equal(rm, before)  # the running statistics move on this path too
     with torch.no_grad():
         assert path(small, rm, rv, w, b, True) == "ours"  # no autograd: our kernel, one call
@@ -121,7 +121,7 @@ def test_auto_gives_small_float32_calls_to_torchs_kernel(shape, extension, monke
     assert path(big, rm, rv, w, b, True) == "ours"
     # bfloat16 training: torch's kernel with float32 parameters (mixed precision: float32 statistics);
     # without parameters it would return invstd in bfloat16, so ours
-    assert path(small.bfloat16(), rm, rv, w, b, True) == "_torch_train"
+    assert path(small.bfloat16(), rm, rv, w, b, True) == small_train
     assert path(small.bfloat16(), rm, rv, None, None, True) == "ours"
     with F.use_backend("cpu"):  # forcing the kernel still means the kernel
         assert path(small, rm, rv, w, b, True) == "ours"

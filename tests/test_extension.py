@@ -108,7 +108,7 @@ def test_same_bits_as_the_ctypes_path(make_x, axis, dtype, affine, ctypes_path):
 
     rm, rv = torch.randn(C), torch.rand(C) + 0.5
     rm_ref, rv_ref = rm.clone(), rv.clone()
-    y, bmean, bvar, invstd, updated = ext.train(x, w, b, rm, rv, EPS, 0.1, axis, False)
+    y, bmean, bvar, invstd, updated = ext.train(x, w, b, rm, rv, EPS, 0.1, axis)
     ref = ctypes_path(lambda: cpu.train_forward_update(x, w, b, EPS, axis, rm_ref, rv_ref, 0.1))
     for got, want in zip((y, bmean, bvar, invstd), ref[:4]):
         bitwise(got, want)
@@ -153,6 +153,89 @@ def test_layer_on_the_cxx_path_matches_the_ctypes_path_and_torch(fmt, dtype, cty
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         bitwise(getattr(ours, name), getattr(ours_ctypes, name))
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-4, atol=1e-4)
+
+
+PARAMS = {  # which of weight and bias exist, and which want a gradient
+    "affine": (True, True, True, True),
+    "weight-only": (True, False, True, False),
+    "bias-only": (False, True, False, True),
+    "plain": (False, False, False, False),
+    "frozen-weight": (True, True, False, True),
+}
+
+
+@pytest.mark.parametrize("params", list(PARAMS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make_x,axis", [p for p in all_layouts() if p.id in ("nchw", "nhwc", "2d", "nlc-axis-1")])
+def test_autograd_node_same_bits_as_the_python_function(make_x, axis, dtype, params, ctypes_path):
+    """functional.batch_norm with autograd: the C++ node (train_step) against the Python
+    autograd.Function on the ctypes path: y, dx, dweight, dbias, running statistics."""
+    has_w, has_b, grad_w, grad_b = PARAMS[params]
+    x0 = build(make_x, dtype)
+    C = x0.shape[axis]
+    g = torch.empty_like(x0).copy_(torch.randn(x0.shape))
+    w0, b0 = torch.rand(C) + 0.5, torch.randn(C)
+    results = []
+    for run in (lambda f: f(), ctypes_path):
+        x = x0.clone().requires_grad_()
+        w = w0.clone().requires_grad_(grad_w) if has_w else None
+        b = b0.clone().requires_grad_(grad_b) if has_b else None
+        rm, rv = torch.zeros(C), torch.ones(C)
+
+        def step(x=x, w=w, b=b, rm=rm, rv=rv):
+            with F.use_backend("cpu"):
+                y = F.batch_norm(x, rm, rv, w, b, training=True, axis=axis)
+            wanted = [t for t in (x, w, b) if t is not None and t.requires_grad]
+            return y, torch.autograd.grad(y, wanted, g)
+
+        y, grads = run(step)
+        results.append((y, grads, rm, rv))
+    (y1, g1, rm1, rv1), (y2, g2, rm2, rv2) = results
+    assert y1.grad_fn is not None and type(y1.grad_fn).__name__ != type(y2.grad_fn).__name__  # two paths
+    for a, e in [(y1.detach(), y2.detach()), *zip(g1, g2), (rm1, rm2), (rv1, rv2)]:
+        bitwise(a, e)
+
+
+def test_autograd_node_double_backward_matches_torch():
+    """A gradient penalty (create_graph=True) through the C++ node: its backward is recomputed
+    from x with differentiable ops, as torch's double backward (float32 tolerance)."""
+    x0 = torch.randn(8, 3, 5, 5) + 2
+    w0, b0 = torch.rand(3) + 0.5, torch.randn(3)
+    g = torch.randn(8, 3, 5, 5)
+    results = []
+    for fn in (F.batch_norm, torch.nn.functional.batch_norm):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        y = fn(x, None, None, w, b, True)
+        dx, dw, _ = torch.autograd.grad((y * g).sum(), (x, w, b), create_graph=True)
+        results.append((y, *torch.autograd.grad(dx.square().sum() + dw.square().sum(), (x, w))))
+    assert "Train" in type(results[0][0].grad_fn).__name__ or "Cpp" in type(results[0][0].grad_fn).__name__
+    for ours, theirs in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(ours, theirs, rtol=2e-4, atol=2e-4)
+
+
+def test_autograd_node_takes_any_upstream_gradient_layout():
+    """An expanded gradient (y.sum()) or one in another memory order is copied into x's order."""
+    x0 = torch.randn(4, 3, 6, 6).contiguous(memory_format=CL)
+    w0 = torch.rand(3) + 0.5
+    for make_loss in (lambda y: y.sum(), lambda y: (y * torch.randn(4, 3, 6, 6)).sum(), lambda y: y[:, :, :3].sum()):
+        grads = []
+        for fn in (F.batch_norm, torch.nn.functional.batch_norm):
+            x = x0.clone().requires_grad_()
+            w = w0.clone().requires_grad_()
+            torch.manual_seed(2)  # the same random upstream gradient for both
+            (dx, dw) = torch.autograd.grad(make_loss(fn(x, None, None, w, None, True)), (x, w))
+            grads.append((dx, dw))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-4)
+
+
+def test_autograd_node_refuses_an_input_modified_in_place():
+    x = torch.randn(8, 3, 4, 4)
+    w = torch.ones(3, requires_grad=True)
+    y = F.batch_norm(x, None, None, w, None, True)
+    x.add_(1)  # x is saved for the backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 def test_no_grad_training_is_one_cxx_call(monkeypatch):
@@ -223,23 +306,25 @@ def test_eval_declines(make_args):
     assert ext.eval(*make_args()) is None
 
 
-DECLINED_TRAIN = [  # (x, w, b, running_mean, running_var, eps, momentum, axis, no_grad_only)
-    pytest.param(lambda: (x4.double(), None, None, None, None, EPS, 0.1, 1, False), id="float64"),
-    pytest.param(lambda: (x4, None, None, None, None, 0.0, 0.1, 1, False), id="eps-0"),
-    pytest.param(lambda: (x4, None, None, None, None, EPS, 1.5, 1, False), id="momentum-1.5"),
-    pytest.param(lambda: (x4, None, None, None, None, EPS, float("nan"), 1, False), id="momentum-nan"),
-    pytest.param(lambda: (torch.randn(1, 3, 1, 1), None, None, None, None, EPS, 0.1, 1, False), id="one-value"),
-    pytest.param(lambda: (x4, None, None, V.clone(), None, EPS, 0.1, 1, False), id="mean-without-var"),
-    pytest.param(lambda: (x4, None, None, V.double(), V.double(), EPS, 0.1, 1, False), id="stats-float64"),
-    pytest.param(lambda: (x4, None, None, V.clone().requires_grad_(), V.clone(), EPS, 0.1, 1, False), id="stats-grad"),
-    pytest.param(lambda: (x4, torch.ones(4), None, None, None, EPS, 0.1, 1, False), id="weight-size"),
-    pytest.param(lambda: (x4.clone().requires_grad_(), None, None, None, None, EPS, 0.1, 1, True), id="wants-grad"),
+DECLINED_TRAIN = [  # (x, w, b, running_mean, running_var, eps, momentum, axis)
+    pytest.param(lambda: (x4.double(), None, None, None, None, EPS, 0.1, 1), id="float64"),
+    pytest.param(lambda: (x4, None, None, None, None, 0.0, 0.1, 1), id="eps-0"),
+    pytest.param(lambda: (x4, None, None, None, None, EPS, 1.5, 1), id="momentum-1.5"),
+    pytest.param(lambda: (x4, None, None, None, None, EPS, float("nan"), 1), id="momentum-nan"),
+    pytest.param(lambda: (torch.randn(1, 3, 1, 1), None, None, None, None, EPS, 0.1, 1), id="one-value"),
+    pytest.param(lambda: (x4, None, None, V.clone(), None, EPS, 0.1, 1), id="mean-without-var"),
+    pytest.param(lambda: (x4, None, None, V.double(), V.double(), EPS, 0.1, 1), id="stats-float64"),
+    pytest.param(lambda: (x4, None, None, V.clone().requires_grad_(), V.clone(), EPS, 0.1, 1), id="stats-grad"),
+    pytest.param(lambda: (x4, torch.ones(4), None, None, None, EPS, 0.1, 1), id="weight-size"),
+    pytest.param(lambda: (x4, torch.ones(3, requires_grad=True).double(), None, None, None, EPS, 0.1, 1), id="w-f64"),
+    pytest.param(lambda: (_fake(), None, None, None, None, EPS, 0.1, 1), id="fake-tensor"),
 ]
 
 
+@pytest.mark.parametrize("entry", ["train", "train_step"])
 @pytest.mark.parametrize("make_args", DECLINED_TRAIN)
-def test_train_declines(make_args):
-    assert ext.train(*make_args()) is None
+def test_train_declines(make_args, entry):
+    assert getattr(ext, entry)(*make_args()) is None
 
 
 def test_backward_declines_dy_of_another_layout_or_dtype():

@@ -151,11 +151,11 @@ def batch_norm_with_status(
                 if y is not None:
                     return y, True
             elif virtual_batch_size is None and renorm is None and process_group is None:
-                r = ext.train(input, weight, bias, running_mean, running_var, eps, momentum, axis, True)
+                r = ext.train_step(input, weight, bias, running_mean, running_var, eps, momentum, axis)
                 if r is not None:
-                    if r[4] == 0:
+                    if r[1] == 0:
                         _warn_not_finite(stacklevel=3)
-                    return r[0], r[4] != 0
+                    return r[0], r[1] != 0
         except TypeError:  # an argument of another type (pybind11's message): the checks below say what
             pass
     axis = _check_input(input, axis)
@@ -360,10 +360,12 @@ def _update_from_invstd(
     return updated
 
 
-# Small CPU calls (float32, bfloat16) of up to this many elements run on torch's kernel in
-# "auto": there a call costs mostly fixed overhead. With autograd our Python autograd.Function
-# alone costs ~20 us a step more than torch's C++ node; in eval torch's call has less fixed cost
-# than our ctypes call (`bench --small`: 0.71x -> 0.79x with eval routed up to 65536 elements
+# Where the C++ entry points (cpu.extension) are not there or decline a call (the path below
+# the fast path at the top of batch_norm_with_status), small CPU calls (float32, bfloat16) of up
+# to this many elements run on torch's kernel in "auto": there a call costs mostly fixed
+# overhead. With autograd our Python autograd.Function alone costs ~20 us a step more than
+# torch's C++ node; in eval torch's call has less fixed cost than our ctypes call (`bench
+# --small` without the C++ entry points: 0.71x -> 0.79x with eval routed up to 65536 elements
 # rather than 16384). Training without autograd stays on our kernel at every size: it updates
 # the running statistics in the same call, where torch's kernel needs a second one (our rule),
 # 2 us slower at 8K elements. Measured on 2 cores (benchmarks/README.md, "Small tensors").

@@ -17,14 +17,17 @@
  * the cache-size setting is shared. */
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 extern "C" {
 int bn_abi_version(void);
@@ -159,37 +162,58 @@ py::object eval(const at::Tensor &x, const Opt &mean, const Opt &var, const Opt 
 /* A running-statistics buffer the kernel may update in place (cpu.can_update). */
 bool can_update(const Opt &t, int64_t C) { return t.has_value() && is_vector(*t, C) && !t->requires_grad(); }
 
-/* Training-mode forward with the batch statistics: (y, mean, var, invstd, updated).
- * updated: 1 if the running statistics were updated in the same call, 0 if the batch was not
- * finite (nothing written), -1 if none were given. None unless x and the parameters are as for
- * eval, running_mean and running_var are both None or both float32 (C,) contiguous buffers
- * without grad, eps > 0, 0 <= momentum <= 1 and each channel has more than one value; and,
- * when `no_grad_only`, no gradient is wanted (the whole no-autograd step in one call). */
-py::object train(const at::Tensor &x, const Opt &weight, const Opt &bias, const Opt &running_mean,
-                 const Opt &running_var, double eps, double momentum, int64_t axis, bool no_grad_only) {
-    auto acb = kernel_layout(x, axis);
-    if (!acb || !(eps > 0) || !(momentum >= 0 && momentum <= 1)) return py::none();
-    const int64_t C = acb->C;
-    if (acb->A * acb->B < 2) return py::none();  // one value per channel: the Python path says why
+/* What a training forward hands the kernel. */
+struct TrainArgs {
+    Layout acb;
     const float *w, *b;
-    if (!optional_vector(weight, C, &w) || !optional_vector(bias, C, &b)) return py::none();
-    const bool fused = running_mean.has_value();
-    if (fused != running_var.has_value()) return py::none();
-    if (fused && !(can_update(running_mean, C) && can_update(running_var, C))) return py::none();
-    if (no_grad_only && wants_grad({&x, weight ? &*weight : nullptr, bias ? &*bias : nullptr})) return py::none();
-    at::Tensor y = output_like(x), mean = float_vector(C), var = float_vector(C), invstd = float_vector(C);
+    float *running_mean, *running_var;  // both null when none were given
+};
+
+/* The training forward's checks: x and the parameters as for eval, running_mean and running_var
+ * both None or both float32 (C,) contiguous buffers without grad, eps > 0, 0 <= momentum <= 1,
+ * more than one value per channel. Anything else: nullopt (the Python path says why). */
+std::optional<TrainArgs> train_args(const at::Tensor &x, const Opt &weight, const Opt &bias, const Opt &running_mean,
+                                    const Opt &running_var, double eps, double momentum, int64_t axis) {
+    auto acb = kernel_layout(x, axis);
+    if (!acb || !(eps > 0) || !(momentum >= 0 && momentum <= 1) || acb->A * acb->B < 2) return std::nullopt;
+    TrainArgs a{*acb, nullptr, nullptr, nullptr, nullptr};
+    if (!optional_vector(weight, acb->C, &a.w) || !optional_vector(bias, acb->C, &a.b)) return std::nullopt;
+    if (running_mean.has_value() != running_var.has_value()) return std::nullopt;
+    if (running_mean.has_value()) {
+        if (!can_update(running_mean, acb->C) || !can_update(running_var, acb->C)) return std::nullopt;
+        a.running_mean = running_mean->mutable_data_ptr<float>();
+        a.running_var = running_var->mutable_data_ptr<float>();
+    }
+    return a;
+}
+
+/* The kernel's training forward into a new y; mean, var, invstd: float32 (C,) outputs.
+ * Returns `updated`: 1 if the running statistics were updated in the same call, 0 if the batch
+ * was not finite (nothing written), -1 if none were given. Releases the GIL (callers hold it). */
+int forward_kernel(const at::Tensor &x, const TrainArgs &a, double eps, double momentum, at::Tensor &y, float *mean,
+                   float *var, float *invstd) {
+    y = output_like(x);
     const int dt = dtype_code(x), threads = at::get_num_threads();
-    float *rm = fused ? running_mean->mutable_data_ptr<float>() : nullptr;
-    float *rv = fused ? running_var->mutable_data_ptr<float>() : nullptr;
     int rc;
     {
         py::gil_scoped_release unlocked;
-        rc = bn_train_forward(dt, x.const_data_ptr(), y.mutable_data_ptr(), acb->A, C, acb->B, w, b, eps,
-                              mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(),
-                              invstd.mutable_data_ptr<float>(), rm, rv, momentum, threads);
+        rc = bn_train_forward(dt, x.const_data_ptr(), y.mutable_data_ptr(), a.acb.A, a.acb.C, a.acb.B, a.w, a.b, eps,
+                              mean, var, invstd, a.running_mean, a.running_var, momentum, threads);
     }
     check_rc(rc);
-    const int updated = fused ? (rc == 0 ? 1 : 0) : -1;
+    return a.running_mean ? (rc == 0 ? 1 : 0) : -1;
+}
+
+/* Training-mode forward with the batch statistics: (y, mean, var, invstd, updated), all as in
+ * `forward_kernel`; None where `train_args` declines. */
+py::object train(const at::Tensor &x, const Opt &weight, const Opt &bias, const Opt &running_mean,
+                 const Opt &running_var, double eps, double momentum, int64_t axis) {
+    auto a = train_args(x, weight, bias, running_mean, running_var, eps, momentum, axis);
+    if (!a) return py::none();
+    const int64_t C = a->acb.C;
+    at::Tensor y, mean = float_vector(C), var = float_vector(C), invstd = float_vector(C);
+    const int updated = forward_kernel(x, *a, eps, momentum, y, mean.mutable_data_ptr<float>(),
+                                       var.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>());
     return py::make_tuple(y, mean, var, invstd, updated);
 }
 
@@ -220,6 +244,118 @@ py::object backward(const at::Tensor &dy, const at::Tensor &x, const Opt &weight
     return py::make_tuple(need_dx ? py::cast(dx) : py::none(), s1, s2);
 }
 
+/* ---------------------------------------------------------------- training with autograd */
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+/* A (C,) vector shaped to broadcast along `axis` of an nd tensor. */
+at::Tensor along(const at::Tensor &v, int64_t nd, int64_t axis) {
+    std::vector<int64_t> shape(nd, 1);
+    shape[axis] = -1;
+    return v.view(shape);
+}
+
+/* Training-mode BN as one autograd node: the kernel's forward (running statistics updated in the
+ * same call) and the kernel's backward, or, when the backward itself is differentiated
+ * (create_graph=True), the backward recomputed from x with differentiable ops, as the Python
+ * path's _backward_differentiable:
+ *     dx = w * invstd / m * (m * dy - sum(dy) - x_hat * sum(dy * x_hat)),
+ *     dweight = sum(dy * x_hat), dbias = sum(dy).
+ * weight and bias are optional; `args` carries the layout, their data and the running buffers. */
+struct Train : public torch::autograd::Function<Train> {
+    static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const Opt &weight, const Opt &bias,
+                              const TrainArgs &args, int64_t axis, double eps, double momentum, int *updated) {
+        const int64_t C = args.acb.C;
+        at::Tensor y, mean = float_vector(C), var = float_vector(C), invstd = float_vector(C);
+        *updated = forward_kernel(x, args, eps, momentum, y, mean.mutable_data_ptr<float>(),
+                                  var.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>());
+        ctx->save_for_backward({x, weight ? *weight : at::Tensor(), mean, invstd});
+        ctx->saved_data["A"] = args.acb.A;
+        ctx->saved_data["B"] = args.acb.B;
+        ctx->saved_data["axis"] = axis;
+        ctx->saved_data["eps"] = eps;
+        ctx->saved_data["has_bias"] = bias.has_value();
+        return y;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
+        const at::Tensor &dy = grads[0];
+        const bool has_bias = ctx->saved_data["has_bias"].toBool();
+        // needs_input_grad counts the tensor arguments given: x, then weight and bias if not None
+        const bool need_x = ctx->needs_input_grad(0), need_w = weight.defined() && ctx->needs_input_grad(1);
+        const bool need_b = has_bias && ctx->needs_input_grad(weight.defined() ? 2 : 1);
+        at::Tensor dx, dw, db;
+        if (at::GradMode::is_enabled()) {
+            std::tie(dx, dw, db) = differentiable_backward(ctx, x, weight, dy);
+        } else {
+            const Layout acb{ctx->saved_data["A"].toInt(), mean.size(0), ctx->saved_data["B"].toInt()};
+            at::Tensor g = dy;
+            bool same = g.scalar_type() == x.scalar_type() && g.is_cpu() && g.sizes() == x.sizes();
+            for (int64_t d = 0; same && d < x.dim(); d++) same = x.size(d) == 1 || g.stride(d) == x.stride(d);
+            if (!same) g = output_like(x).copy_(dy);  // the kernel reads dy in x's memory order
+            const int64_t C = acb.C;
+            at::Tensor s1 = float_vector(C), s2 = float_vector(C);
+            if (need_x) dx = output_like(x);
+            const float *w = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
+            const int dt = dtype_code(x), threads = at::get_num_threads();
+            // (the autograd engine runs this without the GIL)
+            const int rc = bn_train_backward(dt, g.const_data_ptr(), x.const_data_ptr(),
+                                             need_x ? dx.mutable_data_ptr() : nullptr, acb.A, C, acb.B, w,
+                                             mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(),
+                                             s1.mutable_data_ptr<float>(), s2.mutable_data_ptr<float>(), threads);
+            check_rc(rc);
+            if (need_w) dw = s2 * invstd;
+            if (need_b) db = s1;
+        }
+        // one gradient per forward argument: x, weight, bias, then the non-tensor arguments
+        return {need_x ? dx : at::Tensor(), need_w ? dw : at::Tensor(), need_b ? db : at::Tensor(),
+                at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+
+    static std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_backward(AutogradContext *ctx,
+                                                                                  const at::Tensor &x,
+                                                                                  const at::Tensor &weight,
+                                                                                  const at::Tensor &dy) {
+        const int64_t nd = x.dim(), axis = ctx->saved_data["axis"].toInt();
+        const double eps = ctx->saved_data["eps"].toDouble();
+        std::vector<int64_t> dims;
+        for (int64_t d = 0; d < nd; d++)
+            if (d != axis) dims.push_back(d);
+        const at::Tensor xf = x.to(at::kFloat), g = dy.to(at::kFloat);
+        const double m = static_cast<double>(x.numel() / x.size(axis));
+        const at::Tensor mean = xf.mean(dims);
+        const at::Tensor centred = xf - along(mean, nd, axis);
+        const at::Tensor invstd = (centred.square().mean(dims) + eps).rsqrt();
+        const at::Tensor x_hat = centred * along(invstd, nd, axis);
+        const at::Tensor s1 = g.sum(dims), s2 = (g * x_hat).sum(dims);
+        const at::Tensor k = weight.defined() ? invstd * weight : invstd;
+        at::Tensor dx = along(k / m, nd, axis) * (g * m - along(s1, nd, axis) - x_hat * along(s2, nd, axis));
+        return {dx.to(x.scalar_type()), s2, s1};
+    }
+};
+
+/* A whole training step of functional.batch_norm in C++: (y, updated), updated as for `train`.
+ * With autograd (a gradient is wanted) y comes from the `Train` node, else from the kernel
+ * alone. None when `train` would decline. */
+py::object train_step(const at::Tensor &x, const Opt &weight, const Opt &bias, const Opt &running_mean,
+                      const Opt &running_var, double eps, double momentum, int64_t axis) {
+    auto a = train_args(x, weight, bias, running_mean, running_var, eps, momentum, axis);
+    if (!a) return py::none();
+    int updated;
+    at::Tensor y;
+    if (wants_grad({&x, weight ? &*weight : nullptr, bias ? &*bias : nullptr})) {
+        y = Train::apply(x, weight, bias, *a, axis < 0 ? axis + x.dim() : axis, eps, momentum, &updated);
+    } else {
+        std::vector<float> stats(3 * a->acb.C);  // mean, var, invstd: the kernel writes them, nobody reads them
+        float *p = stats.data();
+        updated = forward_kernel(x, *a, eps, momentum, y, p, p + a->acb.C, p + 2 * a->acb.C);
+    }
+    return py::make_tuple(y, updated);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_bn_cpu_ext, m) {
@@ -228,4 +364,5 @@ PYBIND11_MODULE(_bn_cpu_ext, m) {
     m.def("eval", &eval);
     m.def("train", &train);
     m.def("backward", &backward);
+    m.def("train_step", &train_step);
 }

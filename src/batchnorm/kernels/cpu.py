@@ -601,7 +601,7 @@ def train_forward_update(
     """
     ext = None if torch.compiler.is_compiling() else extension()
     if ext is not None:  # the same call in C++, unless it declines (then as below)
-        r = ext.train(x, weight, bias, running_mean, running_var, eps, momentum, axis, False)
+        r = ext.train(x, weight, bias, running_mean, running_var, eps, momentum, axis)
         if r is not None:
             y, mean, var, invstd, updated = r
             return y, mean, var, invstd, None if updated < 0 else updated == 1
