@@ -62,7 +62,10 @@ def test_numbers_are_positive_and_consistent(report):
         assert t["compile"] is None and row["speedup_vs_compile"] is None  # compile=False
         assert row["speedup_vs_eager"] == pytest.approx(t["eager"] / t["ours"])
         assert row["model_bytes"] == bench.PASSES[row["mode"]] * row["elements"] * row["element_size"]
-        assert row["floor_ms"] == pytest.approx(row["model_bytes"] / bw * 1e3)
+        assert row["floor_ms"] == pytest.approx(row["copy_ms"] * bench.PASSES[row["mode"]] / 2)
+        assert row["floor_ms_run_copy"] == pytest.approx(row["model_bytes"] / bw * 1e3)
+        assert row["roofline_pct_run_copy"] == pytest.approx(100 * row["floor_ms_run_copy"] / t["ours"])
+        assert row["copy_ms"] > 0 and len(row["samples_ms"]["copy"]) == 2  # timed in the same rounds
         assert row["ours_gbps"] == pytest.approx(row["model_bytes"] / (t["ours"] * 1e-3) / 1e9)
         assert row["roofline_pct"] == pytest.approx(100 * row["floor_ms"] / t["ours"])
         assert len(row["samples_ms"]["ours"]) == len(row["samples_ms"]["eager"]) == 2
