@@ -11,7 +11,7 @@ bytes (data larger than the last-level cache):
 
     floor = passes / 2 * (time of a copy of x),    % of roofline = floor / time
 
-where the copy of x into a fresh tensor is timed in the same rounds as the
+where the copy of x (into a tensor made once) is timed in the same rounds as the
 implementations, so it sees the same machine state and caches: this VM's memory
 bandwidth moves by 1.5x over minutes, and in-cache rows copy at cache speed. The
 run also measures the copy bandwidth of a 256 MiB tensor (bytes read + written
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -457,8 +458,10 @@ def run_suite(
                 except Exception as exc:  # torch.compile unsupported on this platform / Python
                     compile_error = _describe_error(exc)
             calls = {name: _calls(impl, tensors) for name, impl in impls.items()}
+            # The roofline's copy: into a tensor made once (x's layout), so it costs data movement
+            # only; a fresh 100 MB output would first page-fault (our kernel advises huge pages).
             x = tensors["x"].detach()
-            copy_x = lambda x=x: torch.empty_like(x).copy_(x)  # noqa: E731 (x's layout, a fresh output)
+            copy_x = functools.partial(torch.empty_like(x).copy_, x)
             for mode in modes:
                 if progress:
                     progress.update(task, description=f"{case.name} · {MODE_LABELS[mode]}")
@@ -532,7 +535,7 @@ def _run_mode(
 ) -> dict[str, Any]:
     """Warm up every implementation, then time them in turn (random order per repetition); one result row.
 
-    `copy_x` (a copy of the input into a fresh tensor) is timed in the same rounds, for the roofline.
+    `copy_x` (a copy of the input) is timed in the same rounds, for the roofline.
     """
     active = dict(calls)
     outputs: dict[str, Any] = {}
