@@ -9,14 +9,11 @@ build's fallbacks in subprocesses.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
 import torch
+from test_kernels_cpu import run_python
 
 import batchnorm as bn
 import batchnorm.functional as F
@@ -363,16 +360,6 @@ CHECK = """
     torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
     print(cpu.available(), cpu.extension() is not None, cpu.extension_why_unavailable(), sep="|")
 """
-
-
-def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
 
 
 def test_env_var_turns_the_cxx_path_off_and_the_kernel_still_runs():
