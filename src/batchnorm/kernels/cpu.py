@@ -172,11 +172,13 @@ def _cached_build(
     name: str,
     what: str,
     depends: Sequence[str] = (),
+    slow: bool = False,
 ) -> Path:
     """The shared library `name` built from the source file: from the cache, or compiled into it.
 
     `compiler *flags -o name source *libs`; the cache directory is named by a hash of all of them
-    and of `depends` (versions of what the build reads besides the source).
+    and of `depends` (versions of what the build reads besides the source). `slow`: say on a
+    terminal's stderr that a compile is under way.
     """
     source = _read_source(source_path)
     key = _cache_key(source, compiler, [*flags, *libs, *depends])
@@ -191,7 +193,7 @@ def _cached_build(
         lib_path = directory / name
         with _file_lock(directory / ".lock"):
             if not lib_path.exists():
-                if name.startswith("_") and sys.stderr.isatty():  # the C++ build takes a while: say why
+                if slow and sys.stderr.isatty():
                     print(f"batchnorm: compiling {what} (once per machine and torch version) ...", file=sys.stderr)
                 _compile(compiler, flags, libs, source, source_path.name, directory, lib_path, what)
         return lib_path
@@ -381,7 +383,7 @@ def _build_and_import_extension() -> ModuleType:
     libs = [str(kernel), f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
     name = "_bn_cpu_ext" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
     depends = (torch.__version__, str(torch.version.git_version), sys.version)
-    path = _cached_build(EXT_SOURCE, compiler, flags, libs, name, "the C++ entry points", depends)
+    path = _cached_build(EXT_SOURCE, compiler, flags, libs, name, "the C++ entry points", depends, slow=True)
     try:
         spec = importlib.util.spec_from_file_location("_bn_cpu_ext", path)
         module = importlib.util.module_from_spec(spec)
