@@ -1,5 +1,7 @@
 /* The CPU kernel's entry points as one C++ call each: checks, output allocation and the kernel
- * call of `cpu.py`'s eval_forward / train_forward_update / train_backward, without Python.
+ * call of `cpu.py`'s eval_forward / train_forward_update / train_backward, without Python
+ * (`eval`, `train`, `backward`), and functional.batch_norm's whole training call (`train_step`),
+ * with autograd as one C++ autograd node (`Train`).
  *
  * Why: a batch-norm call's fixed cost is mostly its Python layers and the ctypes call (argument
  * conversion), and when a convolution has just streamed megabytes through the caches, those
