@@ -211,6 +211,30 @@ def test_in_a_model_backward_reaches_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")  # deprecated in torch 2.13, still used
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(2, 4, 3, 3), (8, 4, 48, 48)], ids=["small", "large"])
+def test_torch_jit_trace_records_the_whole_layer(shape, training, grad):
+    """A trace records torch operators only: the kernels must give way, or the traced graph would
+    return an uninitialized tensor. Outputs and running statistics of the traced layer on a new
+    input equal the layer's own, on both sides of NATIVE_MAX_ELEMS."""
+    layer = bn.BatchNorm2d(4).train(training)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.weight.uniform_(0.5, 1.5)
+    twin = copy.deepcopy(layer)
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(layer, torch.randn(shape), check_trace=False)
+    layer.load_state_dict(twin.state_dict())  # the trace ran the layer once
+    x = torch.randn(shape) * 3 + 1
+    with torch.no_grad():
+        assert_close(traced(x), twin(x), rtol=1e-5, atol=1e-5)
+    for name in ("running_mean", "running_var"):
+        assert_close(getattr(traced, name), getattr(twin, name), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")  # torch.jit, imported by inductor
 def test_layer_under_torch_compile_matches_torch():

@@ -141,8 +141,13 @@ def batch_norm_with_status(
     """
     # The whole call in C++ when it takes it (it checks as below, else declines). Not while
     # torch.compile traces: Dynamo warns on every unknown C++ function; it breaks the graph at
-    # the kernel call below without a word.
-    fast = _backend in _KERNEL_BACKENDS and mask is None and not torch.compiler.is_compiling()
+    # the kernel call below without a word. Not under torch.jit.trace either (see _pick_path).
+    fast = (
+        _backend in _KERNEL_BACKENDS
+        and mask is None
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+    )
     ext = _cpu.extension() if fast else None
     if ext is not None:
         try:
@@ -300,8 +305,15 @@ def _triton_ok(input: Tensor, axis: int) -> bool:
 
 
 def _pick_path(input: Tensor, axis: int) -> str:
-    """Which implementation runs this call: "cpu", "triton", "composite" or "torch"."""
+    """Which implementation runs this call: "cpu", "triton", "composite" or "torch".
+
+    Under torch.jit.trace the kernels ("auto", "cpu", "triton") give way to "composite": a trace
+    records torch operators only, so a kernel's work would be missing from the traced graph (its
+    output an uninitialized tensor). torch's kernel is an operator and stays.
+    """
     name = _backend
+    if name != "torch" and torch.jit.is_tracing():
+        return "composite"
     if name == "auto":
         if input.device.type == "cpu" and _cpu.supports(input, axis):
             return "cpu"
@@ -330,7 +342,9 @@ def _kernel_layout(input: Tensor, axis: int) -> tuple[int, int, int] | None:
     `_pick_path` in one lookup, handed on to the kernel call: in a busy process every Python
     layer of a call costs microseconds (benchmarks/kernel_notes.md).
     """
-    return _cpu.layout(input, axis) if _backend in _KERNEL_BACKENDS and input.is_cpu else None
+    if _backend not in _KERNEL_BACKENDS or not input.is_cpu or torch.jit.is_tracing():
+        return None
+    return _cpu.layout(input, axis)
 
 
 def _to_axis1(t: Tensor, axis: int) -> Tensor:
@@ -351,7 +365,10 @@ def _update_from_invstd(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, m: int, eps: float, momentum: float
 ) -> bool:
     """`_update_running_stats` from torch's kernel's (mean, invstd): var = invstd**-2 - eps, unbiased."""
-    updated = _cpu.update_running(mean, invstd, m, eps, running_mean, running_var, momentum)
+    # (not the C helper under torch.jit.trace: the traced graph must update the buffers itself)
+    updated = None
+    if not torch.jit.is_tracing():
+        updated = _cpu.update_running(mean, invstd, m, eps, running_mean, running_var, momentum)
     if updated is None:  # buffers the C helper does not take (another dtype, a GPU): torch ops
         var = (invstd.double().reciprocal().square() - eps).clamp_min(0.0)
         return _update_running_stats(running_mean, running_var, mean, (var * (m / (m - 1))).to(mean.dtype), momentum)
