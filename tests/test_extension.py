@@ -9,6 +9,8 @@ build's fallbacks in subprocesses.
 
 from __future__ import annotations
 
+import copy
+import threading
 import warnings
 
 import pytest
@@ -263,6 +265,42 @@ def test_nonfinite_batch_on_the_cxx_path_keeps_the_running_statistics():
         warnings.simplefilter("error")
         layer(torch.randn(4, 3, 5, 5))  # a finite batch counts again, silently
     assert int(layer.num_batches_tracked) == 1
+
+
+def test_concurrent_calls_from_python_threads():
+    """The entry points release the GIL around the kernel: two Python threads training and
+    evaluating their own layers at once get exactly what each gets alone."""
+    x = torch.randn(16, 8, 24, 24)
+    layers = [bn.BatchNorm2d(8) for _ in range(2)]
+    expected = []
+    for layer in [copy.deepcopy(layer) for layer in layers]:  # each alone, from the same state
+        expected.append([_train_eval(layer, x) for _ in range(5)])
+    results: list = [None, None]
+
+    def work(i):
+        results[i] = [_train_eval(layers[i], x) for _ in range(5)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for got, want in zip(results, expected):
+        assert got is not None
+        for a, e in zip(got, want):
+            for ta, te in zip(a, e):
+                bitwise(ta, te)
+
+
+def _train_eval(layer, x):
+    layer.train()
+    xi = x.clone().requires_grad_()
+    y = layer(xi)
+    (dx,) = torch.autograd.grad(y, xi, torch.ones_like(y))
+    layer.eval()
+    with torch.no_grad():
+        z = layer(x)
+    return y.detach(), dx, z, layer.running_mean.clone()
 
 
 # --------------------------------------------------------------------------- what it declines
