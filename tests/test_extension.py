@@ -253,6 +253,15 @@ def test_no_grad_training_is_one_cxx_call(monkeypatch):
     torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(4), rtol=0, atol=1e-5)
 
 
+def test_running_statistics_updates_bump_their_version_counters():
+    """As torch's in-place updates do, so that a saved running buffer that changed is caught."""
+    rm, rv = torch.zeros(3), torch.ones(3)
+    before = rm._version, rv._version
+    with torch.no_grad():
+        F.batch_norm(torch.randn(8, 3, 4, 4), rm, rv, training=True)
+    assert rm._version > before[0] and rv._version > before[1]
+
+
 def test_nonfinite_batch_on_the_cxx_path_keeps_the_running_statistics():
     layer = bn.BatchNorm2d(3)
     x = torch.randn(4, 3, 5, 5)

@@ -169,6 +169,7 @@ struct TrainArgs {
     Layout acb;
     const float *w, *b;
     float *running_mean, *running_var;  // both null when none were given
+    c10::TensorImpl *mean_impl, *var_impl;  // their tensors, for the version counters
 };
 
 /* The training forward's checks: x and the parameters as for eval, running_mean and running_var
@@ -178,13 +179,15 @@ std::optional<TrainArgs> train_args(const at::Tensor &x, const Opt &weight, cons
                                     const Opt &running_var, double eps, double momentum, int64_t axis) {
     auto acb = kernel_layout(x, axis);
     if (!acb || !(eps > 0) || !(momentum >= 0 && momentum <= 1) || acb->A * acb->B < 2) return std::nullopt;
-    TrainArgs a{*acb, nullptr, nullptr, nullptr, nullptr};
+    TrainArgs a{*acb, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
     if (!optional_vector(weight, acb->C, &a.w) || !optional_vector(bias, acb->C, &a.b)) return std::nullopt;
     if (running_mean.has_value() != running_var.has_value()) return std::nullopt;
     if (running_mean.has_value()) {
         if (!can_update(running_mean, acb->C) || !can_update(running_var, acb->C)) return std::nullopt;
         a.running_mean = running_mean->mutable_data_ptr<float>();
         a.running_var = running_var->mutable_data_ptr<float>();
+        a.mean_impl = running_mean->unsafeGetTensorImpl();
+        a.var_impl = running_var->unsafeGetTensorImpl();
     }
     return a;
 }
@@ -203,7 +206,12 @@ int forward_kernel(const at::Tensor &x, const TrainArgs &a, double eps, double m
                               mean, var, invstd, a.running_mean, a.running_var, momentum, threads);
     }
     check_rc(rc);
-    return a.running_mean ? (rc == 0 ? 1 : 0) : -1;
+    if (!a.running_mean) return -1;
+    if (rc == 0) {  // written in place, as torch's in-place ops would: autograd's checks see it
+        a.mean_impl->bump_version();
+        a.var_impl->bump_version();
+    }
+    return rc == 0 ? 1 : 0;
 }
 
 /* Training-mode forward with the batch statistics: (y, mean, var, invstd, updated), all as in
