@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ._general import general_train
 from .kernels import cpu as _cpu
+from .kernels import cpu_ops as _cpu_ops
 
 __all__ = ["BACKENDS", "batch_norm", "get_backend", "set_backend", "use_backend"]
 
@@ -132,12 +133,14 @@ def batch_norm_with_status(
     virtual_batch_size: int | None = None,
     renorm: tuple[float, float] | None = None,
     process_group: Any = None,
-) -> tuple[Tensor, bool]:
+) -> tuple[Tensor, bool | Tensor]:
     """`batch_norm`, also saying whether the running statistics may count this batch.
 
     The second value is False only when a training batch had non-finite
     statistics and the running statistics were left as they were; the layers
-    then do not count the batch in `num_batches_tracked` either.
+    then do not count the batch in `num_batches_tracked` either. While
+    torch.compile or torch.export traces the CPU kernel's operator, it is a
+    0-dim bool tensor instead.
     """
     # The whole call in C++ when it takes it (it checks as below, else declines). Not while
     # torch.compile traces: Dynamo warns on every unknown C++ function; it breaks the graph at
@@ -222,6 +225,18 @@ def batch_norm_with_status(
         # gradients) and leaves the running statistics alone.
         stats = input.new_zeros(C, dtype=_acc_dtype(input.dtype))
         return _inference(input, stats, stats + 1, weight, bias, eps, axis), True
+
+    if _compiling_kernel(input) and _cpu_ops.applies(input, axis, weight, bias, running=(running_mean, running_var)):
+        # torch.compile / torch.export: the kernel as an operator (kernels/cpu_ops.py). `counted`
+        # is then a 0-dim bool tensor: a graph has no Python bool of a value it computes.
+        y, _, _, new_mean, new_var, counted = torch.ops.batchnorm.cpu_train(
+            input, weight, bias, running_mean, running_var, eps, momentum, axis
+        )
+        if running_mean is not None:
+            with torch.no_grad():  # buffers, not part of the graph autograd differentiates
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+        return y, counted
 
     mode = "train_grad" if _wants_grad(input, weight, bias) else "train"
     path = "torch" if _native_is_cheaper(mode, input, axis, weight, bias) else _pick_path(input, axis)
@@ -336,6 +351,18 @@ def _pick_path(input: Tensor, axis: int) -> str:
 _KERNEL_BACKENDS = ("auto", "cpu")  # the backends that run the CPU kernel where it takes the input
 
 
+def _compiling_kernel(input: Tensor) -> bool:
+    """Whether torch.compile or torch.export traces a call the CPU kernel's operators may take
+    (kernels/cpu_ops.py): a CPU tensor under the "auto" or "cpu" backend (not torch.jit.trace,
+    which records torch's own operators only)."""
+    return (
+        _backend in _KERNEL_BACKENDS
+        and input.is_cpu
+        and torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+    )
+
+
 def _kernel_layout(input: Tensor, axis: int) -> tuple[int, int, int] | None:
     """(A, C, B) if the backend ("auto" or "cpu") runs this input on the CPU kernel, else None.
 
@@ -363,11 +390,11 @@ def _torch_train(input: Tensor, weight, bias, eps: float, axis: int) -> tuple[Te
 
 def _update_from_invstd(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, m: int, eps: float, momentum: float
-) -> bool:
+) -> bool | Tensor:
     """`_update_running_stats` from torch's kernel's (mean, invstd): var = invstd**-2 - eps, unbiased."""
-    # (not the C helper under torch.jit.trace: the traced graph must update the buffers itself)
+    # (not the C helper while a graph is recorded: the graph must update the buffers itself)
     updated = None
-    if not torch.jit.is_tracing():
+    if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
         updated = _cpu.update_running(mean, invstd, m, eps, running_mean, running_var, momentum)
     if updated is None:  # buffers the C helper does not take (another dtype, a GPU): torch ops
         var = (invstd.double().reciprocal().square() - eps).clamp_min(0.0)
@@ -547,6 +574,8 @@ def _inference(
     """
     path = None
     if fast and input.numel() and not _wants_grad(input, mean, var, weight, bias):
+        if _compiling_kernel(input) and _cpu_ops.applies(input, axis, mean, var, weight, bias):
+            return torch.ops.batchnorm.cpu_eval(input, mean, var, weight, bias, eps, axis)
         if _native_is_cheaper("eval", input, axis, mean, var, weight, bias):
             return _torch_eval(input, mean, var, weight, bias, eps, axis)
         acb = _kernel_layout(input, axis)
@@ -576,12 +605,20 @@ def _wants_grad(*tensors: Tensor | None) -> bool:
 @torch.no_grad()
 def _update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, unbiased: Tensor, momentum: float
-) -> bool:
+) -> bool | Tensor:
     """running = (1 - momentum) * running + momentum * batch, skipped if the batch is not finite.
 
     `unbiased` is the batch's unbiased variance m / (m - 1) * sigma2_B, what running_var stores.
+    While a graph is recorded (torch.compile, torch.export, torch.jit.trace) the test is part of
+    the graph: the update is a select, and the result a 0-dim bool tensor (no warning).
     """
-    if not bool(torch.isfinite(mean).all() & torch.isfinite(unbiased).all()):
+    finite = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        for running, batch in ((running_mean, mean), (running_var, unbiased)):
+            moved = running * (1 - momentum) + batch.to(running.dtype) * momentum
+            running.copy_(torch.where(finite, moved, running))
+        return finite
+    if not bool(finite):
         _warn_not_finite(stacklevel=4)
         return False
     running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)

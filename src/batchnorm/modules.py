@@ -104,8 +104,11 @@ class _Forward:
             renorm=renorm,
             process_group=self._sync_group(input) if use_batch else None,
         )
-        if tracking and counted and tracked is not None:
-            tracked.add_(1)
+        if tracking and tracked is not None:
+            if isinstance(counted, Tensor):  # traced by torch.compile / torch.export: a 0-dim bool
+                tracked.add_(counted.to(tracked.dtype))
+            elif counted:
+                tracked.add_(1)
         return y
 
     def extra_repr(self) -> str:

@@ -132,6 +132,8 @@ def _library() -> ctypes.CDLL | None:
     global _lib, _why, _path, _tried
     if _tried:
         return _lib
+    if torch.compiler.is_compiling():  # no build inside a traced graph (Dynamo cannot take the lock)
+        return None
     with _lock:
         if not _tried:
             try:

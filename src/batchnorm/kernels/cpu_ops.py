@@ -1,0 +1,145 @@
+"""The CPU kernel as torch operators, for torch.compile and torch.export.
+
+A graph that torch.compile or torch.export records holds operators only. The kernel called
+directly (through C++ or ctypes) is not one: Dynamo breaks the graph there, and torch.export,
+which allows no break, fails on the fake tensors it traces with. Registered as operators
+(`torch.library.custom_op`) with fake implementations (shapes and strides only) and an autograd
+formula, the kernel runs inside compiled and exported graphs:
+
+    batchnorm::cpu_train(x, weight?, bias?, running_mean?, running_var?, eps, momentum, axis)
+        -> (y, mean, invstd, new_running_mean, new_running_var, counted)
+        y = (x - mean) * invstd * weight + bias with the batch's mean and invstd (float32 (C,));
+        new running = (1 - momentum) * running + momentum * batch (unbiased variance), the old
+        values for a non-finite batch (empty without running statistics); counted: 0-dim bool,
+        False only for a non-finite batch. The caller copies the new statistics into its buffers
+        (an operator with an autograd formula may not mutate its inputs).
+    batchnorm::cpu_backward(dy, x, weight?, mean, invstd, axis) -> (dx, s1, s2)
+        s1 = sum(dy), s2 = sum(dy * (x - mean)); dweight = s2 * invstd, dbias = s1.
+    batchnorm::cpu_eval(x, mean, var, weight?, bias?, eps, axis) -> y
+        y = x * scale + shift, scale = weight * (var + eps)**-1/2, shift = bias - mean * scale.
+
+`functional` uses them only while torch.compile or torch.export traces, for inputs the kernel
+takes as they are (`applies`). In eager mode the C++ entry points are cheaper: an operator
+call through the dispatcher and back into Python costs several microseconds more.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import cpu
+
+__all__ = ["applies", "cpu_backward", "cpu_eval", "cpu_train"]
+
+
+def applies(
+    x: Tensor, axis: int, *vectors: Tensor | None, running: tuple[Tensor | None, Tensor | None] = (None, None)
+) -> bool:
+    """Whether the operators take this call: the kernel loaded, x a float32/bfloat16 CPU tensor
+    in a kernel layout, the per-channel vectors float32 (C,) contiguous or None, the running
+    statistics both None or both buffers the kernel updates.
+
+    Pure reads of shapes and strides (not `cpu.layout`, whose memo dict would make Dynamo guard
+    on it and recompile whenever it grows); no build (not inside a traced graph).
+    """
+    if cpu._lib is None or x.dtype not in cpu._DTYPES or not x.is_cpu or x.layout != torch.strided:
+        return False
+    acb = cpu._layout(x, axis)
+    if acb is None:
+        return False
+    C = acb[1]
+    if not all(v is None or cpu._float32_vector(v, C) for v in vectors):
+        return False
+    rm, rv = running
+    if (rm is None) != (rv is None):
+        return False
+    return rm is None or (cpu.can_update(rm, C) and cpu.can_update(rv, C))
+
+
+def _empty_like(x: Tensor) -> Tensor:
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+
+
+def _vector(x: Tensor, axis: int) -> Tensor:
+    return x.new_empty(x.shape[axis], dtype=torch.float32)
+
+
+@torch.library.custom_op("batchnorm::cpu_train", mutates_args=(), device_types="cpu")
+def cpu_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    eps: float,
+    momentum: float,
+    axis: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # Functional (autograd formulas need that): the updated running statistics are new tensors,
+    # which the caller copies into its buffers; empty when none were given.
+    new_mean = running_mean.clone() if running_mean is not None else x.new_empty(0, dtype=torch.float32)
+    new_var = running_var.clone() if running_var is not None else x.new_empty(0, dtype=torch.float32)
+    fused = (new_mean, new_var) if running_mean is not None else (None, None)
+    y, mean, _, invstd, updated = cpu.train_forward_update(x, weight, bias, eps, axis, *fused, momentum)
+    if updated is False:
+        warnings.warn(
+            "batchnorm: the batch statistics contain NaN or Inf (non-finite values in the "
+            "input); running_mean and running_var were left unchanged for this batch",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return y, mean, invstd, new_mean, new_var, torch.tensor(updated is not False)
+
+
+@cpu_train.register_fake
+def _(x, weight, bias, running_mean, running_var, eps, momentum, axis):
+    n = 0 if running_mean is None else x.shape[axis]
+    stats = (x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32))
+    return _empty_like(x), _vector(x, axis), _vector(x, axis), *stats, x.new_empty((), dtype=torch.bool)
+
+
+@torch.library.custom_op("batchnorm::cpu_backward", mutates_args=(), device_types="cpu")
+def cpu_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, axis: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, s1, s2 = cpu.train_backward(dy, x, weight, mean, invstd, axis, True)
+    return dx, s1, s2
+
+
+@cpu_backward.register_fake
+def _(dy, x, weight, mean, invstd, axis):
+    return _empty_like(x), _vector(x, axis), _vector(x, axis)
+
+
+def _train_setup(ctx, inputs, output) -> None:
+    x, weight, bias, _, _, _, _, axis = inputs
+    mean, invstd = output[1], output[2]
+    ctx.save_for_backward(x, weight, mean, invstd)
+    ctx.axis, ctx.has_bias = axis, bias is not None
+
+
+def _train_backward(ctx, dy, *_):  # gradients of y only: the other outputs are statistics
+    x, weight, mean, invstd = ctx.saved_tensors
+    dx, s1, s2 = cpu_backward(dy, x, weight, mean, invstd, ctx.axis)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dw = s2 * invstd if need_w and weight is not None else None
+    db = s1 if need_b and ctx.has_bias else None
+    return dx if need_x else None, dw, db, None, None, None, None, None
+
+
+cpu_train.register_autograd(_train_backward, setup_context=_train_setup)
+
+
+@torch.library.custom_op("batchnorm::cpu_eval", mutates_args=(), device_types="cpu")
+def cpu_eval(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int
+) -> Tensor:
+    return cpu.eval_forward(x, mean, var, weight, bias, eps, axis)
+
+
+@cpu_eval.register_fake
+def _(x, mean, var, weight, bias, eps, axis):
+    return _empty_like(x)

@@ -1,0 +1,127 @@
+"""Our layers inside recorded graphs: torch.compile(fullgraph=True) and torch.export.
+
+While a graph is recorded, the CPU kernel runs as torch operators (kernels/cpu_ops.py) and the
+running-statistics update is part of the graph (a select on "the batch is finite"), so there
+is no graph break and export works in training too. Each graph's results must equal our eager
+layer's bitwise (the same kernel) and torch's within float32 tolerance: outputs, gradients,
+running statistics and num_batches_tracked, training then eval.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import batchnorm as bn
+from batchnorm.kernels import cpu, cpu_ops
+
+pytestmark = [
+    pytest.mark.skipif(not cpu.available(), reason=f"CPU kernel: {cpu.why_unavailable()}"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:torch"),  # torch.jit, imported by inductor
+]
+
+SHAPES = [pytest.param((4, 3, 5, 5), id="small"), pytest.param((8, 3, 40, 40), id="large")]
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _pair():
+    torch.manual_seed(0)
+    ours = bn.BatchNorm2d(3)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+    return ours, copy.deepcopy(ours)
+
+
+def _step(layer, x, g):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    dx, dw, db = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+    return y.detach(), dx, dw, db
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_compiled_layer_has_no_graph_break_and_matches_eager(shape):
+    """fullgraph=True raises on any graph break; in training the results are our eager layer's,
+    bitwise (the same kernel, as an operator)."""
+    ours, eager = _pair()
+    theirs = torch.nn.BatchNorm2d(3)
+    theirs.load_state_dict(ours.state_dict())
+    torch.compiler.reset()
+    compiled = torch.compile(ours, fullgraph=True)
+    for training in (True, True, False):
+        for layer in (ours, eager, theirs):
+            layer.train(training)
+        x, g = torch.randn(shape) * 2 + 1, torch.randn(shape)
+        got, want, ref = _step(compiled, x, g), _step(eager, x, g), _step(theirs, x, g)
+        for a, b, r in zip(got, want, ref):
+            if training:  # the kernel's operator; eval with gradients is torch ops, fused by inductor
+                assert torch.equal(a, b)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+    for name in BUFFERS:
+        assert torch.equal(getattr(ours, name), getattr(eager, name)), name
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-5, atol=1e-6)
+    assert int(ours.num_batches_tracked) == 2
+    with torch.no_grad():  # eval without gradients: the kernel's eval operator
+        x = torch.randn(shape)
+        assert torch.equal(compiled(x), eager(x))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_exported_layer_matches_eager(shape, training):
+    ours, eager = _pair()
+    ours.train(training)
+    eager.train(training)
+    exported = torch.export.export(ours, (torch.randn(shape),)).module()
+    x = torch.randn(shape) * 2 + 1
+    with torch.no_grad():
+        assert torch.equal(exported(x), eager(x))
+    for name in BUFFERS:
+        assert torch.equal(getattr(exported, name), getattr(eager, name)), name
+
+
+def test_compiled_layer_skips_a_nonfinite_batch():
+    """The graph's own finite test: the running statistics stay, the batch is not counted."""
+    ours, _ = _pair()
+    torch.compiler.reset()
+    compiled = torch.compile(ours, fullgraph=True)
+    with torch.no_grad():
+        compiled(torch.randn(8, 3, 40, 40))
+        before = {name: getattr(ours, name).clone() for name in BUFFERS}
+        x = torch.randn(8, 3, 40, 40)
+        x[0, 1, 2, 3] = float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the operator warns at run time
+            compiled(x)
+    for name in BUFFERS:
+        assert torch.equal(getattr(ours, name), before[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_operators_pass_opcheck(dtype):
+    """torch.library.opcheck: schema, fake implementations (shapes, strides), autograd formula."""
+    x = torch.randn(4, 3, 5, 5).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    torch.library.opcheck(cpu_ops.cpu_train, (x, w, b, rm, rv, 1e-5, 0.1, 1))
+    torch.library.opcheck(cpu_ops.cpu_train, (x.requires_grad_(), w.requires_grad_(), b, None, None, 1e-5, 0.1, 1))
+    x = x.detach()
+    mean, invstd = torch.randn(3), torch.rand(3) + 0.5
+    torch.library.opcheck(cpu_ops.cpu_backward, (torch.randn_like(x), x, w.detach(), mean, invstd, 1))
+    torch.library.opcheck(cpu_ops.cpu_eval, (x, mean, torch.rand(3) + 0.5, w.detach(), None, 1e-5, 1))
+
+
+def test_applies_only_to_what_the_kernel_takes():
+    x = torch.randn(4, 3, 5, 5)
+    v = torch.ones(3)
+    assert cpu_ops.applies(x, 1, v, None, running=(v.clone(), v.clone()))
+    assert not cpu_ops.applies(x.double(), 1)
+    assert not cpu_ops.applies(x[:, :, ::2], 1)
+    assert not cpu_ops.applies(x, 1, torch.ones(3, dtype=torch.float64))
+    assert not cpu_ops.applies(x, 1, running=(v.clone(), None))
+    assert not cpu_ops.applies(x, 1, running=(v.double(), v.double()))
