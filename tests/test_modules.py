@@ -238,8 +238,8 @@ def test_torch_jit_trace_records_the_whole_layer(shape, training, grad):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")  # torch.jit, imported by inductor
 def test_layer_under_torch_compile_matches_torch():
-    """torch.compile of our layer (Dynamo breaks the graph at the kernel calls) computes what torch's layer does:
-    small inputs (torch's kernel under our checks) and larger ones (our C kernel), training then eval."""
+    """torch.compile of our layer (the kernel as an operator in the graph) computes what torch's layer does:
+    small and larger inputs, training then eval (tests/test_compile.py has fullgraph and export)."""
     torch.manual_seed(0)
     ours, theirs = bn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
     compiled = torch.compile(ours)

@@ -142,9 +142,9 @@ def batch_norm_with_status(
     torch.compile or torch.export traces the CPU kernel's operator, it is a
     0-dim bool tensor instead.
     """
-    # The whole call in C++ when it takes it (it checks as below, else declines). Not while
-    # torch.compile traces: Dynamo warns on every unknown C++ function; it breaks the graph at
-    # the kernel call below without a word. Not under torch.jit.trace either (see _pick_path).
+    # The whole call in C++ when it takes it (it checks as below, else declines). Not while a
+    # graph is recorded: torch.compile and torch.export take the kernel's operators below
+    # (`_compiling_kernel`), torch.jit.trace torch's own operators (see _pick_path).
     fast = (
         _backend in _KERNEL_BACKENDS
         and mask is None

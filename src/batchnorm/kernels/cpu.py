@@ -43,7 +43,8 @@ the installed torch (~10-15 s; see `extension()`); `train_forward_update` and `t
 call them when they are there and fall back to ctypes for calls they decline.
 Threads: torch.get_num_threads() per call (fewer for small inputs); the library's OpenMP
 runtime is the libgomp torch has loaded, so they share one thread pool. Not for tensors being
-traced (torch.compile's fake tensors have no data).
+traced (torch.compile's fake tensors have no data): there `cpu_ops` wraps the kernel as torch
+operators with fake implementations.
 
 >>> import torch
 >>> from batchnorm.kernels import cpu
