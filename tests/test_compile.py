@@ -24,6 +24,7 @@ pytestmark = [
 ]
 
 SHAPES = [pytest.param((4, 3, 5, 5), id="small"), pytest.param((8, 3, 40, 40), id="large")]
+CL = torch.channels_last
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -69,6 +70,34 @@ def test_compiled_layer_has_no_graph_break_and_matches_eager(shape):
     with torch.no_grad():  # eval without gradients: the kernel's eval operator
         x = torch.randn(shape)
         assert torch.equal(compiled(x), eager(x))
+
+
+LAYOUTS = [  # (layer, input) makers: the kernel's other layouts, and bfloat16
+    pytest.param(lambda: bn.BatchNorm2d(4), lambda: torch.randn(8, 4, 20, 20).contiguous(memory_format=CL), id="nhwc"),
+    pytest.param(
+        lambda: bn.BatchNorm2d(4),
+        lambda: torch.randn(8, 4, 20, 20).bfloat16().contiguous(memory_format=CL),
+        id="nhwc-bf16",
+    ),
+    pytest.param(lambda: bn.BatchNorm(4, axis=-1), lambda: torch.randn(8, 20, 4), id="nlc-axis-1"),
+]
+
+
+@pytest.mark.parametrize("make_layer,make_x", LAYOUTS)
+def test_compiled_layer_on_other_layouts(make_layer, make_x):
+    """Output (and its strides), dx and the running statistics equal our eager layer's, bitwise."""
+    torch.manual_seed(0)
+    ours = make_layer()
+    eager = copy.deepcopy(ours)
+    torch.compiler.reset()
+    compiled = torch.compile(ours, fullgraph=True)
+    x = make_x()
+    got, want = _step(compiled, x, torch.ones_like(x)), _step(eager, x, torch.ones_like(x))
+    assert got[0].stride() == want[0].stride() == x.stride()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for name in BUFFERS:
+        assert torch.equal(getattr(ours, name), getattr(eager, name)), name
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -489,7 +489,10 @@ def _layout(x: Tensor, axis: int) -> tuple[int, int, int] | None:
         expected *= shape[d]
     if C == 1:
         return 1, 1, x.numel()
-    B = math.prod(shape[d] for d in dims if strides[d] < strides[axis])
+    B = 1
+    for d in dims:  # (a loop, not math.prod of a generator: torch.compile traces this in cpu_ops.applies)
+        if strides[d] < strides[axis]:
+            B *= shape[d]
     return x.numel() // (B * C), C, B
 
 
