@@ -101,6 +101,22 @@ def test_compiled_layer_on_other_layouts(make_layer, make_x):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compiled_layer_the_operators_do_not_take(training):
+    """bfloat16 parameters: the operators decline (they take float32 vectors), and the kernels
+    give way to torch ops inside the graph instead of meeting fake tensors."""
+    torch.manual_seed(0)
+    ours = bn.BatchNorm2d(3).bfloat16().train(training)
+    eager = copy.deepcopy(ours)
+    x = torch.randn(8, 3, 10, 10).bfloat16()
+    assert not cpu_ops.applies(x, 1, ours.weight, ours.bias)
+    torch.compiler.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(ours, fullgraph=True)(x), eager(x), rtol=1.6e-2, atol=1.6e-2)
+    for name in BUFFERS:
+        torch.testing.assert_close(getattr(ours, name), getattr(eager, name), rtol=1.6e-2, atol=1.6e-2)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_exported_layer_matches_eager(shape, training):
     ours, eager = _pair()

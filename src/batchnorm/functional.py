@@ -145,12 +145,7 @@ def batch_norm_with_status(
     # The whole call in C++ when it takes it (it checks as below, else declines). Not while a
     # graph is recorded: torch.compile and torch.export take the kernel's operators below
     # (`_compiling_kernel`), torch.jit.trace torch's own operators (see _pick_path).
-    fast = (
-        _backend in _KERNEL_BACKENDS
-        and mask is None
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-    )
+    fast = _backend in _KERNEL_BACKENDS and mask is None and not _recording()
     ext = _cpu.extension() if fast else None
     if ext is not None:
         try:
@@ -322,12 +317,14 @@ def _triton_ok(input: Tensor, axis: int) -> bool:
 def _pick_path(input: Tensor, axis: int) -> str:
     """Which implementation runs this call: "cpu", "triton", "composite" or "torch".
 
-    Under torch.jit.trace the kernels ("auto", "cpu", "triton") give way to "composite": a trace
-    records torch operators only, so a kernel's work would be missing from the traced graph (its
-    output an uninitialized tensor). torch's kernel is an operator and stays.
+    While a graph is recorded (`_recording`) the kernels ("auto", "cpu", "triton") give way to
+    "composite": a graph holds torch operators only, so a kernel's work would be missing from a
+    traced graph (its output an uninitialized tensor), and torch.compile or torch.export would
+    reach it with fake tensors. Where the CPU kernel's operators take a call (kernels/cpu_ops.py),
+    the callers use them before asking here. torch's kernel is an operator and stays.
     """
     name = _backend
-    if name != "torch" and torch.jit.is_tracing():
+    if name != "torch" and _recording():
         return "composite"
     if name == "auto":
         if input.device.type == "cpu" and _cpu.supports(input, axis):
@@ -351,6 +348,11 @@ def _pick_path(input: Tensor, axis: int) -> str:
 _KERNEL_BACKENDS = ("auto", "cpu")  # the backends that run the CPU kernel where it takes the input
 
 
+def _recording() -> bool:
+    """Whether torch.compile, torch.export or torch.jit.trace is recording this call into a graph."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _compiling_kernel(input: Tensor) -> bool:
     """Whether torch.compile or torch.export traces a call the CPU kernel's operators may take
     (kernels/cpu_ops.py): a CPU tensor under the "auto" or "cpu" backend (not torch.jit.trace,
@@ -369,7 +371,7 @@ def _kernel_layout(input: Tensor, axis: int) -> tuple[int, int, int] | None:
     `_pick_path` in one lookup, handed on to the kernel call: in a busy process every Python
     layer of a call costs microseconds (benchmarks/kernel_notes.md).
     """
-    if _backend not in _KERNEL_BACKENDS or not input.is_cpu or torch.jit.is_tracing():
+    if _backend not in _KERNEL_BACKENDS or not input.is_cpu or _recording():
         return None
     return _cpu.layout(input, axis)
 
@@ -394,7 +396,7 @@ def _update_from_invstd(
     """`_update_running_stats` from torch's kernel's (mean, invstd): var = invstd**-2 - eps, unbiased."""
     # (not the C helper while a graph is recorded: the graph must update the buffers itself)
     updated = None
-    if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+    if not _recording():
         updated = _cpu.update_running(mean, invstd, m, eps, running_mean, running_var, momentum)
     if updated is None:  # buffers the C helper does not take (another dtype, a GPU): torch ops
         var = (invstd.double().reciprocal().square() - eps).clamp_min(0.0)
@@ -613,7 +615,7 @@ def _update_running_stats(
     the graph: the update is a select, and the result a 0-dim bool tensor (no warning).
     """
     finite = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if _recording():
         for running, batch in ((running_mean, mean), (running_var, unbiased)):
             moved = running * (1 - momentum) + batch.to(running.dtype) * momentum
             running.copy_(torch.where(finite, moved, running))
