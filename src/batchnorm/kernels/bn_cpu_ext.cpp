@@ -227,30 +227,47 @@ py::object train(const at::Tensor &x, const Opt &weight, const Opt &bias, const 
     return py::make_tuple(y, mean, var, invstd, updated);
 }
 
-/* Training-mode backward: (dx or None, s1, s2), s1 = sum(dy), s2 = sum(dy * (x - mean)).
- * None unless dy has x's dtype and the same strides (so the same memory order), weight is
- * None or as for eval, and mean and invstd are float32 (C,) contiguous. */
+/* Whether dy can be read as x is: x's dtype and shape, the same strides on every dim of size > 1
+ * (so the same memory order). */
+bool same_layout(const at::Tensor &dy, const at::Tensor &x) {
+    if (dy.scalar_type() != x.scalar_type() || dy.sizes() != x.sizes()) return false;
+    if (dy.is_contiguous() && x.is_contiguous()) return true;
+    for (int64_t d = 0; d < x.dim(); d++)
+        if (x.size(d) != 1 && dy.stride(d) != x.stride(d)) return false;
+    return true;
+}
+
+/* The kernel's backward: dx (undefined unless need_dx), s1 = sum(dy), s2 = sum(dy * (x - mean)).
+ * dy in x's memory order; mean and invstd float32 (C,); w float32 (C,) or null. Does not touch
+ * the GIL (Python callers release it around the call). */
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor &dy, const at::Tensor &x, Layout acb,
+                                                               const float *w, const at::Tensor &mean,
+                                                               const at::Tensor &invstd, bool need_dx) {
+    at::Tensor dx = need_dx ? output_like(x) : at::Tensor(), s1 = float_vector(acb.C), s2 = float_vector(acb.C);
+    const int rc = bn_train_backward(dtype_code(x), dy.const_data_ptr(), x.const_data_ptr(),
+                                     need_dx ? dx.mutable_data_ptr() : nullptr, acb.A, acb.C, acb.B, w,
+                                     mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(),
+                                     s1.mutable_data_ptr<float>(), s2.mutable_data_ptr<float>(),
+                                     at::get_num_threads());
+    check_rc(rc);
+    return {dx, s1, s2};
+}
+
+/* Training-mode backward: (dx or None, s1, s2), as `backward_kernel`. None unless dy has x's
+ * layout (`same_layout`), weight is None or as for eval, and mean and invstd are float32 (C,)
+ * contiguous. */
 py::object backward(const at::Tensor &dy, const at::Tensor &x, const Opt &weight, const at::Tensor &mean,
                     const at::Tensor &invstd, int64_t axis, bool need_dx) {
     auto acb = kernel_layout(x, axis);
-    if (!acb || !plain_cpu(dy) || dy.scalar_type() != x.scalar_type() || dy.sizes() != x.sizes()) return py::none();
-    const int64_t C = acb->C;
-    if (!(dy.is_contiguous() && x.is_contiguous())) {
-        for (int64_t d = 0; d < x.dim(); d++)
-            if (x.size(d) != 1 && dy.stride(d) != x.stride(d)) return py::none();
-    }
+    if (!acb || !plain_cpu(dy) || !same_layout(dy, x)) return py::none();
     const float *w;
-    if (!optional_vector(weight, C, &w) || !is_vector(mean, C) || !is_vector(invstd, C)) return py::none();
-    at::Tensor dx = need_dx ? output_like(x) : at::Tensor(), s1 = float_vector(C), s2 = float_vector(C);
-    const int dt = dtype_code(x), threads = at::get_num_threads();
-    int rc;
+    if (!optional_vector(weight, acb->C, &w) || !is_vector(mean, acb->C) || !is_vector(invstd, acb->C))
+        return py::none();
+    at::Tensor dx, s1, s2;
     {
         py::gil_scoped_release unlocked;
-        rc = bn_train_backward(dt, dy.const_data_ptr(), x.const_data_ptr(), need_dx ? dx.mutable_data_ptr() : nullptr,
-                               acb->A, C, acb->B, w, mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(),
-                               s1.mutable_data_ptr<float>(), s2.mutable_data_ptr<float>(), threads);
+        std::tie(dx, s1, s2) = backward_kernel(dy, x, *acb, w, mean, invstd, need_dx);
     }
-    check_rc(rc);
     return py::make_tuple(need_dx ? py::cast(dx) : py::none(), s1, s2);
 }
 
@@ -302,21 +319,11 @@ struct Train : public torch::autograd::Function<Train> {
             std::tie(dx, dw, db) = differentiable_backward(ctx, x, weight, dy);
         } else {
             const Layout acb{ctx->saved_data["A"].toInt(), mean.size(0), ctx->saved_data["B"].toInt()};
-            at::Tensor g = dy;
-            bool same = g.scalar_type() == x.scalar_type() && g.is_cpu() && g.sizes() == x.sizes();
-            for (int64_t d = 0; same && d < x.dim(); d++) same = x.size(d) == 1 || g.stride(d) == x.stride(d);
-            if (!same) g = output_like(x).copy_(dy);  // the kernel reads dy in x's memory order
-            const int64_t C = acb.C;
-            at::Tensor s1 = float_vector(C), s2 = float_vector(C);
-            if (need_x) dx = output_like(x);
+            // the kernel reads dy in x's memory order (the autograd engine runs this without the GIL)
+            const at::Tensor g = dy.is_cpu() && same_layout(dy, x) ? dy : output_like(x).copy_(dy);
             const float *w = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
-            const int dt = dtype_code(x), threads = at::get_num_threads();
-            // (the autograd engine runs this without the GIL)
-            const int rc = bn_train_backward(dt, g.const_data_ptr(), x.const_data_ptr(),
-                                             need_x ? dx.mutable_data_ptr() : nullptr, acb.A, C, acb.B, w,
-                                             mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(),
-                                             s1.mutable_data_ptr<float>(), s2.mutable_data_ptr<float>(), threads);
-            check_rc(rc);
+            at::Tensor s1, s2;
+            std::tie(dx, s1, s2) = backward_kernel(g, x, acb, w, mean, invstd, need_x);
             if (need_w) dw = s2 * invstd;
             if (need_b) db = s1;
         }
