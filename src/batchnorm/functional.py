@@ -629,12 +629,7 @@ def _update_running_stats(
 
 
 def _warn_not_finite(stacklevel: int) -> None:
-    warnings.warn(
-        "batchnorm: the batch statistics contain NaN or Inf (non-finite values in the "
-        "input); running_mean and running_var were left unchanged for this batch",
-        RuntimeWarning,
-        stacklevel=stacklevel,
-    )
+    warnings.warn(_cpu.NOT_FINITE_MESSAGE, RuntimeWarning, stacklevel=stacklevel)
 
 
 class _FusedUpdate:

@@ -97,6 +97,12 @@ CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fP
 _ABI_VERSION = 4  # bn_abi_version() of a library built from the current bn_cpu.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
 _COMPILE_TIMEOUT_S = 120
+# What batchnorm warns when a training batch's statistics are not finite and the running
+# statistics are left as they were (functional, and kernels/cpu_ops.py at run time).
+NOT_FINITE_MESSAGE = (
+    "batchnorm: the batch statistics contain NaN or Inf (non-finite values in the "
+    "input); running_mean and running_var were left unchanged for this batch"
+)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

@@ -59,10 +59,6 @@ def applies(
     return rm is None or (cpu.can_update(rm, C) and cpu.can_update(rv, C))
 
 
-def _empty_like(x: Tensor) -> Tensor:
-    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-
-
 def _vector(x: Tensor, axis: int) -> Tensor:
     return x.new_empty(x.shape[axis], dtype=torch.float32)
 
@@ -85,12 +81,7 @@ def cpu_train(
     fused = (new_mean, new_var) if running_mean is not None else (None, None)
     y, mean, _, invstd, updated = cpu.train_forward_update(x, weight, bias, eps, axis, *fused, momentum)
     if updated is False:
-        warnings.warn(
-            "batchnorm: the batch statistics contain NaN or Inf (non-finite values in the "
-            "input); running_mean and running_var were left unchanged for this batch",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        warnings.warn(cpu.NOT_FINITE_MESSAGE, RuntimeWarning, stacklevel=2)
     return y, mean, invstd, new_mean, new_var, torch.tensor(updated is not False)
 
 
@@ -98,7 +89,7 @@ def cpu_train(
 def _(x, weight, bias, running_mean, running_var, eps, momentum, axis):
     n = 0 if running_mean is None else x.shape[axis]
     stats = (x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32))
-    return _empty_like(x), _vector(x, axis), _vector(x, axis), *stats, x.new_empty((), dtype=torch.bool)
+    return cpu._empty_like(x), _vector(x, axis), _vector(x, axis), *stats, x.new_empty((), dtype=torch.bool)
 
 
 @torch.library.custom_op("batchnorm::cpu_backward", mutates_args=(), device_types="cpu")
@@ -111,7 +102,7 @@ def cpu_backward(
 
 @cpu_backward.register_fake
 def _(dy, x, weight, mean, invstd, axis):
-    return _empty_like(x), _vector(x, axis), _vector(x, axis)
+    return cpu._empty_like(x), _vector(x, axis), _vector(x, axis)
 
 
 def _train_setup(ctx, inputs, output) -> None:
@@ -142,4 +133,4 @@ def cpu_eval(
 
 @cpu_eval.register_fake
 def _(x, mean, var, weight, bias, eps, axis):
-    return _empty_like(x)
+    return cpu._empty_like(x)
