@@ -268,9 +268,11 @@ def set_backend(name: str) -> None:
     """Force the path plain batch normalization takes (the variants always take the general path).
 
     - "auto" (default): the C/OpenMP kernel for CPU float32/bfloat16 tensors it
-      supports, except small ones (NATIVE_MAX_ELEMS), where per-call overhead
-      decides and torch's kernel has less; the Triton kernels for CUDA tensors
-      when Triton is installed; else "composite";
+      supports (through its C++ entry points; where those cannot be built, small
+      calls (NATIVE_MAX_ELEMS) take torch's kernel, which then has less per-call
+      overhead); the Triton kernels for CUDA tensors when Triton is installed;
+      else "composite". Inside graphs recorded by torch.compile, torch.export or
+      torch.jit.trace: the CPU kernel's operators where they apply, else torch ops;
     - "cpu" / "triton": that kernel, or a clear error where it cannot run;
     - "composite": our autograd core built from torch tensor operations;
     - "torch": PyTorch's own kernel (torch.native_batch_norm) under our checks and
