@@ -530,8 +530,8 @@ def _run_mode(
     sync: Callable[[], None],
     llc: int | None,
     compile_error: str | None,
-    min_time: float = 0.0,
-    copy_x: Callable[[], Any] | None = None,
+    min_time: float,
+    copy_x: Callable[[], Any],
 ) -> dict[str, Any]:
     """Warm up every implementation, then time them in turn (random order per repetition); one result row.
 
@@ -557,10 +557,9 @@ def _run_mode(
     max_rel_diff = _max_rel_diff(outputs["ours"], outputs["eager"])
     del outputs
 
+    copy_x()  # warm-up
     timed = {name: per_mode[mode] for name, per_mode in active.items()}
-    if copy_x is not None:
-        copy_x()
-        timed["copy"] = copy_x
+    timed["copy"] = copy_x
     samples: dict[str, list[float]] = {name: [] for name in timed}
     # A fresh random order every repetition: with a fixed or rotating order each implementation
     # always follows the same one and inherits its cache and thread-pool state (measured: up to
@@ -589,7 +588,7 @@ def _run_mode(
         "model_bytes": model_bytes,
         "fits_in_cache": llc is not None and working_set <= llc,
         "times_ms": ms,
-        "copy_ms": statistics.median(samples["copy"]) * 1e3 if "copy" in samples else None,
+        "copy_ms": statistics.median(samples["copy"]) * 1e3,
         "min_ms": {name: min(samples[name]) * 1e3 if name in samples else None for name in IMPLS},
         "speedup_vs_eager": _ratio(ms["eager"], ms["ours"]),
         "speedup_vs_compile": _ratio(ms["compile"], ms["ours"]),
