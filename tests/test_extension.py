@@ -27,34 +27,39 @@ pytestmark = pytest.mark.skipif(ext is None, reason=f"C++ entry points: {cpu.ext
 CL, CL3 = torch.channels_last, torch.channels_last_3d
 EPS = 1e-5
 
-# (shape, memory format, axis) reaching each canonical (A, C, B) and both code paths of the kernel.
-LAYOUTS = [
-    pytest.param((4, 3, 5, 7), None, 1, id="nchw"),
-    pytest.param((4, 3, 5, 7), CL, 1, id="nhwc"),
-    pytest.param((2, 3, 4, 5, 6), CL3, 1, id="ndhwc"),
-    pytest.param((2, 3, 4, 5, 6), None, 1, id="ncdhw"),
-    pytest.param((67, 3), None, 1, id="2d"),
-    pytest.param((20, 264), None, 1, id="2d-c264"),
-    pytest.param((5, 3, 7), None, 1, id="3d"),
-    pytest.param((4, 6, 3), None, -1, id="nlc-axis-1"),
-    pytest.param((4, 6, 3), None, 2, id="nlc-axis2"),
-    pytest.param((6, 1, 4, 4), CL, 1, id="c1-nhwc"),
-    pytest.param((9, 5, 7, 7), None, 1, id="nchw-7x7"),
-    pytest.param((4, 3, 80, 80), CL, 1, id="mt-nhwc"),  # two threads
-    pytest.param((64, 41, 7, 7), None, 1, id="mt-nchw-7x7"),
-]
-PERMUTED = [  # dense, not contiguous in any memory format: (make, axis)
-    pytest.param(lambda: torch.randn(6, 50).t(), 1, id="transposed-2d"),
-    pytest.param(lambda: torch.randn(4, 8, 5).transpose(1, 2), 2, id="transposed-3d"),
-    pytest.param(lambda: torch.randn(4, 3, 5, 5).permute(0, 2, 1, 3), 2, id="permuted"),
-    pytest.param(lambda: torch.randn(4, 3, 5, 5).contiguous(memory_format=CL).permute(3, 1, 2, 0), 1, id="cl-perm"),
-]
-DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
-
-
 def make(shape, fmt, dtype):
     x = (3 + 2 * torch.randn(shape, dtype=torch.float64)).to(dtype)
     return x if fmt is None else x.contiguous(memory_format=fmt)
+
+
+def dense(shape, fmt=None):
+    return lambda dtype: make(shape, fmt, dtype)
+
+
+# (make_x(dtype), axis): each canonical (A, C, B) and both code paths of the kernel, then dense
+# tensors that are contiguous in no memory format (`.to` keeps their strides).
+LAYOUTS = [
+    pytest.param(dense((4, 3, 5, 7)), 1, id="nchw"),
+    pytest.param(dense((4, 3, 5, 7), CL), 1, id="nhwc"),
+    pytest.param(dense((2, 3, 4, 5, 6), CL3), 1, id="ndhwc"),
+    pytest.param(dense((2, 3, 4, 5, 6)), 1, id="ncdhw"),
+    pytest.param(dense((67, 3)), 1, id="2d"),
+    pytest.param(dense((20, 264)), 1, id="2d-c264"),
+    pytest.param(dense((5, 3, 7)), 1, id="3d"),
+    pytest.param(dense((4, 6, 3)), -1, id="nlc-axis-1"),
+    pytest.param(dense((4, 6, 3)), 2, id="nlc-axis2"),
+    pytest.param(dense((6, 1, 4, 4), CL), 1, id="c1-nhwc"),
+    pytest.param(dense((9, 5, 7, 7)), 1, id="nchw-7x7"),
+    pytest.param(dense((4, 3, 80, 80), CL), 1, id="mt-nhwc"),  # two threads
+    pytest.param(dense((64, 41, 7, 7)), 1, id="mt-nchw-7x7"),
+    pytest.param(lambda dt: torch.randn(6, 50).t().to(dt), 1, id="transposed-2d"),
+    pytest.param(lambda dt: torch.randn(4, 8, 5).transpose(1, 2).to(dt), 2, id="transposed-3d"),
+    pytest.param(lambda dt: torch.randn(4, 3, 5, 5).permute(0, 2, 1, 3).to(dt), 2, id="permuted"),
+    pytest.param(
+        lambda dt: torch.randn(4, 3, 5, 5).contiguous(memory_format=CL).permute(3, 1, 2, 0).to(dt), 1, id="cl-perm"
+    ),
+]
+DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
 
 
 def vectors(C):
@@ -78,24 +83,12 @@ def ctypes_path(monkeypatch):
     return run
 
 
-def all_layouts():
-    cases = [pytest.param(lambda s=p.values[0], f=p.values[1]: (s, f), p.values[2], id=p.id) for p in LAYOUTS]
-    return cases + PERMUTED
-
-
-def build(make_x, dtype):
-    x = make_x()
-    if isinstance(x, tuple):
-        x = make(*x, dtype)
-    return x.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("make_x,axis", all_layouts())
+@pytest.mark.parametrize("make_x,axis", LAYOUTS)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_same_bits_as_the_ctypes_path(make_x, axis, dtype, affine, ctypes_path):
     """eval, training forward (running statistics updated in the same call) and backward."""
-    x = build(make_x, dtype)
+    x = make_x(dtype)
     C = x.shape[axis]
     mean, var, w, b = vectors(C)
     w, b = (w, b) if affine else (None, None)
@@ -165,12 +158,12 @@ PARAMS = {  # which of weight and bias exist, and which want a gradient
 
 @pytest.mark.parametrize("params", list(PARAMS))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("make_x,axis", [p for p in all_layouts() if p.id in ("nchw", "nhwc", "2d", "nlc-axis-1")])
+@pytest.mark.parametrize("make_x,axis", [p for p in LAYOUTS if p.id in ("nchw", "nhwc", "2d", "nlc-axis-1")])
 def test_autograd_node_same_bits_as_the_python_function(make_x, axis, dtype, params, ctypes_path):
     """functional.batch_norm with autograd: the C++ node (train_step) against the Python
     autograd.Function on the ctypes path: y, dx, dweight, dbias, running statistics."""
     has_w, has_b, grad_w, grad_b = PARAMS[params]
-    x0 = build(make_x, dtype)
+    x0 = make_x(dtype)
     C = x0.shape[axis]
     g = torch.empty_like(x0).copy_(torch.randn(x0.shape))
     w0, b0 = torch.rand(C) + 0.5, torch.randn(C)
