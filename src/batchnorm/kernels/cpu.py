@@ -342,8 +342,9 @@ def extension() -> ModuleType | None:
     """The kernel's C++ entry points (`bn_cpu_ext.cpp`), or None where they cannot be built.
 
     `eval`, `train` and `backward` take tensors and do in one C++ call what `eval_forward`,
-    `train_forward_update` and `train_backward` do in Python around a ctypes call; each returns
-    None for a call it does not take (then the Python path runs). Built on first use, like the
+    `train_forward_update` and `train_backward` do in Python around a ctypes call;
+    `train_step` is functional's whole training call (with autograd, one C++ autograd node).
+    Each returns None for a call it does not take (then the Python path runs). Built on first use, like the
     kernel, against the installed torch's headers and libraries, with $CXX (default `c++`, else
     `g++`): about 15 s on 2 cores, once per machine, torch version and source version.
     BATCHNORM_NO_EXTENSION=1 turns them off (the ctypes path then runs every call).
