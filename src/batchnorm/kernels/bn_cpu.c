@@ -14,8 +14,8 @@
  *       (k consecutive rows form one row of W = k*C*B >= MIN_WIDTH columns). Rows are split
  *       over the threads, which work on column tiles of 128 columns with the tile's
  *       accumulators or coefficients in registers (wide rows: row loops of 32-byte vectors for
- *       the apply pass); per-column results are merged across blocks, threads and the
- *       columns of a channel at the end.
+ *       the apply pass, and for bfloat16's dx); per-column results are merged across blocks,
+ *       threads and the columns of a channel at the end.
  *
  * Numerics (the statistics are the only delicate part):
  *   - each chunk / row block is small enough to stay in L1/L2, and its statistics come from
@@ -861,17 +861,18 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
 }
 
 #if HAVE_AVX512
-/* y = (x - m) * s + h (m NULL: x * s + h) on rows [lo, hi) wider than a tile, row by row, each
- * vector 32 bytes of memory: 8 float32 in a 256-bit register, or 16 bfloat16 widened to a 512-bit
- * one; the last vector of a row masked. For rows of 1024-2048 channels (channels_last, 2-D), random-
- * order A/B on Zen 4 against the 512-bit tiles below: float32 10-30% faster in inference (also
- * faster than a 512-bit float32 row loop) and up to 15% in the training forward; bfloat16 15-35%
- * faster in inference, the training forward within noise (its statistics pass dominates). The
- * backward's dx gained nothing (float32) and keeps the tiles. st (a constant where inlined):
- * streaming stores, which need W % 16 == 0. */
-INLINE void rows_wide(const void *x, void *y, int64_t W, int64_t lo, int64_t hi, const float *mw, const float *sw,
-                      const float *hw, const int st, int dt) {
-    if (dt == DT_F32) {
+/* The elementwise pass (APPLY: float32 and bfloat16; DX: bfloat16) on rows [lo, hi) wider than a
+ * tile, row by row, each vector 32 bytes of memory: 8 float32 in a 256-bit register, or 16 bfloat16
+ * widened to a 512-bit one; the last vector of a row masked; mw NULL: no centre (inference). For
+ * rows of 1024-2048 channels (channels_last, 2-D), random-order A/B on Zen 4 against the 512-bit
+ * tiles below: float32 APPLY 10-30% faster in inference (also faster than a 512-bit float32 row
+ * loop) and up to 15% in the training forward; bfloat16 APPLY 15-35% faster in inference, the
+ * training forward within noise (its statistics pass dominates); bfloat16 DX 0-18% faster. The
+ * float32 DX gained nothing (within noise, either width) and keeps the tiles. st (a constant where
+ * inlined): streaming stores, which need W % 16 == 0. */
+INLINE void rows_wide(int op, const void *x, const void *dy, void *y, int64_t W, int64_t lo, int64_t hi,
+                      const float *mw, const float *sw, const float *bw, const float *hw, const int st, int dt) {
+    if (dt == DT_F32) { /* APPLY only */
         const __mmask8 last = (__mmask8)((1u << (W % 8)) - 1u);
         for (int64_t r = lo; r < hi; r++) {
             const float *xr = (const float *)x + r * W;
@@ -897,22 +898,24 @@ INLINE void rows_wide(const void *x, void *y, int64_t W, int64_t lo, int64_t hi,
         return;
     }
     const __mmask16 last = first_lanes(W % VEC);
+    const __m512 zero = _mm512_setzero_ps();
     for (int64_t o = lo * W; o < hi * W; o += W) {
         int64_t j = 0;
         for (; j + VEC <= W; j += VEC) {
-            __m512 xv = VLD(x, o + j, DT_BF16);
-            if (mw) xv = _mm512_sub_ps(xv, _mm512_loadu_ps(mw + j));
-            const __m512 v = _mm512_fmadd_ps(xv, _mm512_loadu_ps(sw + j), _mm512_loadu_ps(hw + j));
+            const __m512 m = mw ? _mm512_loadu_ps(mw + j) : zero, sc = _mm512_loadu_ps(sw + j);
+            const __m512 b = op == OP_DX ? _mm512_loadu_ps(bw + j) : sc;
+            const __m512 v = opv(op, x, dy, o + j, m, sc, b, _mm512_loadu_ps(hw + j), DT_BF16);
             if (st)
                 VSTREAM(y, o + j, v, DT_BF16);
             else
                 VSTORE(y, o + j, v, DT_BF16);
         }
         if (j < W) {
-            __m512 xv = VLDM(x, o + j, last, DT_BF16);
-            if (mw) xv = _mm512_sub_ps(xv, _mm512_maskz_loadu_ps(last, mw + j));
-            const __m512 v =
-                _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(last, sw + j), _mm512_maskz_loadu_ps(last, hw + j));
+            const __m512 m = mw ? _mm512_maskz_loadu_ps(last, mw + j) : zero, sc = _mm512_maskz_loadu_ps(last, sw + j);
+            const __m512 xm = _mm512_sub_ps(VLDM(x, o + j, last, DT_BF16), m), h = _mm512_maskz_loadu_ps(last, hw + j);
+            const __m512 v = op == OP_APPLY ? _mm512_fmadd_ps(xm, sc, h)
+                                            : _mm512_fmadd_ps(sc, VLDM(dy, o + j, last, DT_BF16),
+                                                              _mm512_fmadd_ps(_mm512_maskz_loadu_ps(last, bw + j), xm, h));
             VSTORE_MASKED(y, o + j, v, last, DT_BF16);
         }
     }
@@ -955,8 +958,8 @@ INLINE void rows_avx512(int op, const void *x, const void *dy, void *out, int64_
                         const float *mw, const float *sw, const float *bw, const float *hw, const int st, int dt) {
     const int nv = op == OP_DX ? TILE / 2 : TILE;
     const __mmask16 last = W % VEC ? first_lanes(W % VEC) : (__mmask16)0xFFFF;
-    if (op == OP_APPLY && W > nv * VEC) {
-        rows_wide(x, out, W, lo, hi, mw, sw, hw, st, dt);
+    if (W > nv * VEC && (op == OP_APPLY || dt == DT_BF16)) {
+        rows_wide(op, x, dy, out, W, lo, hi, mw, sw, bw, hw, st, dt);
         return;
     }
     const int64_t rb = W <= nv * VEC ? hi - lo : APPLY_ROWS;
