@@ -51,12 +51,22 @@ def _bshape(x: Tensor, axis: int) -> list[int]:
     return shape
 
 
-def _group_sum(per_sample: Tensor, gid: Tensor | None, groups: int) -> Tensor:
-    """(N, C) -> (G, C): sums of samples per group."""
-    if gid is None:
+def _group_sum(per_sample: Tensor, k: int | None) -> Tensor:
+    """(N, C) -> (G, C): sums over the ghost batches, k consecutive samples each (the last may have
+    fewer); k None: one group.
+
+    A reshape, not index_add_ by group index: inductor (torch 2.13, CPU) miscompiled the
+    index_add_ form for some shapes (N = 16, k = 8: outputs off by a factor of ~700 under
+    torch.compile with weights that require grad); it also reads better.
+    """
+    N, C = per_sample.shape
+    if k is None:
         return per_sample.sum(0, keepdim=True)
-    out = per_sample.new_zeros(groups, per_sample.shape[1])
-    return out.index_add_(0, gid, per_sample)
+    full = N // k * k
+    sums = per_sample[:full].reshape(N // k, k, C).sum(1)
+    if full < N:
+        sums = torch.cat([sums, per_sample[full:].sum(0, keepdim=True)])
+    return sums
 
 
 def _gather_moments(mom: Moments, group) -> Moments:
@@ -87,21 +97,19 @@ class _GeneralTrain(torch.autograd.Function):
             per = x.numel() // max(N * C, 1)
             cnt = torch.full((N, 1), float(per), dtype=acc, device=x.device)
 
-        groups, gid = 1, None
-        if k is not None and N > 0:
-            groups = -(-N // k)
-            gid = torch.arange(N, device=x.device) // k
+        chunk = k if N > 0 else None  # samples per ghost batch; None: one group
+        gid = None if chunk is None else torch.arange(N, device=x.device) // chunk  # for gathers (G, C) -> (N, C)
         s1 = xf.sum(spatial) if spatial else xf  # (N, C)
         s1 = s1.reshape(N, C)
-        count = _group_sum(cnt.expand(N, C), gid, groups)  # (G, C)
-        sum1 = _group_sum(s1, gid, groups)
+        count = _group_sum(cnt.expand(N, C), chunk)  # (G, C)
+        sum1 = _group_sum(s1, chunk)
         mean = sum1 / (count + (count == 0))
         mean_n = mean[gid] if gid is not None else mean.expand(N, C)  # (N, C)
         dev = xf - mean_n.reshape(bshape)
         if m is not None:
             dev = torch.where(m, dev, torch.zeros((), dtype=acc, device=x.device))
         sq = (dev * dev).sum(spatial).reshape(N, C) if spatial else (dev * dev).reshape(N, C)
-        m2 = _group_sum(sq, gid, groups)
+        m2 = _group_sum(sq, chunk)
         local = Moments(count, mean, m2)
 
         sync = group is not None
@@ -167,7 +175,7 @@ class _GeneralTrain(torch.autograd.Function):
             norm.count,
         )
         ctx.has_renorm = r is not None
-        ctx.axis, ctx.group, ctx.sync_groups = axis, group, sync and k is None
+        ctx.axis, ctx.chunk, ctx.group, ctx.sync_groups = axis, chunk, group, sync and k is None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.x_dtype = x.dtype
         ctx.mark_non_differentiable(total.count, total.mean, total.m2)
@@ -186,14 +194,13 @@ class _GeneralTrain(torch.autograd.Function):
         spatial = [dd for dd in range(xf.dim()) if dd not in (0, axis)]
         bshape = _bshape(xf, axis)
         acc = xf.dtype
-        groups = mean.shape[0]
 
         def per_group(v: Tensor) -> Tensor:  # (G, C) -> broadcast against x
             return (v[gid] if gid is not None else v.expand(N, C)).reshape(bshape)
 
         def sum_groups(t: Tensor) -> Tensor:  # x-shaped -> (G, C)
             s = t.sum(spatial) if spatial else t
-            return _group_sum(s.reshape(N, C), gid, groups)
+            return _group_sum(s.reshape(N, C), ctx.chunk)
 
         g = dy.to(acc)
         m = mask.unsqueeze(axis) if mask is not None else None
