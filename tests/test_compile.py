@@ -170,3 +170,109 @@ def test_applies_only_to_what_the_kernel_takes():
     assert not cpu_ops.applies(x, 1, torch.ones(3, dtype=torch.float64))
     assert not cpu_ops.applies(x, 1, running=(v.clone(), None))
     assert not cpu_ops.applies(x, 1, running=(v.double(), v.double()))
+
+
+def _lengths_mask(lengths, L):
+    return torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+
+
+VARIANTS = [  # (layer maker, (x, mask) maker): the general path's variants, and momentum=None
+    pytest.param(
+        lambda: bn.BatchNorm2d(3, virtual_batch_size=4), lambda: (torch.randn(16, 3, 5, 5), None), id="ghost4"
+    ),
+    # N = 16 in ghost batches of 8: inductor miscompiled the index_add_ group sums this took before
+    pytest.param(
+        lambda: bn.BatchNorm2d(3, virtual_batch_size=8), lambda: (torch.randn(16, 3, 5, 5), None), id="ghost8"
+    ),
+    pytest.param(
+        lambda: bn.BatchNorm2d(3, virtual_batch_size=5), lambda: (torch.randn(16, 3, 5, 5), None), id="ragged"
+    ),
+    # limits that move each step: the schedule must be computed in the graph, not baked in
+    pytest.param(
+        lambda: bn.BatchNorm2d(3, renorm=bn.Renorm(1.5, 0.5, warmup_steps=1, r_max_steps=3, d_max_steps=3)),
+        lambda: (torch.randn(16, 3, 5, 5), None),
+        id="renorm",
+    ),
+    pytest.param(
+        lambda: bn.BatchNorm2d(3, virtual_batch_size=8, renorm=bn.Renorm.fixed(1.2, 0.3)),
+        lambda: (torch.randn(16, 3, 5, 5), None),
+        id="ghost-renorm",
+    ),
+    pytest.param(lambda: bn.BatchNorm2d(3, momentum=None), lambda: (torch.randn(16, 3, 5, 5), None), id="cumulative"),
+    pytest.param(
+        lambda: bn.BatchNorm(3, axis=-1),
+        lambda: (torch.randn(6, 10, 3), _lengths_mask([10, 7, 3, 10, 2, 5], 10)),
+        id="mask-nlc",
+    ),
+    pytest.param(
+        lambda: bn.BatchNorm1d(3, virtual_batch_size=3),
+        lambda: (torch.randn(6, 3, 10), _lengths_mask([10, 7, 3, 10, 2, 5], 10)),
+        id="mask-ghost",
+    ),
+]
+
+
+def _masked_step(layer, params, x, mask, g):
+    """(y, dx, dweight, dbias) of one training call; params: the module holding the parameters."""
+    x = x.clone().requires_grad_()
+    y = layer(x) if mask is None else layer(x, mask)
+    return (y.detach(), *torch.autograd.grad(y, (x, params.weight, params.bias), g))
+
+
+@pytest.mark.parametrize("make_layer,make_input", VARIANTS)
+def test_compiled_variants_match_eager(make_layer, make_input):
+    """Ghost batches, batch renormalization, masks and momentum=None compile with fullgraph=True,
+    once for every training step (the step count stays a tensor in the graph), and give our eager
+    layer's outputs, gradients and buffers, training then eval. With renorm, the gradients need
+    r and d from before the graph's own update of the buffers (`_general._kept`)."""
+    torch.manual_seed(0)
+    ours = make_layer()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+    eager = copy.deepcopy(ours)
+    torch.compiler.reset()
+    # (imported here: at collection it would load triton before test_triton_kernels sets TRITON_INTERPRET)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(ours, backend=counter, fullgraph=True)
+    for _ in range(4):
+        x, mask = make_input()
+        x = x * 2 + 1
+        g = torch.randn_like(x)
+        got, want = (_masked_step(layer, params, x, mask, g) for layer, params in ((compiled, ours), (eager, eager)))
+        for a, b in zip(got, want):  # float32 sums in another order
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        for name in BUFFERS:
+            torch.testing.assert_close(getattr(ours, name), getattr(eager, name), rtol=1e-5, atol=1e-6)
+    assert int(ours.num_batches_tracked) == 4
+    assert counter.frame_count == 1  # one graph for all four steps
+    ours.eval()
+    eager.eval()
+    x, mask = make_input()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled(x) if mask is None else compiled(x, mask), eager(x) if mask is None else eager(x, mask)
+        )
+
+
+def test_compiled_mask_with_a_single_value_raises_and_keeps_the_statistics():
+    """A mask that leaves one real value: inside the graph a runtime assert (RuntimeError, the
+    eager ValueError's message); the running statistics and the count stay as they were."""
+    torch.manual_seed(0)
+    layer = bn.BatchNorm(3, axis=-1)
+    torch.compiler.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(3, 6, 3)
+    compiled(x, torch.ones(3, 6, dtype=torch.bool))
+    before = {name: getattr(layer, name).clone() for name in BUFFERS}
+    one = torch.zeros(3, 6, dtype=torch.bool)
+    one[1, 2] = True
+    for grad in (False, True):
+        with pytest.raises(RuntimeError, match="single real value per channel"):
+            compiled(x.clone().requires_grad_(grad), one)
+        for name in BUFFERS:
+            assert torch.equal(getattr(layer, name), before[name]), name
+    with pytest.raises(ValueError, match="single real value per channel"):
+        bn.BatchNorm(3, axis=-1)(x, one)  # eager: the ValueError itself

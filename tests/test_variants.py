@@ -305,6 +305,14 @@ SCHEDULE = bn.Renorm(r_max=3.0, d_max=5.0, warmup_steps=2, r_max_steps=6, d_max_
 
 
 @pytest.mark.parametrize(
+    "renorm", [bn.Renorm(), bn.Renorm.fixed(2.0, 1.0), bn.Renorm(warmup_steps=10, r_max_steps=5, d_max_steps=20)]
+)
+def test_renorm_limits_of_a_tensor_step_equal_the_numbers(renorm):
+    for step in (0, 1, 4, 5, 9, 10, 11, 15, 20, 4999, 5000, 5001, 24_999, 25_000, 40_000, 10**6):
+        assert tuple(v.item() for v in renorm.limits(torch.tensor(step))) == renorm.limits(step), step
+
+
+@pytest.mark.parametrize(
     ("step", "limits"),
     [(0, (1.0, 0.0)), (2, (1.0, 0.0)), (3, (1.5, 2.5)), (4, (2.0, 5.0)), (6, (3.0, 5.0)), (50, (3.0, 5.0))],
 )

@@ -51,6 +51,24 @@ def _bshape(x: Tensor, axis: int) -> list[int]:
     return shape
 
 
+@torch.library.custom_op("batchnorm::kept", mutates_args=())
+def _kept(t: Tensor) -> Tensor:
+    """A copy of t that a compiled graph saves for the backward rather than recomputes.
+
+    r and d come from buffers the same graph updates afterwards (the running statistics, and
+    num_batches_tracked through the renorm schedule). AOTAutograd's partitioner (torch 2.13) may
+    recompute a saved value in the backward from the graph's inputs, and then reads the buffers
+    after their update: silently wrong gradients (pytorch/pytorch PR 197039, open). It does not
+    recompute a custom operator's output.
+    """
+    return t.clone()
+
+
+@_kept.register_fake
+def _(t: Tensor) -> Tensor:
+    return torch.empty_like(t)
+
+
 def _group_sum(per_sample: Tensor, k: int | None) -> Tensor:
     """(N, C) -> (G, C): sums over the ghost batches, k consecutive samples each (the last may have
     fewer); k None: one group.
@@ -79,6 +97,38 @@ def _gather_moments(mom: Moments, group) -> Moments:
     return merge_stacked(stacked[:, 0], stacked[:, 1], stacked[:, 2])
 
 
+def _check_no_single_value(count: Tensor, static: bool, N: int, k: int | None, per: int) -> None:
+    """ValueError if a group's statistics come from one value per channel (variance 0).
+
+    static: the counts follow from the shapes (no mask; each group local), N samples in groups of
+    k with `per` values each, so the test needs no value of the graph and no device sync. Else it
+    reads `count` (G, C); while torch.compile / torch.export record, as a runtime assert in the
+    graph (RuntimeError with the same message).
+    """
+    if static:
+        smallest = N - (-(-N // k) - 1) * k if k is not None else N  # the last ghost batch is the smallest
+        single = smallest * per == 1
+    elif torch.compiler.is_compiling() or torch.jit.is_tracing():
+        single = False
+        torch._assert_async((count != 1).all(), _single_value_message(N, k))
+    else:
+        single = bool((count == 1).any())
+    if single:
+        raise ValueError(_single_value_message(N, k))
+
+
+def _single_value_message(N: int, k: int | None) -> str:
+    if k is None:
+        return "the batch has a single real value per channel in training; BN cannot normalize it"
+    return (
+        "a group of the batch has a single value per channel in training (with "
+        f"virtual_batch_size={k}, the last chunk of a batch of {N} has {N % k or k} sample(s), "
+        "or the mask leaves one real value): its variance is 0 and BN cannot normalize it. "
+        "Choose virtual_batch_size dividing the batch, drop the ragged last batch, or use "
+        "eval mode / GroupNorm"
+    )
+
+
 class _GeneralTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, axis, mask, k, renorm, running_mean, running_var, group):
@@ -87,6 +137,7 @@ class _GeneralTrain(torch.autograd.Function):
         spatial = [d for d in range(x.dim()) if d not in (0, axis)]
         bshape = _bshape(x, axis)
         xf = x.to(acc)
+        per = x.numel() // max(N * C, 1)  # values per (sample, channel)
 
         if mask is not None:
             m = mask.unsqueeze(axis)  # (N, 1.., 1, 1..) broadcasting over channels
@@ -94,7 +145,6 @@ class _GeneralTrain(torch.autograd.Function):
             cnt = m.to(acc).sum(spatial).reshape(N, 1) if spatial else m.to(acc).reshape(N, 1)
         else:
             m = None
-            per = x.numel() // max(N * C, 1)
             cnt = torch.full((N, 1), float(per), dtype=acc, device=x.device)
 
         chunk = k if N > 0 else None  # samples per ghost batch; None: one group
@@ -128,16 +178,7 @@ class _GeneralTrain(torch.autograd.Function):
         if total.count.dim() == 2:
             total = Moments(total.count[0], total.mean[0], total.m2[0])
 
-        if bool((norm.count == 1).any()):
-            raise ValueError(
-                "a group of the batch has a single value per channel in training (with "
-                f"virtual_batch_size={k}, the last chunk of a batch of {N} has {N % k or k} sample(s), "
-                "or the mask leaves one real value): its variance is 0 and BN cannot normalize it. "
-                "Choose virtual_batch_size dividing the batch, drop the ragged last batch, or use "
-                "eval mode / GroupNorm"
-                if k is not None
-                else "the batch has a single real value per channel in training; BN cannot normalize it"
-            )
+        _check_no_single_value(norm.count, m is None and not (sync and k is None), N, k, per)
 
         var = norm.biased_var
         invstd = torch.rsqrt(var + eps)  # (G, C)
@@ -147,6 +188,8 @@ class _GeneralTrain(torch.autograd.Function):
             sigma = torch.sqrt(running_var.to(acc) + eps)
             r = (torch.sqrt(var + eps) / sigma).clamp(1.0 / r_max, r_max)
             d = ((norm.mean - running_mean.to(acc)) / sigma).clamp(-d_max, d_max)
+            if torch.compiler.is_compiling():
+                r, d = _kept(r), _kept(d)
         w = weight.to(acc) if weight is not None else None
         scale = invstd if r is None else invstd * r  # x_hat' = (x - mean) * scale + d
         g_scale = scale if w is None else scale * w

@@ -125,13 +125,13 @@ def batch_norm_with_status(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     training: bool = False,
-    momentum: float = 0.1,
+    momentum: float | Tensor = 0.1,
     eps: float = 1e-5,
     *,
     axis: int = 1,
     mask: Tensor | None = None,
     virtual_batch_size: int | None = None,
-    renorm: tuple[float, float] | None = None,
+    renorm: tuple[float, float] | tuple[Tensor, Tensor] | None = None,
     process_group: Any = None,
 ) -> tuple[Tensor, bool | Tensor]:
     """`batch_norm`, also saying whether the running statistics may count this batch.
@@ -139,8 +139,12 @@ def batch_norm_with_status(
     The second value is False only when a training batch had non-finite
     statistics and the running statistics were left as they were; the layers
     then do not count the batch in `num_batches_tracked` either. While
-    torch.compile or torch.export traces the CPU kernel's operator, it is a
-    0-dim bool tensor instead.
+    torch.compile or torch.export record the call, it may be a 0-dim bool
+    tensor instead.
+
+    The layers pass `momentum` (momentum=None: 1 / (num_batches_tracked + 1))
+    and `renorm` (`Renorm.limits`) as 0-dim tensors while a graph is recorded,
+    computed from num_batches_tracked inside the graph; those are not checked.
     """
     # The whole call in C++ when it takes it (it checks as below, else declines). Not while a
     # graph is recorded: torch.compile and torch.export take the kernel's operators below
@@ -210,7 +214,12 @@ def batch_norm_with_status(
             running_var,
             process_group,
         )
-        if running_mean is None or float(total.count[0]) < 2:
+        if running_mean is None:
+            return y, True
+        if _recording():  # the count is a value of the graph: its test goes into the update's select
+            few = total.count[0] < 2
+            return y, _update_running_stats(running_mean, running_var, total.mean, total.unbiased_var, momentum) | few
+        if float(total.count[0]) < 2:
             return y, True
         return y, _update_running_stats(running_mean, running_var, total.mean, total.unbiased_var, momentum)
 
@@ -221,7 +230,11 @@ def batch_norm_with_status(
         stats = input.new_zeros(C, dtype=_acc_dtype(input.dtype))
         return _inference(input, stats, stats + 1, weight, bias, eps, axis), True
 
-    if _compiling_kernel(input) and _cpu_ops.applies(input, axis, weight, bias, running=(running_mean, running_var)):
+    if (
+        _compiling_kernel(input)
+        and not isinstance(momentum, Tensor)  # a layer's cumulative average is a 0-dim tensor in graphs
+        and _cpu_ops.applies(input, axis, weight, bias, running=(running_mean, running_var))
+    ):
         # torch.compile / torch.export: the kernel as an operator (kernels/cpu_ops.py). `counted`
         # is then a 0-dim bool tensor: a graph has no Python bool of a value it computes.
         y, _, _, new_mean, new_var, counted = torch.ops.batchnorm.cpu_train(
@@ -508,7 +521,7 @@ def _check_variants(input, axis, momentum, eps, k, renorm, running_mean, process
             raise ValueError("virtual_batch_size splits axis 0 (the batch), but the channel axis is 0")
     if renorm is not None:
         r_max, d_max = renorm
-        if not (r_max >= 1 and d_max >= 0):
+        if not isinstance(r_max, Tensor) and not (r_max >= 1 and d_max >= 0):  # (tensors: Renorm.limits)
             raise ValueError(f"renorm needs r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
         if running_mean is None:
             raise ValueError(
@@ -525,7 +538,7 @@ def _check_variants(input, axis, momentum, eps, k, renorm, running_mean, process
 def _check_training(input: Tensor, axis: int, momentum: float, eps: float, single_value_check: bool = True) -> None:
     if not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if not 0.0 <= momentum <= 1.0:
+    if not isinstance(momentum, Tensor) and not 0.0 <= momentum <= 1.0:  # (tensors: batch_norm_with_status)
         raise ValueError(
             f"momentum must be in [0, 1] (PyTorch convention: the weight of the new batch, "
             f"default 0.1), got {momentum}. A Keras/Flax momentum of 0.99 is momentum=0.01 here"

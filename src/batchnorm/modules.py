@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import batch_norm_with_status
+from .functional import _recording, batch_norm_with_status
 from .renorm import Renorm
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -80,14 +80,17 @@ class _Forward:
         tracked = self.num_batches_tracked
         tracking = training and self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
-        if tracking and tracked is not None and self.momentum is None:
-            factor = 1.0 / (float(tracked) + 1.0)  # cumulative average
+        # While torch.compile / torch.export record, the step count stays a 0-dim tensor: a graph
+        # has no Python number of a buffer (and a constant per step would recompile every step).
+        if tracking and tracked is not None and self.momentum is None:  # cumulative average
+            factor = 1.0 / (tracked.to(torch.float64) + 1.0) if _recording() else 1.0 / (float(tracked) + 1.0)
         # Batch statistics in training, and in eval when there are no running statistics.
         use_batch = training or (running_mean is None and running_var is None)
         keep = not training or self.track_running_stats
         renorm = None
         if use_batch and self.renorm is not None and tracking:
-            renorm = self.renorm.limits(0 if tracked is None else int(tracked))
+            step = 0 if tracked is None else tracked if _recording() else int(tracked)
+            renorm = self.renorm.limits(step)
         y, counted = batch_norm_with_status(
             input,
             running_mean if keep else None,

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 __all__ = ["Renorm"]
 
 
@@ -54,8 +57,22 @@ class Renorm:
         """Constant limits from the first step (no warm-up, no ramp)."""
         return cls(r_max, d_max, warmup_steps=0, r_max_steps=0, d_max_steps=0)
 
-    def limits(self, step: int) -> tuple[float, float]:
-        """(r_max, d_max) at a training step (0-based: the number of batches seen before)."""
+    def limits(self, step: int | Tensor) -> tuple[float, float] | tuple[Tensor, Tensor]:
+        """(r_max, d_max) at a training step (0-based: the number of batches seen before).
+
+        A 0-dim tensor step (a layer's num_batches_tracked, while torch.compile or torch.export
+        records the layer) gives 0-dim float64 tensors of the same values, so the graph holds
+        the schedule instead of one constant per step.
+        """
+        if isinstance(step, Tensor):
+            after = (step.to(torch.float64) - self.warmup_steps).clamp_min(0.0)  # 0 during the warm-up
+            started = (step >= self.warmup_steps).to(torch.float64)
+
+            def ramp_t(end: int) -> Tensor:
+                span = end - self.warmup_steps
+                return started if span <= 0 else (after / span).clamp_max(1.0)
+
+            return 1.0 + (self.r_max - 1.0) * ramp_t(self.r_max_steps), self.d_max * ramp_t(self.d_max_steps)
         if step < self.warmup_steps:
             return 1.0, 0.0
 
