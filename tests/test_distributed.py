@@ -104,6 +104,14 @@ def _sc_global(rank: int, world: int, sizes: list[int]) -> dict:
     return _train_step(layer, _part(x, sizes, rank), _part(dy, sizes, rank))
 
 
+def _sc_compiled(rank: int, world: int) -> dict:
+    """The layer under torch.compile(fullgraph=True): the all_gather of the moments and the
+    backward's all_reduce are part of the graphs."""
+    x, dy = _global_batch(sum(UNEVEN), seed=len(UNEVEN))
+    compiled = torch.compile(_init_layer(bn.SyncBatchNorm(C, momentum=MOMENTUM)), fullgraph=True)
+    return _train_step(compiled, _part(x, UNEVEN, rank), _part(dy, UNEVEN, rank))  # (attributes: the layer's)
+
+
 def _sc_subgroups(rank: int, world: int) -> dict:
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank calls both
     x, dy = _global_batch(sum(PAIRS), seed=4)
@@ -196,6 +204,7 @@ def _sc_mismatch(rank: int, world: int) -> dict:
 
 SCENARIOS = {
     "uneven": lambda rank, world: _sc_global(rank, world, UNEVEN),
+    "compiled": _sc_compiled,
     "empty": lambda rank, world: _sc_global(rank, world, WITH_EMPTY),
     "subgroups": _sc_subgroups,
     "ghost": _sc_ghost,
@@ -205,7 +214,7 @@ SCENARIOS = {
     "mismatch": _sc_mismatch,  # last: a rank that fails to raise would desynchronize what follows
 }
 BY_WORLD = {
-    2: ["uneven", "ghost", "mask", "renorm", "ddp", "mismatch"],
+    2: ["uneven", "compiled", "ghost", "mask", "renorm", "ddp", "mismatch"],
     3: ["empty"],
     4: ["subgroups"],
 }
@@ -349,6 +358,11 @@ def _check_global(ranks: list[dict], sizes: list[int], ref: dict) -> None:
 def test_uneven_batches_equal_bn_on_the_concatenated_batch(two):
     x, dy = _global_batch(sum(UNEVEN), seed=len(UNEVEN))
     _check_global(_ok(two, "uneven"), UNEVEN, _oracle(x, dy))
+
+
+def test_compiled_layer_equals_bn_on_the_concatenated_batch(two):
+    x, dy = _global_batch(sum(UNEVEN), seed=len(UNEVEN))
+    _check_global(_ok(two, "compiled"), UNEVEN, _oracle(x, dy))
 
 
 def test_a_rank_with_an_empty_batch(three):

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .functional import _recording
 from .modules import BatchNorm, _retype, _variants_repr
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -37,7 +38,10 @@ class SyncBatchNorm(BatchNorm):
     DistributedDataParallel refuses those on the CPU ("SyncBatchNorm layers
     only work with GPU modules"). On the first synchronized forward the processes compare their
     channel counts, so a mismatched model gives a clear error on every rank
-    instead of a hang.
+    instead of a hang (not when that forward is inside a graph that torch.compile
+    records: a graph cannot raise on the values it gathers; there the gather of
+    mismatched statistics fails in the collective). Compiled, also with
+    fullgraph=True, the collectives are part of the graphs.
     """
 
     _peers_checked: bool = False
@@ -69,7 +73,7 @@ class SyncBatchNorm(BatchNorm):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         if dist.get_world_size(group) == 1:
             return None
-        if not self._peers_checked:
+        if not self._peers_checked and not _recording():  # (a graph cannot raise on values it gathers)
             self._check_peers(input, group)
         return group
 
