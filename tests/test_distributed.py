@@ -195,10 +195,10 @@ def _sc_ddp(rank: int, world: int) -> dict:
     return out
 
 
-def _sc_mismatch(rank: int, world: int) -> dict:
+def _sc_mismatch(rank: int, world: int, compiled: bool = False) -> dict:
     channels = 4 if rank == 0 else 3
     layer = bn.SyncBatchNorm(channels).double().train()
-    layer(torch.randn(2, channels, 3, dtype=f64))
+    (torch.compile(layer, fullgraph=True) if compiled else layer)(torch.randn(2, channels, 3, dtype=f64))
     return {"raised": False}
 
 
@@ -212,9 +212,10 @@ SCENARIOS = {
     "renorm": _sc_renorm,
     "ddp": _sc_ddp,
     "mismatch": _sc_mismatch,  # last: a rank that fails to raise would desynchronize what follows
+    "compiled_mismatch": lambda rank, world: _sc_mismatch(rank, world, compiled=True),
 }
 BY_WORLD = {
-    2: ["uneven", "compiled", "ghost", "mask", "renorm", "ddp", "mismatch"],
+    2: ["uneven", "compiled", "ghost", "mask", "renorm", "ddp", "mismatch", "compiled_mismatch"],
     3: ["empty"],
     4: ["subgroups"],
 }
@@ -453,3 +454,11 @@ def test_mismatched_channel_counts_raise_on_every_rank(two):
         res = r["mismatch"]
         assert res.get("error") == "ValueError", f"rank {rank}: {res}"
         assert "num_features 4" in res["message"] and "num_features 3" in res["message"], res["message"]
+
+
+def test_compiled_mismatched_channel_counts_raise_on_every_rank(two):
+    """Inside a compiled graph the check is a runtime assert: RuntimeError on every rank, no hang."""
+    for rank, r in enumerate(two):
+        res = r["compiled_mismatch"]
+        assert res.get("error") == "RuntimeError", f"rank {rank}: {res}"
+        assert "disagree on the channel count" in res["message"], res["message"]

@@ -24,6 +24,10 @@ from .modules import BatchNorm, _retype, _variants_repr
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
 
+_MISMATCH = "SyncBatchNorm: the processes disagree on the channel count"
+_SAME_LAYER = "build the same layer and feed it inputs with num_features channels"
+
+
 class SyncBatchNorm(BatchNorm):
     r"""Drop-in for `torch.nn.SyncBatchNorm` that works on any backend (gloo included) and device.
 
@@ -38,10 +42,8 @@ class SyncBatchNorm(BatchNorm):
     DistributedDataParallel refuses those on the CPU ("SyncBatchNorm layers
     only work with GPU modules"). On the first synchronized forward the processes compare their
     channel counts, so a mismatched model gives a clear error on every rank
-    instead of a hang (not when that forward is inside a graph that torch.compile
-    records: a graph cannot raise on the values it gathers; there the gather of
-    mismatched statistics fails in the collective). Compiled, also with
-    fullgraph=True, the collectives are part of the graphs.
+    instead of a hang (RuntimeError where that forward is compiled). Compiled,
+    also with fullgraph=True, the collectives are part of the graphs.
     """
 
     _peers_checked: bool = False
@@ -73,26 +75,35 @@ class SyncBatchNorm(BatchNorm):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         if dist.get_world_size(group) == 1:
             return None
-        if not self._peers_checked and not _recording():  # (a graph cannot raise on values it gathers)
+        if not self._peers_checked:
             self._check_peers(input, group)
         return group
 
     def _check_peers(self, input: Tensor, group) -> None:
-        """One small all_gather: every rank must bring the same channel count (and its input must match)."""
+        """One small all_gather: every rank must bring the same channel count (and its input must match).
+
+        Inside a graph torch.compile records, a runtime assert on the gathered table (RuntimeError,
+        no per-rank detail: the graph has no Python values of it); the flag set afterwards makes
+        the next call recompile once without the check.
+        """
         channels = input.shape[self.axis % input.dim()] if input.dim() >= 2 else -1
         mine = torch.tensor([self.num_features, channels], dtype=torch.long, device=_device(self))
         world = dist.get_world_size(group)
         parts = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(parts, mine, group=group)
+        if _recording():
+            table = torch.stack(parts)
+            agree = (table == table[0]).all() & (table[:, 0] == table[:, 1]).all()
+            detail = "num_features, or the input's channels"
+            torch._assert_async(agree, f"{_MISMATCH} ({detail}); every process must {_SAME_LAYER}")
+            self._peers_checked = True
+            return
         table = torch.stack(parts).tolist()
         if any(row != table[0] or row[0] != row[1] for row in table):
             desc = ", ".join(
                 f"rank {i}: num_features {f}, input channels {c}" for i, (f, c) in enumerate(table)
             )
-            raise ValueError(
-                f"SyncBatchNorm: the processes disagree on the channel count ({desc}); every process must "
-                "build the same layer and feed it inputs with num_features channels"
-            )
+            raise ValueError(f"{_MISMATCH} ({desc}); every process must {_SAME_LAYER}")
         self._peers_checked = True
 
     @classmethod
