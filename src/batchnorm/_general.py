@@ -105,10 +105,12 @@ def _check_no_single_value(count: Tensor, static: bool, N: int, k: int | None, p
     reads `count` (G, C); while torch.compile / torch.export record, as a runtime assert in the
     graph (RuntimeError with the same message).
     """
+    from .functional import _recording  # (functional imports this module)
+
     if static:
         smallest = N - (-(-N // k) - 1) * k if k is not None else N  # the last ghost batch is the smallest
         single = smallest * per == 1
-    elif torch.compiler.is_compiling() or torch.jit.is_tracing():
+    elif _recording():
         single = False
         torch._assert_async((count != 1).all(), _single_value_message(N, k))
     else:

@@ -866,7 +866,7 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
  * widened to a 512-bit one; the last vector of a row masked; mw NULL: no centre (inference). For
  * rows of 1024-2048 channels (channels_last, 2-D), random-order A/B on Zen 4 against the 512-bit
  * tiles below: float32 APPLY 10-30% faster in inference (also faster than a 512-bit float32 row
- * loop) and up to 15% in the training forward; bfloat16 APPLY 15-35% faster in inference, the
+ * loop) and up to 15% in the training forward; bfloat16 APPLY 10-35% faster in inference, the
  * training forward within noise (its statistics pass dominates); bfloat16 DX 0-18% faster. The
  * float32 DX gained nothing (within noise, either width) and keeps the tiles. st (a constant where
  * inlined): streaming stores, which need W % 16 == 0. */
