@@ -276,3 +276,23 @@ def test_compiled_mask_with_a_single_value_raises_and_keeps_the_statistics():
             assert torch.equal(getattr(layer, name), before[name]), name
     with pytest.raises(ValueError, match="single real value per channel"):
         bn.BatchNorm(3, axis=-1)(x, one)  # eager: the ValueError itself
+
+
+@pytest.mark.parametrize("make_layer,make_input", VARIANTS)
+def test_exported_variants_match_eager(make_layer, make_input):
+    """torch.export of the variants in training: the exported module's outputs and buffers follow
+    our eager layer's over three calls (renorm's limits move at the third)."""
+    torch.manual_seed(0)
+    ours = make_layer()
+    eager = copy.deepcopy(ours)
+    x, mask = make_input()
+    args = (x,) if mask is None else (x, mask)
+    exported = torch.export.export(ours, args).module()
+    for _ in range(3):
+        x, mask = make_input()
+        args = (x * 2 + 1,) if mask is None else (x * 2 + 1, mask)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(*args), eager(*args), rtol=1e-5, atol=1e-5)
+    for name in BUFFERS:
+        torch.testing.assert_close(getattr(exported, name), getattr(eager, name), rtol=1e-5, atol=1e-6)
+    assert int(exported.num_batches_tracked) == 3
