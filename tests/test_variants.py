@@ -9,6 +9,8 @@ formula for frozen layers. All in float64 with small shapes.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ from torch.testing import assert_close
 import batchnorm as bn
 from batchnorm import reference as R
 from batchnorm.functional import batch_norm
+from batchnorm.kernels import cpu as cpu_kernel
 
 f64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -143,6 +146,145 @@ def test_ghost_single_value_chunk_raises():
         layer(x)
     assert torch.equal(layer.running_mean, before)
     assert int(layer.num_batches_tracked) == 0
+
+
+# ghost batches on the CPU kernel (float32 / bfloat16 in the kernel's layouts): one kernel call
+# runs every ghost batch (`batchnorm._ghost`); the oracle is the same as above, in float64
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"CPU kernel: {cpu_kernel.why_unavailable()}")
+
+KERNEL_GHOST_CASES = {  # name: (layer maker, x maker, k)
+    "2d-3+3+2": (lambda: bn.BatchNorm1d(3), lambda: torch.randn(8, 3), 3),
+    "3d-3+3+2": (lambda: bn.BatchNorm1d(3), lambda: torch.randn(8, 3, 4), 3),
+    "nchw-2+2+2+1": (lambda: bn.BatchNorm2d(2), lambda: torch.randn(7, 2, 3, 2), 2),
+    "nhwc-3+3+1": (lambda: bn.BatchNorm2d(4), lambda: torch.randn(7, 4, 3, 2).contiguous(memory_format=CL), 3),
+    "nlc-axis-1-4+2": (lambda: bn.BatchNorm(3, axis=-1), lambda: torch.randn(6, 5, 3), 4),
+    "wide-rows-16x4": (lambda: bn.BatchNorm1d(300), lambda: torch.randn(64, 300), 16),
+    "planes-7x7-8x2": (lambda: bn.BatchNorm2d(64), lambda: torch.randn(16, 64, 7, 7), 8),
+    "k-above-n": (lambda: bn.BatchNorm1d(3), lambda: torch.randn(5, 3, 4), 9),
+}
+CL = torch.channels_last
+
+
+def _spy_ghost_kernel(monkeypatch) -> list[int]:
+    """Counts the calls of the ghost kernel's forward (so a test knows which path ran)."""
+    calls: list[int] = []
+    forward = cpu_kernel.ghost_forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernel, "ghost_forward", counted)
+    return calls
+
+
+def _per_chunk_oracle(layer, x, dy, k):
+    """torch's BN per chunk of k samples in float64, autograd for the gradients; (y, dx, dw, db)."""
+    axis = layer.axis % x.dim()
+    xr = x.detach().double().requires_grad_()
+    w = layer.weight.detach().double().requires_grad_()
+    b = layer.bias.detach().double().requires_grad_()
+    chunks = []
+    for c in xr.split(k):  # channels to axis 1 for F.batch_norm, and back
+        c1 = c.movedim(axis, 1)
+        chunks.append(F.batch_norm(c1, None, None, w, b, True, 0.0, EPS).movedim(1, axis))
+    y = torch.cat(chunks)
+    y.backward(dy.double())
+    return y.detach(), xr.grad, w.grad, b.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(KERNEL_GHOST_CASES))
+def test_ghost_on_the_kernel_equals_plain_bn_per_chunk(case, dtype, monkeypatch):
+    make_layer, make_x, k = KERNEL_GHOST_CASES[case]
+    torch.manual_seed(0)
+    layer = make_layer()
+    layer.virtual_batch_size = k
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+    whole = copy.deepcopy(layer)  # the running statistics follow the whole batch: plain BN's
+    whole.virtual_batch_size = None
+    whole.double()
+    x = (make_x() * 2 + 1).to(dtype)
+    dy = torch.randn(x.shape).to(dtype)
+    calls = _spy_ghost_kernel(monkeypatch)
+    got = _step(layer, x, dy)
+    assert calls, "the ghost batches did not run on the kernel"
+    assert got[0].stride() == x.stride() and got[1].stride() == x.stride()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, e in zip(got, _per_chunk_oracle(layer, x, dy, k)):
+        _close(a.float(), e.float(), **tol)
+    whole(x.double())
+    _close(layer.running_mean, whole.running_mean.float(), rtol=1e-5, atol=1e-6)
+    _close(layer.running_var, whole.running_var.float(), rtol=1e-5, atol=1e-6)
+    assert int(layer.num_batches_tracked) == 1
+
+
+@needs_kernel
+def test_ghost_on_the_kernel_parameter_gradients_without_dx(monkeypatch):
+    """An input that needs no gradient (a first layer's): the kernel's sums alone, no dx."""
+    calls = _spy_ghost_kernel(monkeypatch)
+    torch.manual_seed(0)
+    layer = _randomize(bn.BatchNorm2d(4, virtual_batch_size=3)).float().train()
+    x, dy = torch.randn(8, 4, 3, 3) * 2 + 1, torch.randn(8, 4, 3, 3)
+    layer(x).backward(dy)
+    assert calls
+    _, _, dw, db = _per_chunk_oracle(layer, x, dy, 3)
+    _close(layer.weight.grad, dw.float(), rtol=1e-4, atol=1e-4)
+    _close(layer.bias.grad, db.float(), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_ghost_on_the_kernel_matches_the_general_path():
+    """Kernel and torch-ops general path (backend "composite") on the same float32 batch."""
+    from batchnorm.functional import use_backend
+
+    torch.manual_seed(0)
+    x, dy = torch.randn(20, 6, 5, 5) * 3 - 2, torch.randn(20, 6, 5, 5)
+    layers = [_randomize(bn.BatchNorm2d(6, virtual_batch_size=6)).float().train() for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    got = _step(layers[0], x, dy)
+    with use_backend("composite"):
+        want = _step(layers[1], x, dy)
+    for a, e in zip(got, want):
+        _close(a, e, rtol=1e-5, atol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        _close(getattr(layers[0], name), getattr(layers[1], name), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_ghost_on_the_kernel_errors_and_bad_batches(monkeypatch):
+    calls = _spy_ghost_kernel(monkeypatch)
+    layer = bn.BatchNorm1d(3, virtual_batch_size=3).train()
+    with pytest.raises(ValueError, match=r"single value per channel.*virtual_batch_size=3"):
+        layer(torch.randn(7, 3))  # chunks of 3, 3 and 1 samples
+    assert not calls and int(layer.num_batches_tracked) == 0
+    x = torch.randn(9, 3)
+    x[4, 1] = float("nan")  # a non-finite batch: running statistics and count stay
+    before = (layer.running_mean.clone(), layer.running_var.clone())
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        layer(x)
+    assert calls and torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+    assert int(layer.num_batches_tracked) == 0
+    xg = torch.randn(9, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(layer(xg).square().sum(), xg, create_graph=True)
+
+
+@needs_kernel
+def test_ghost_with_the_batch_axis_inside_takes_the_general_path(monkeypatch):
+    """Axis 0 not outermost in memory: a ghost batch is no dense block, the general path runs."""
+    calls = _spy_ghost_kernel(monkeypatch)
+    layer = bn.BatchNorm1d(3, virtual_batch_size=2).train()
+    x = torch.randn(4, 8, 3).permute(1, 2, 0) * 2 + 1  # (8, 3, 4), strides (3, 1, 24)
+    dy = torch.randn(8, 3, 4)
+    got = _step(layer, x, dy)
+    assert not calls
+    for a, e in zip(got, _per_chunk_oracle(layer, x, dy, 2)):
+        _close(a.float(), e.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_ghost_eval_ignores_k():

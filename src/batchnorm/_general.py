@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .moments import Moments, merge_stacked
 
-__all__ = ["general_train"]
+__all__ = ["check_no_single_value", "general_train"]
 
 
 def _bshape(x: Tensor, axis: int) -> list[int]:
@@ -97,7 +97,7 @@ def _gather_moments(mom: Moments, group) -> Moments:
     return merge_stacked(stacked[:, 0], stacked[:, 1], stacked[:, 2])
 
 
-def _check_no_single_value(count: Tensor, static: bool, N: int, k: int | None, per: int) -> None:
+def check_no_single_value(count: Tensor, static: bool, N: int, k: int | None, per: int) -> None:
     """ValueError if a group's statistics come from one value per channel (variance 0).
 
     static: the counts follow from the shapes (no mask; each group local), N samples in groups of
@@ -180,7 +180,7 @@ class _GeneralTrain(torch.autograd.Function):
         if total.count.dim() == 2:
             total = Moments(total.count[0], total.mean[0], total.m2[0])
 
-        _check_no_single_value(norm.count, m is None and not (sync and k is None), N, k, per)
+        check_no_single_value(norm.count, m is None and not (sync and k is None), N, k, per)
 
         var = norm.biased_var
         invstd = torch.rsqrt(var + eps)  # (G, C)

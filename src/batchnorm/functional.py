@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._general import general_train
+from . import _ghost
+from ._general import check_no_single_value, general_train
 from .kernels import cpu as _cpu
 from .kernels import cpu_ops as _cpu_ops
 
@@ -83,7 +84,9 @@ def batch_norm(
     - virtual_batch_size=k: ghost batches, statistics per chunk of k samples
       along axis 0; the last chunk may be smaller (not a single value per
       channel). One running-statistics update per step, from all chunks'
-      moments merged (the statistics of the whole batch).
+      moments merged (the statistics of the whole batch). Alone (no other
+      variant), on the CPU kernel where it takes the input and axis 0 is
+      outermost in memory: one call for all chunks (`batchnorm._ghost`).
     - renorm=(r_max, d_max): batch renormalization (Ioffe 2017) against the
       running statistics (sigma = sqrt(running_var + eps)); needs them.
     - process_group: a torch.distributed group (or dist.group.WORLD): SyncBN,
@@ -201,19 +204,30 @@ def batch_norm_with_status(
 
     if mask is not None or virtual_batch_size is not None or renorm is not None or process_group is not None:
         _check_variants(input, axis, momentum, eps, virtual_batch_size, renorm, running_mean, process_group)
-        y, total = general_train(
-            input,
-            weight,
-            bias,
-            eps,
-            axis,
-            mask,
-            virtual_batch_size,
-            renorm,
-            running_mean,
-            running_var,
-            process_group,
-        )
+        if (
+            virtual_batch_size is not None
+            and mask is None
+            and renorm is None
+            and process_group is None
+            and _ghost.applies(input, _kernel_layout(input, axis))
+        ):  # ghost batches alone: one CPU kernel call per ghost batch
+            N = input.shape[0]
+            check_no_single_value(None, True, N, virtual_batch_size, input.numel() // (N * input.shape[axis]))
+            y, total = _ghost.ghost_train(input, weight, bias, eps, axis, virtual_batch_size)
+        else:
+            y, total = general_train(
+                input,
+                weight,
+                bias,
+                eps,
+                axis,
+                mask,
+                virtual_batch_size,
+                renorm,
+                running_mean,
+                running_var,
+                process_group,
+            )
         if running_mean is None:
             return y, True
         if _recording():  # the count is a value of the graph: its test goes into the update's select
@@ -278,7 +292,8 @@ _backend = os.environ.get("BATCHNORM_BACKEND", "auto")
 
 
 def set_backend(name: str) -> None:
-    """Force the path plain batch normalization takes (the variants always take the general path).
+    """Force the path plain batch normalization takes (the variants take the general path, except
+    ghost batches alone, which "auto" and "cpu" run on the CPU kernel where it takes the input).
 
     - "auto" (default): the C/OpenMP kernel for CPU float32/bfloat16 tensors it
       supports (through its C++ entry points; where those cannot be built, small

@@ -63,7 +63,7 @@
 #define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
 #endif
 
-#define BN_ABI_VERSION 4
+#define BN_ABI_VERSION 5
 #define LANES 32                    /* independent float accumulators per reduction */
 #define CHUNK_BYTES (16 << 10)      /* planes: statistics chunk, stays in L1 */
 #ifndef BLOCK_BYTES
@@ -1348,6 +1348,44 @@ int bn_train_backward(int dt, const void *dy, const void *x, void *dx, int64_t A
         }
         free(fscr);
         free(dscr);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ ghost batches */
+
+/* Ghost batches: the A rows of the (A, C, B) view in consecutive blocks of Ag rows (the last
+ * may have fewer), each normalized with its own statistics: one bn_train_forward per block,
+ * its mean, var and invstd in row g of the (G, C) outputs. The whole output is advised huge
+ * pages first (each block alone may be below HUGE_MIN_BYTES). No running statistics: the
+ * caller merges the blocks' moments. */
+int bn_ghost_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, int64_t Ag, const float *w,
+                     const float *b, double eps, float *mean_out, float *var_out, float *invstd_out, int nthreads) {
+    const int64_t row = C * B * elem_size(dt);
+    advise_huge(y, A * row);
+    for (int64_t a = 0, g = 0; a < A; a += Ag, g++) {
+        const int64_t n = A - a < Ag ? A - a : Ag;
+        const int rc = bn_train_forward(dt, (const char *)x + a * row, (char *)y + a * row, n, C, B, w, b, eps,
+                                        mean_out + g * C, var_out + g * C, invstd_out + g * C, NULL, NULL, 0.0,
+                                        nthreads);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+/* The backward of bn_ghost_forward: per block bn_train_backward with its row g of mean and
+ * invstd (G, C), its sums in row g of s1_out, s2_out (G, C); dx NULL: the sums only. */
+int bn_ghost_backward(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B, int64_t Ag,
+                      const float *w, const float *mean, const float *invstd, float *s1_out, float *s2_out,
+                      int nthreads) {
+    const int64_t row = C * B * elem_size(dt);
+    advise_huge(dx, A * row);
+    for (int64_t a = 0, g = 0; a < A; a += Ag, g++) {
+        const int64_t n = A - a < Ag ? A - a : Ag;
+        const int rc = bn_train_backward(dt, (const char *)dy + a * row, (const char *)x + a * row,
+                                         dx ? (char *)dx + a * row : NULL, n, C, B, w, mean + g * C, invstd + g * C,
+                                         s1_out + g * C, s2_out + g * C, nthreads);
+        if (rc) return rc;
     }
     return 0;
 }

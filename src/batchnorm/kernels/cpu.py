@@ -94,7 +94,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("bn_cpu.c")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
-_ABI_VERSION = 4  # bn_abi_version() of a library built from the current bn_cpu.c
+_ABI_VERSION = 5  # bn_abi_version() of a library built from the current bn_cpu.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
 _COMPILE_TIMEOUT_S = 120
 # What batchnorm warns when a training batch's statistics are not finite and the running
@@ -317,7 +317,17 @@ def _load(lib_path: Path) -> ctypes.CDLL:
     lib.bn_inference.argtypes = [i32, p, p, i64, i64, i64, p, p, i32]
     lib.bn_eval.argtypes = [i32, p, p, i64, i64, i64, p, p, p, p, f64, i32]
     lib.bn_update_running.argtypes = [i64, f64, f64, p, p, p, p, f64]
-    for fn in (lib.bn_train_forward, lib.bn_train_backward, lib.bn_inference, lib.bn_eval, lib.bn_update_running):
+    lib.bn_ghost_forward.argtypes = [i32, p, p, i64, i64, i64, i64, p, p, f64, p, p, p, i32]
+    lib.bn_ghost_backward.argtypes = [i32, p, p, p, i64, i64, i64, i64, p, p, p, p, p, i32]
+    for fn in (
+        lib.bn_train_forward,
+        lib.bn_train_backward,
+        lib.bn_inference,
+        lib.bn_eval,
+        lib.bn_update_running,
+        lib.bn_ghost_forward,
+        lib.bn_ghost_backward,
+    ):
         fn.restype = i32
     lib.bn_set_cache_bytes.argtypes = [i64]
     lib.bn_set_cache_bytes.restype = None
@@ -705,6 +715,57 @@ def train_backward(
     rc = lib.bn_train_backward(
         _DTYPES[x.dtype], dy.data_ptr(), x.data_ptr(), _ptr(dx), A, C, B, _ptr(w), _ptr(mu), _ptr(istd),
         s1.data_ptr(), s2.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "the backward")
+    return dx, s1, s2
+
+
+def _ghost_rows(x: Tensor, A: int, k: int) -> tuple[int, int]:
+    """(rows of the (A, C, B) view per ghost batch of k samples, number of ghost batches)."""
+    N = x.shape[0]
+    return k * (A // N), -(-N // k)
+
+
+def ghost_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`train_forward` of each ghost batch (k consecutive samples along axis 0, the last may have
+    fewer) with its own statistics, in one call: (y, mean, var, invstd), the last three float32
+    (G, C), row g for ghost batch g. x must have axis 0 outermost in memory (each ghost batch a
+    dense block); no running statistics.
+    """
+    lib, A, C, B = _prepare(x, axis)
+    rows, G = _ghost_rows(x, A, k)
+    w, b = _vector(weight, C, "weight"), _vector(bias, C, "bias")
+    y = _empty_like(x)
+    mean, var, invstd = (torch.empty(G, C, dtype=torch.float32) for _ in range(3))
+    rc = lib.bn_ghost_forward(
+        _DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), A, C, B, rows, _ptr(w), _ptr(b), float(eps),
+        mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "the forward")
+    return y, mean, var, invstd
+
+
+def ghost_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, axis: int, k: int, need_dx: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """`train_backward` of each ghost batch, in one call: (dx or None, s1, s2), s1 and s2 float32
+    (G, C); mean, invstd the (G, C) of `ghost_forward`. dy is first copied into x's layout if
+    its dtype or memory order differs."""
+    lib, A, C, B = _prepare(x, axis)
+    rows, G = _ghost_rows(x, A, k)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {tuple(dy.shape)} but x has {tuple(x.shape)}")
+    if not (dy.dtype == x.dtype and dy.is_cpu and _same_layout(dy, x)):
+        dy = _empty_like(x).copy_(dy)
+    w = _vector(weight, C, "weight")
+    mu, istd = mean.contiguous(), invstd.contiguous()
+    dx = _empty_like(x) if need_dx else None
+    s1, s2 = torch.empty(G, C, dtype=torch.float32), torch.empty(G, C, dtype=torch.float32)
+    rc = lib.bn_ghost_backward(
+        _DTYPES[x.dtype], dy.data_ptr(), x.data_ptr(), _ptr(dx), A, C, B, rows, _ptr(w), mu.data_ptr(),
+        istd.data_ptr(), s1.data_ptr(), s2.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     _check(rc, "the backward")
     return dx, s1, s2
