@@ -1,4 +1,4 @@
-"""Ghost batches on the CPU kernel: one kernel call per ghost batch, each into its slice of the output.
+"""Ghost batches on the CPU kernel: every ghost batch in one kernel call, as plain BN on its block of x.
 
 With `virtual_batch_size=k`, samples [g*k, (g+1)*k) form ghost batch g (the last may be
 smaller), normalized with its own statistics; the parameter gradients add up over the ghost

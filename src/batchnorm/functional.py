@@ -210,7 +210,7 @@ def batch_norm_with_status(
             and renorm is None
             and process_group is None
             and _ghost.applies(input, _kernel_layout(input, axis))
-        ):  # ghost batches alone: one CPU kernel call per ghost batch
+        ):  # ghost batches alone: all of them in one CPU kernel call
             N = input.shape[0]
             check_no_single_value(None, True, N, virtual_batch_size, input.numel() // (N * input.shape[axis]))
             y, total = _ghost.ghost_train(input, weight, bias, eps, axis, virtual_batch_size)

@@ -13,6 +13,9 @@ Per channel c over the m = numel / C values of every other axis:
                         (dbias = s1, dweight = s2 * invstd)
     inference           y = x * scale_c + shift_c
     eval                the same with scale = w * (var + eps)**-1/2, shift = b - mean * scale
+    ghost batches       the training forward and backward of each block of k samples along
+                        axis 0, with its own statistics, in one call (`ghost_forward`,
+                        `ghost_backward`; axis 0 outermost in memory)
 
 Layouts: every tensor the kernel accepts is a dense array that, read in memory order, is a
 contiguous (A, C, B) block with C the channel axis: NCHW is (N, C, H*W), channels_last and
@@ -81,6 +84,8 @@ __all__ = [
     "available",
     "can_update",
     "eval_forward",
+    "ghost_backward",
+    "ghost_forward",
     "inference",
     "layout",
     "library_path",
