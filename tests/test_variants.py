@@ -19,6 +19,7 @@ from torch.autograd import gradcheck
 from torch.testing import assert_close
 
 import batchnorm as bn
+from batchnorm import functional as functional_module
 from batchnorm import reference as R
 from batchnorm.functional import batch_norm
 from batchnorm.kernels import cpu as cpu_kernel
@@ -566,6 +567,113 @@ def test_mask_errors():
     one_real[0, 0] = True
     with pytest.raises(ValueError, match="single real value per channel"):
         layer(x, mask=one_real)
+
+
+# a mask alone on the CPU kernel, where each mask element is a row of x with the channels last
+# ((N, L, C) with axis=-1, channels_last, 2-D): plain BN on the real rows, gathered
+
+KERNEL_MASK_CASES = {  # name: (layer maker, x maker, mask maker)
+    "nlc-axis-1": (
+        lambda: bn.BatchNorm(3, axis=-1),
+        lambda: torch.randn(6, 10, 3),
+        lambda: _lengths_mask([10, 7, 3, 10, 2, 5], 10),
+    ),
+    "nhwc": (
+        lambda: bn.BatchNorm2d(4),
+        lambda: torch.randn(5, 4, 3, 3).contiguous(memory_format=CL),
+        lambda: torch.rand(5, 3, 3, generator=torch.Generator().manual_seed(1)) < 0.6,
+    ),
+    "2d": (
+        lambda: bn.BatchNorm1d(3),
+        lambda: torch.randn(9, 3),
+        lambda: torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1]).bool(),
+    ),
+}
+
+
+def _spy_general_path(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    general = functional_module.general_train
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return general(*args, **kwargs)
+
+    monkeypatch.setattr(functional_module, "general_train", counted)
+    return calls
+
+
+def _masked_oracle(layer, x, mask, dy, running=None):
+    """BN of the real elements in float64 (torch's, autograd), zeros at the padding; and the
+    running statistics of a torch layer fed the real elements, from `running` (mean, var)."""
+    axis = layer.axis % x.dim()
+    xr = x.detach().double().requires_grad_()
+    w = layer.weight.detach().double().requires_grad_()
+    b = layer.bias.detach().double().requires_grad_()
+    real = xr.movedim(axis, -1)[mask]  # (M, C)
+    y = torch.zeros_like(xr.movedim(axis, -1))
+    y[mask] = F.batch_norm(real, None, None, w, b, True, 0.0, EPS)
+    y = y.movedim(-1, axis)
+    y.backward(dy.double().nan_to_num())
+    stats = torch.nn.BatchNorm1d(x.shape[axis]).double()
+    if running is not None:
+        stats.running_mean.copy_(running[0])
+        stats.running_var.copy_(running[1])
+    stats(real.detach())
+    return (y.detach(), xr.grad, w.grad, b.grad), stats
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(KERNEL_MASK_CASES))
+def test_mask_on_the_kernel_equals_bn_over_real_elements(case, dtype, monkeypatch):
+    make_layer, make_x, make_mask = KERNEL_MASK_CASES[case]
+    torch.manual_seed(0)
+    layer = make_layer()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+        layer.running_mean.uniform_(-1, 1)
+    x, mask = (make_x() * 2 + 1).to(dtype), make_mask()
+    fmt = CL if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
+    pad = ~mask.unsqueeze(layer.axis % x.dim()).expand(x.shape)
+    x = x.masked_fill(pad, float("nan")).contiguous(memory_format=fmt)  # padding is never read
+    dy = torch.randn(x.shape).to(dtype)
+    calls = _spy_general_path(monkeypatch)
+    running = (layer.running_mean.clone(), layer.running_var.clone())
+    got = _step(layer, x, dy, mask=mask)
+    assert not calls, "the mask took the general path"
+    assert got[0].stride() == x.stride()
+    assert not got[0][pad].any() and not got[1][pad].any()  # zeros, no gradient at the padding
+    want, stats = _masked_oracle(layer, x, mask, dy, running)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, e in zip(got, want):
+        _close(a.float(), e.float(), **tol)
+    _close(layer.running_mean, stats.running_mean.float(), rtol=1e-5, atol=1e-6)
+    _close(layer.running_var, stats.running_var.float(), rtol=1e-5, atol=1e-6)
+    assert int(layer.num_batches_tracked) == 1
+
+
+@needs_kernel
+def test_mask_on_the_kernel_edge_cases(monkeypatch):
+    calls = _spy_general_path(monkeypatch)
+    layer = bn.BatchNorm(3, axis=-1)
+    x = torch.randn(4, 5, 3)
+    one = torch.zeros(4, 5, dtype=torch.bool)
+    one[2, 3] = True
+    with pytest.raises(ValueError, match="single real value per channel"):
+        layer(x, mask=one)
+    before = (layer.running_mean.clone(), layer.running_var.clone())
+    y = layer(x, mask=torch.zeros(4, 5, dtype=torch.bool))  # all padding: zeros, statistics stay
+    assert not y.any() and torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+    assert not calls
+    # channels on axis 1 of a contiguous (N, C, L): a mask element is no row: the general path
+    layer = bn.BatchNorm1d(3)
+    x, dy, mask = torch.randn(6, 3, 10), torch.randn(6, 3, 10), _lengths_mask([10, 7, 3, 10, 2, 5], 10)
+    got = _step(layer, x, dy, mask=mask)
+    assert calls
+    for a, e in zip(got, _masked_oracle(bn.BatchNorm1d(3), x, mask, dy)[0]):
+        _close(a.float(), e.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_mask_with_ghost_batches_gradcheck():

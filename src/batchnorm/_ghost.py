@@ -7,8 +7,7 @@ moments). Where axis 0 is outermost in memory (contiguous, channels_last, (N, L,
 batch is a dense block of x, so the CPU kernel takes it as it is: one call runs the ghost
 batches one after the other, each as plain BN on its block of x and of the output (forward:
 its statistics, then y; backward: its two sums, then dx). The general path (`_general.py`)
-computes the same with torch ops, several times slower (benchmarks/kernel_notes.md, "Fifth
-session").
+computes the same with torch ops, 2-8x slower (benchmarks/variants_speed.py).
 """
 
 from __future__ import annotations

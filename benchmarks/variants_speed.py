@@ -1,0 +1,121 @@
+"""Training fwd+bwd of ghost batches and masks on the CPU: the kernel paths against the alternatives.
+
+    .venv/bin/python benchmarks/variants_speed.py [--repeats 30]
+
+Ghost batches (`virtual_batch_size=k`) run on the CPU kernel in one call for all ghost batches
+(`batchnorm._ghost`); a mask alone, where each mask element is a row of x with the channels last,
+as plain BN on the real rows gathered (`functional._masked_rows_train`). For each case: our layer
+on that path, the same layer on the torch-ops general path (backend "composite", what ran
+before), what one would write by hand with torch's layer (a loop over the chunks with torch.cat;
+gather the real rows and scatter back), and plain BN on the whole batch (ours and torch's) for
+scale. Each repetition runs every implementation once, in a fresh random order; medians in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import batchnorm as bn
+from batchnorm.functional import use_backend
+
+CASES = [  # (kind, shape, k or fraction of real rows, dtype, channels_last)
+    ("ghost", (4096, 256), 256, torch.float32, False),  # tabular (TabNet-like): ghost batches of 256
+    ("ghost", (1024, 128), 128, torch.float32, False),
+    ("ghost", (256, 64, 28, 28), 32, torch.float32, False),  # a CNN layer, ghost batches of 32
+    ("ghost", (256, 64, 28, 28), 32, torch.float32, True),
+    ("ghost", (4096, 256), 256, torch.bfloat16, False),
+    ("mask", (32, 128, 512), 0.6, torch.float32, False),  # padded sequences (N, L, C), 60% real
+    ("mask", (64, 64, 256), 0.6, torch.float32, False),
+    ("mask", (32, 128, 512), 0.6, torch.bfloat16, False),
+]
+
+
+def _layer(shape, **options) -> torch.nn.Module:
+    if options.get("axis") == -1:
+        return bn.BatchNorm(shape[-1], **options)
+    return (bn.BatchNorm1d if len(shape) <= 3 else bn.BatchNorm2d)(shape[1], **options)
+
+
+def _implementations(kind, shape, k, x) -> dict[str, Callable[[], torch.Tensor]]:
+    dtype = x.dtype
+    if kind == "ghost":
+        ours, general, plain = (_layer(shape, virtual_batch_size=n).to(dtype) for n in (k, k, None))
+        torch_cls = torch.nn.BatchNorm1d if len(shape) <= 3 else torch.nn.BatchNorm2d
+        by_hand, torch_plain = torch_cls(shape[1]).to(dtype), torch_cls(shape[1]).to(dtype)
+
+        def run_ours():
+            return ours(x)
+
+        def hand():
+            return torch.cat([by_hand(c) for c in x.split(k)])
+    else:  # a mask over (N, L) of (N, L, C) with random lengths, about a fraction k real
+        N, L, C = shape
+        lengths = (torch.rand(N) * 2 * k * L).clamp(2, L).long()
+        mask = torch.arange(L)[None] < lengths[:, None]
+        ours, general, plain = (_layer(shape, axis=-1).to(dtype) for _ in range(3))
+        by_hand, torch_plain = torch.nn.BatchNorm1d(C).to(dtype), torch.nn.BatchNorm1d(C).to(dtype)
+
+        def run_ours():
+            return ours(x, mask)
+
+        def hand():
+            real, rows = mask.reshape(-1).nonzero().squeeze(1), x.reshape(-1, C)
+            return rows.new_zeros(rows.shape).index_copy(0, real, by_hand(rows.index_select(0, real))).view(shape)
+
+    def on_general():
+        with use_backend("composite"):
+            return general(x) if kind == "ghost" else general(x, mask)
+
+    def plain_torch():
+        return torch_plain(x.transpose(1, 2)) if kind == "mask" else torch_plain(x)
+
+    return {
+        "ours": run_ours,
+        "general path": on_general,
+        "by hand": hand,
+        "plain ours": lambda: plain(x),
+        "plain torch": plain_torch,
+    }
+
+
+def time_case(kind, shape, k, dtype: torch.dtype, channels_last: bool, repeats: int) -> dict[str, float]:
+    """Median ms of each implementation's fwd+bwd on one case."""
+    x = torch.randn(shape).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    g = torch.randn(shape).to(dtype)
+    impls = _implementations(kind, shape, k, x)
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for i in range(repeats + 2):
+        names = list(impls)
+        random.shuffle(names)
+        for name in names:
+            t = time.perf_counter()
+            y = impls[name]()
+            (y if y.shape == g.shape else y.transpose(1, 2)).backward(g)
+            if i >= 2:  # two warm-up rounds
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    for kind, shape, k, dtype, cl in CASES:
+        med = time_case(kind, shape, k, dtype, cl, args.repeats)
+        what = f"k={k}" if kind == "ghost" else f"~{k:.0%} real"
+        layout = " channels_last" if cl else ""
+        label = f"{kind} {'x'.join(map(str, shape))} {what} {str(dtype).removeprefix('torch.')}{layout}"
+        print(f"{label}: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in med.items()))
+
+
+if __name__ == "__main__":
+    main()
