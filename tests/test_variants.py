@@ -4,7 +4,9 @@ Every variant is compared with an oracle of its formula: plain BN applied per
 chunk or to the gathered real elements (torch's autograd for the gradients,
 `batchnorm.reference` for the outputs), `reference.renorm_forward` /
 `renorm_backward` for batch renormalization, torchvision's FrozenBatchNorm2d
-formula for frozen layers. All in float64 with small shapes.
+formula for frozen layers. All in float64 with small shapes (the general path), except the
+ghost batches and masks on the CPU kernel (float32 and bfloat16 in the kernel's layouts, against
+the same oracles in float64).
 """
 
 from __future__ import annotations
