@@ -169,17 +169,21 @@ KERNEL_GHOST_CASES = {  # name: (layer maker, x maker, k)
 CL = torch.channels_last
 
 
-def _spy_ghost_kernel(monkeypatch) -> list[int]:
-    """Counts the calls of the ghost kernel's forward (so a test knows which path ran)."""
+def _spy(monkeypatch, module, name: str) -> list[int]:
+    """Counts the calls of module.name (so a test knows which path ran)."""
     calls: list[int] = []
-    forward = cpu_kernel.ghost_forward
+    function = getattr(module, name)
 
     def counted(*args, **kwargs):
         calls.append(1)
-        return forward(*args, **kwargs)
+        return function(*args, **kwargs)
 
-    monkeypatch.setattr(cpu_kernel, "ghost_forward", counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
+
+
+def _spy_ghost_kernel(monkeypatch) -> list[int]:
+    return _spy(monkeypatch, cpu_kernel, "ghost_forward")
 
 
 def _per_chunk_oracle(layer, x, dy, k):
@@ -594,15 +598,7 @@ KERNEL_MASK_CASES = {  # name: (layer maker, x maker, mask maker)
 
 
 def _spy_general_path(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    general = functional_module.general_train
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return general(*args, **kwargs)
-
-    monkeypatch.setattr(functional_module, "general_train", counted)
-    return calls
+    return _spy(monkeypatch, functional_module, "general_train")
 
 
 def _masked_oracle(layer, x, mask, dy, running=None):
