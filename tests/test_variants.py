@@ -221,12 +221,18 @@ def test_ghost_on_the_kernel_equals_plain_bn_per_chunk(case, dtype, monkeypatch)
     got = _step(layer, x, dy)
     assert calls, "the ghost batches did not run on the kernel"
     assert got[0].stride() == x.stride() and got[1].stride() == x.stride()
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for a, e in zip(got, _per_chunk_oracle(layer, x, dy, k)):
-        _close(a.float(), e.float(), **tol)
     whole(x.double())
-    _close(layer.running_mean, whole.running_mean.float(), rtol=1e-5, atol=1e-6)
-    _close(layer.running_var, whole.running_var.float(), rtol=1e-5, atol=1e-6)
+    _assert_one_step_matches(layer, got, _per_chunk_oracle(layer, x, dy, k), whole, dtype)
+
+
+def _assert_one_step_matches(layer, got, want, stats_layer, dtype) -> None:
+    """(y, dx, dw, db) against a float64 oracle at the dtype's tolerance; the running statistics
+    against a float64 layer's after the same batch; one batch counted."""
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, e in zip(got, want):
+        _close(a.float(), e.float(), **tol)
+    _close(layer.running_mean, stats_layer.running_mean.float(), rtol=1e-5, atol=1e-6)
+    _close(layer.running_var, stats_layer.running_var.float(), rtol=1e-5, atol=1e-6)
     assert int(layer.num_batches_tracked) == 1
 
 
@@ -644,12 +650,7 @@ def test_mask_on_the_kernel_equals_bn_over_real_elements(case, dtype, monkeypatc
     assert got[0].stride() == x.stride()
     assert not got[0][pad].any() and not got[1][pad].any()  # zeros, no gradient at the padding
     want, stats = _masked_oracle(layer, x, mask, dy, running)
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for a, e in zip(got, want):
-        _close(a.float(), e.float(), **tol)
-    _close(layer.running_mean, stats.running_mean.float(), rtol=1e-5, atol=1e-6)
-    _close(layer.running_var, stats.running_var.float(), rtol=1e-5, atol=1e-6)
-    assert int(layer.num_batches_tracked) == 1
+    _assert_one_step_matches(layer, got, want, stats, dtype)
 
 
 @needs_kernel
