@@ -169,6 +169,18 @@ KERNEL_GHOST_CASES = {  # name: (layer maker, x maker, k)
 CL = torch.channels_last
 
 
+def _seeded_float_layer(make_layer) -> torch.nn.Module:
+    """make_layer()'s float32 layer after torch.manual_seed(0), with non-default weight, bias and
+    running mean."""
+    torch.manual_seed(0)
+    layer = make_layer()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+        layer.running_mean.uniform_(-1, 1)
+    return layer
+
+
 def _spy(monkeypatch, module, name: str) -> list[int]:
     """Counts the calls of module.name (so a test knows which path ran)."""
     calls: list[int] = []
@@ -206,12 +218,8 @@ def _per_chunk_oracle(layer, x, dy, k):
 @pytest.mark.parametrize("case", list(KERNEL_GHOST_CASES))
 def test_ghost_on_the_kernel_equals_plain_bn_per_chunk(case, dtype, monkeypatch):
     make_layer, make_x, k = KERNEL_GHOST_CASES[case]
-    torch.manual_seed(0)
-    layer = make_layer()
+    layer = _seeded_float_layer(make_layer)
     layer.virtual_batch_size = k
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5)
-        layer.bias.uniform_(-1, 1)
     whole = copy.deepcopy(layer)  # the running statistics follow the whole batch: plain BN's
     whole.virtual_batch_size = None
     whole.double()
@@ -632,12 +640,7 @@ def _masked_oracle(layer, x, mask, dy, running=None):
 @pytest.mark.parametrize("case", list(KERNEL_MASK_CASES))
 def test_mask_on_the_kernel_equals_bn_over_real_elements(case, dtype, monkeypatch):
     make_layer, make_x, make_mask = KERNEL_MASK_CASES[case]
-    torch.manual_seed(0)
-    layer = make_layer()
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5)
-        layer.bias.uniform_(-1, 1)
-        layer.running_mean.uniform_(-1, 1)
+    layer = _seeded_float_layer(make_layer)
     x, mask = (make_x() * 2 + 1).to(dtype), make_mask()
     fmt = CL if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
     pad = ~mask.unsqueeze(layer.axis % x.dim()).expand(x.shape)
