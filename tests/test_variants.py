@@ -155,6 +155,7 @@ def test_ghost_single_value_chunk_raises():
 # runs every ghost batch (`batchnorm._ghost`); the oracle is the same as above, in float64
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"CPU kernel: {cpu_kernel.why_unavailable()}")
+KERNEL_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 
 KERNEL_GHOST_CASES = {  # name: (layer maker, x maker, k)
     "2d-3+3+2": (lambda: bn.BatchNorm1d(3), lambda: torch.randn(8, 3), 3),
@@ -214,7 +215,7 @@ def _per_chunk_oracle(layer, x, dy, k):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@KERNEL_DTYPES
 @pytest.mark.parametrize("case", list(KERNEL_GHOST_CASES))
 def test_ghost_on_the_kernel_equals_plain_bn_per_chunk(case, dtype, monkeypatch):
     make_layer, make_x, k = KERNEL_GHOST_CASES[case]
@@ -636,7 +637,7 @@ def _masked_oracle(layer, x, mask, dy, running=None):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@KERNEL_DTYPES
 @pytest.mark.parametrize("case", list(KERNEL_MASK_CASES))
 def test_mask_on_the_kernel_equals_bn_over_real_elements(case, dtype, monkeypatch):
     make_layer, make_x, make_mask = KERNEL_MASK_CASES[case]
