@@ -543,9 +543,9 @@ def _masked_rows_train(
     plain BN (the CPU kernel) on the real rows gathered, scattered back into zeros.
 
     The same results as the general path (statistics, running update and gradients from the
-    real elements only; padding outputs 0, gets no gradient and is never read), 3-4x faster:
-    the gather and the scatter are a copy of the real rows each way, against the general
-    path's dozen elementwise passes over the whole padded batch.
+    real elements only; padding outputs 0, gets no gradient and is never read), 3-6x faster
+    (benchmarks/variants_speed.py): the gather and the scatter are a copy of the real rows each
+    way, against the general path's dozen elementwise passes over the whole padded batch.
     """
     real = mask.reshape(-1).nonzero().squeeze(1)
     check_no_single_value(None, True, real.numel(), None, 1)
