@@ -1,10 +1,11 @@
-"""Training fwd+bwd of ghost batches and masks on the CPU: the kernel paths against the alternatives.
+"""Training fwd+bwd of ghost batches, masks and batch renormalization on the CPU: the kernel paths.
 
     .venv/bin/python benchmarks/variants_speed.py [--repeats 30]
 
 Ghost batches (`virtual_batch_size=k`) run on the CPU kernel in one call for all ghost batches
-(`batchnorm._ghost`); a mask alone, where each mask element is a row of x with the channels last,
-as plain BN on the real rows gathered (`functional._masked_rows_train`). For each case: our layer
+(`batchnorm._kernel_variants`); a mask alone, where each mask element is a row of x with the channels last,
+as plain BN on the real rows gathered (`functional._masked_rows_train`); batch renormalization as
+a statistics call and a plain forward with weight w*r and bias w*d + b. For each case: our layer
 on that path, the same layer on the torch-ops general path (backend "composite", what ran
 before), what one would write by hand with torch's layer (a loop over the chunks with torch.cat;
 gather the real rows and scatter back), and plain BN on the whole batch (ours and torch's) for
@@ -33,6 +34,8 @@ CASES = [  # (kind, shape, k or fraction of real rows, dtype, channels_last)
     ("mask", (32, 128, 512), 0.6, torch.float32, False),  # padded sequences (N, L, C), 60% real
     ("mask", (64, 64, 256), 0.6, torch.float32, False),
     ("mask", (32, 128, 512), 0.6, torch.bfloat16, False),
+    ("renorm", (4096, 256), None, torch.float32, False),  # Renorm.fixed(1.5, 0.5)
+    ("renorm", (256, 64, 28, 28), None, torch.float32, False),
 ]
 
 
@@ -44,7 +47,15 @@ def _layer(shape, **options) -> torch.nn.Module:
 
 def _implementations(kind, shape, k, x) -> dict[str, Callable[[], torch.Tensor]]:
     dtype = x.dtype
-    if kind == "ghost":
+    if kind == "renorm":  # no torch equivalent to write by hand
+        renorm = bn.Renorm.fixed(1.5, 0.5)
+        ours, general, plain = (_layer(shape, renorm=r).to(dtype) for r in (renorm, renorm, None))
+        torch_plain = (torch.nn.BatchNorm1d if len(shape) <= 3 else torch.nn.BatchNorm2d)(shape[1]).to(dtype)
+        hand = None
+
+        def run_ours():
+            return ours(x)
+    elif kind == "ghost":
         ours, general, plain = (_layer(shape, virtual_batch_size=n).to(dtype) for n in (k, k, None))
         torch_cls = torch.nn.BatchNorm1d if len(shape) <= 3 else torch.nn.BatchNorm2d
         by_hand, torch_plain = torch_cls(shape[1]).to(dtype), torch_cls(shape[1]).to(dtype)
@@ -70,18 +81,14 @@ def _implementations(kind, shape, k, x) -> dict[str, Callable[[], torch.Tensor]]
 
     def on_general():
         with use_backend("composite"):
-            return general(x) if kind == "ghost" else general(x, mask)
+            return general(x, mask) if kind == "mask" else general(x)
 
     def plain_torch():
         return torch_plain(x.transpose(1, 2)) if kind == "mask" else torch_plain(x)
 
-    return {
-        "ours": run_ours,
-        "general path": on_general,
-        "by hand": hand,
-        "plain ours": lambda: plain(x),
-        "plain torch": plain_torch,
-    }
+    impls = {"ours": run_ours, "general path": on_general, "by hand": hand, "plain ours": lambda: plain(x)}
+    impls["plain torch"] = plain_torch
+    return {name: fn for name, fn in impls.items() if fn is not None}
 
 
 def time_case(kind, shape, k, dtype: torch.dtype, channels_last: bool, repeats: int) -> dict[str, float]:
@@ -111,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     for kind, shape, k, dtype, cl in CASES:
         med = time_case(kind, shape, k, dtype, cl, args.repeats)
-        what = f"k={k}" if kind == "ghost" else f"~{k:.0%} real"
+        what = {"ghost": f"k={k}", "mask": f"~{k:.0%} real" if k else "", "renorm": "r_max 1.5, d_max 0.5"}[kind]
         layout = " channels_last" if cl else ""
         label = f"{kind} {'x'.join(map(str, shape))} {what} {str(dtype).removeprefix('torch.')}{layout}"
         print(f"{label}: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in med.items()))

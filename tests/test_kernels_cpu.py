@@ -157,6 +157,17 @@ def test_train_forward_matches_float64(shape, fmt, axis, dtype, affine, nthreads
     torch.testing.assert_close(y.double(), y_ref, **out_tol(dtype))
 
 
+@pytest.mark.parametrize("shape,fmt,axis", LAYOUTS + LAYOUTS_MT)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_statistics_alone_equal_the_forwards_bitwise(shape, fmt, axis, dtype):
+    """`statistics` (the forward without an output) gives the training forward's mean, var and
+    invstd, bitwise: batch renormalization computes r and d from it, then runs the forward."""
+    x = make(shape, fmt, dtype)
+    _, mean, var, invstd, _ = cpu.train_forward_update(x, None, None, EPS, axis, None, None, 0.0)
+    for a, b in zip(cpu.statistics(x, EPS, axis), (mean, var, invstd)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("fmt", [None, CL], ids=["nchw", "nhwc"])
 def test_forward_layout_matches_torch_memory_format(fmt):
     x = make((2, 16, 6, 6), fmt, torch.float32)

@@ -152,7 +152,7 @@ def test_ghost_single_value_chunk_raises():
 
 
 # ghost batches on the CPU kernel (float32 / bfloat16 in the kernel's layouts): one kernel call
-# runs every ghost batch (`batchnorm._ghost`); the oracle is the same as above, in float64
+# runs every ghost batch (`batchnorm._kernel_variants`); the oracle is the same as above, in float64
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"CPU kernel: {cpu_kernel.why_unavailable()}")
 KERNEL_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -498,6 +498,41 @@ def test_renorm_schedule_follows_num_batches_tracked(step, limits):
         rm2, rv2 = rm.clone(), rv.clone()
         y_other = batch_norm(x, rm2, rv2, layer.weight, layer.bias, True, 0.1, EPS, renorm=other)
         assert (y_other - expected).abs().max() > 0.1
+
+
+# batch renormalization alone on the CPU kernel (float32 / bfloat16): plain BN with weight w*r and
+# bias w*d + b after a statistics call; the oracle is the same layer in float64 (the general path)
+
+KERNEL_RENORM_CASES = {  # name: (layer maker, x maker)
+    "2d": (lambda renorm: bn.BatchNorm1d(3, renorm=renorm), lambda: torch.randn(8, 3)),
+    "nchw": (lambda renorm: bn.BatchNorm2d(4, renorm=renorm), lambda: torch.randn(6, 4, 3, 3)),
+    "nhwc": (
+        lambda renorm: bn.BatchNorm2d(4, renorm=renorm),
+        lambda: torch.randn(6, 4, 3, 3).contiguous(memory_format=CL),
+    ),
+    "nlc-axis-1": (lambda renorm: bn.BatchNorm(3, axis=-1, renorm=renorm), lambda: torch.randn(5, 7, 3)),
+}
+
+
+@needs_kernel
+@KERNEL_DTYPES
+@pytest.mark.parametrize("renorm", [bn.Renorm.fixed(1.5, 0.5), bn.Renorm()], ids=["clipping", "warm-up"])
+@pytest.mark.parametrize("case", list(KERNEL_RENORM_CASES))
+def test_renorm_on_the_kernel_equals_the_general_path(case, renorm, dtype, monkeypatch):
+    make_layer, make_x = KERNEL_RENORM_CASES[case]
+    layer = _seeded_float_layer(lambda: make_layer(renorm))
+    x = (make_x() * 2 + 1).to(dtype)
+    with torch.no_grad():  # running statistics far from the batch's: r and d clip on every channel
+        rm, rv = _far_running_stats(x.double(), layer.axis)
+        layer.running_mean.copy_(rm)
+        layer.running_var.copy_(rv)
+    oracle = copy.deepcopy(layer).double()  # float64: the general path
+    dy = torch.randn(x.shape).to(dtype)
+    calls = _spy(monkeypatch, cpu_kernel, "statistics")
+    got = _step(layer, x, dy)
+    assert calls, "batch renormalization did not run on the kernel"
+    assert got[0].stride() == x.stride()
+    _assert_one_step_matches(layer, got, _step(oracle, x.double(), dy.double()), oracle, dtype)
 
 
 def test_renorm_needs_running_stats():

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _ghost
+from . import _kernel_variants
 from ._general import check_no_single_value, general_train
 from .kernels import cpu as _cpu
 from .kernels import cpu_ops as _cpu_ops
@@ -89,9 +89,10 @@ def batch_norm(
       channel). One running-statistics update per step, from all chunks'
       moments merged (the statistics of the whole batch). Alone (no other
       variant), on the CPU kernel where it takes the input and axis 0 is
-      outermost in memory: one call for all chunks (`batchnorm._ghost`).
+      outermost in memory: one call for all chunks (`batchnorm._kernel_variants`).
     - renorm=(r_max, d_max): batch renormalization (Ioffe 2017) against the
-      running statistics (sigma = sqrt(running_var + eps)); needs them.
+      running statistics (sigma = sqrt(running_var + eps)); needs them. Alone,
+      on the CPU kernel where it takes the input (`batchnorm._kernel_variants`).
     - process_group: a torch.distributed group (or dist.group.WORLD): SyncBN,
       statistics of the batch concatenated over its processes.
 
@@ -207,22 +208,21 @@ def batch_norm_with_status(
 
     if mask is not None or virtual_batch_size is not None or renorm is not None or process_group is not None:
         _check_variants(input, axis, momentum, eps, virtual_batch_size, renorm, running_mean, process_group)
-        if mask is not None and virtual_batch_size is None and renorm is None and process_group is None:
-            rows = _channel_rows(input, axis) if _kernel_layout(input, axis) is not None else None
-            if rows is not None:  # a mask alone, on the CPU kernel: plain BN on the real rows
-                return _masked_rows_train(
-                    input, axis, rows, mask, running_mean, running_var, weight, bias, momentum, eps
-                )
-        if (
-            virtual_batch_size is not None
-            and mask is None
-            and renorm is None
-            and process_group is None
-            and _ghost.applies(input, _kernel_layout(input, axis))
-        ):  # ghost batches alone: all of them in one CPU kernel call
-            N = input.shape[0]
-            check_no_single_value(None, True, N, virtual_batch_size, input.numel() // (N * input.shape[axis]))
-            y, total = _ghost.ghost_train(input, weight, bias, eps, axis, virtual_batch_size)
+        variants = (mask, virtual_batch_size, renorm, process_group)
+        # One variant alone, on an input the CPU kernel takes: the kernel paths
+        layout = _kernel_layout(input, axis) if sum(v is not None for v in variants) == 1 else None
+        rows = _channel_rows(input, axis) if layout is not None and mask is not None else None
+        if rows is not None:  # a mask where each mask element is a row: plain BN on the real rows
+            return _masked_rows_train(input, axis, rows, mask, running_mean, running_var, weight, bias, momentum, eps)
+        N = input.shape[0]
+        per = input.numel() // max(N * input.shape[axis], 1)  # values per (sample, channel)
+        if virtual_batch_size is not None and _kernel_variants.ghost_applies(input, layout):
+            # ghost batches: all of them in one CPU kernel call
+            check_no_single_value(None, True, N, virtual_batch_size, per)
+            y, total = _kernel_variants.ghost_train(input, weight, bias, eps, axis, virtual_batch_size)
+        elif renorm is not None and layout is not None:  # batch renormalization: two kernel calls
+            check_no_single_value(None, True, N, None, per)
+            y, total = _kernel_variants.renorm_train(input, weight, bias, eps, axis, running_mean, running_var, renorm)
         else:
             y, total = general_train(
                 input,
@@ -302,8 +302,8 @@ _backend = os.environ.get("BATCHNORM_BACKEND", "auto")
 
 def set_backend(name: str) -> None:
     """Force the path plain batch normalization takes (the variants take the general path, except
-    ghost batches alone and masks alone, which "auto" and "cpu" run on the CPU kernel where it
-    takes the input; see `batch_norm`).
+    ghost batches, masks and batch renormalization each alone, which "auto" and "cpu" run on the
+    CPU kernel where it takes the input; see `batch_norm`).
 
     - "auto" (default): the C/OpenMP kernel for CPU float32/bfloat16 tensors it
       supports (through its C++ entry points; where those cannot be built, small

@@ -1103,6 +1103,7 @@ INLINE void fwd_planes_body(int dt, const void *x, void *y, int64_t A, int64_t C
     part(C, t, T, &c0, &c1);
     planes_merge_stats(r1, r2, A, C, B, nch, L, c0, c1, cmean, cm2);
     fwd_coeffs(c0, c1, cmean, cm2, (double)(A * B), w, b, eps, mean_out, var_out, coef, coef + C, coef + 2 * C);
+    if (!y) return; /* the statistics only */
 #pragma omp barrier
     planes_elementwise(OP_APPLY, x, NULL, y, A * C, C, B, coef, coef + C, NULL, coef + 2 * C, stream, dt, t, T);
 #if HAVE_AVX512
@@ -1146,6 +1147,7 @@ INLINE void fwd_rows_body(int dt, const void *x, void *y, rows_shape s, const fl
         cm2[c] = qa;
     }
     fwd_coeffs(c0, c1, cmean, cm2, (double)(s.A * B), w, b, eps, mean_out, var_out, coef, coef + C, coef + 2 * C);
+    if (!y) return; /* the statistics only */
 #pragma omp barrier
     part(s.W, t, T, &c0, &c1);
     for (int i = 0; i < 3; i++) expand(s, coef + i * C, coefw + i * s.W, c0, c1);
@@ -1191,7 +1193,7 @@ int bn_update_running(int64_t C, double m, double eps, const float *mean, const 
 
 /* y = BN(x) with the batch statistics; mean (float32) and biased var (float32) per channel.
  * w, b: float32 (C,) or NULL. invstd_out (float32 (C,)) and the running statistics may be
- * NULL; see finish_forward. */
+ * NULL; see finish_forward. y NULL: the statistics only (x read once, chunk by chunk). */
 int bn_train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *w,
                      const float *b, double eps, float *mean_out, float *var_out, float *invstd_out,
                      float *running_mean, float *running_var, double momentum, int nthreads) {

@@ -13,6 +13,7 @@ Per channel c over the m = numel / C values of every other axis:
                         (dbias = s1, dweight = s2 * invstd)
     inference           y = x * scale_c + shift_c
     eval                the same with scale = w * (var + eps)**-1/2, shift = b - mean * scale
+    statistics          the training forward's mean, var and invstd alone (`statistics`)
     ghost batches       the training forward and backward of each block of k samples along
                         axis 0, with its own statistics, in one call (`ghost_forward`,
                         `ghost_backward`; axis 0 outermost in memory)
@@ -89,6 +90,7 @@ __all__ = [
     "inference",
     "layout",
     "library_path",
+    "statistics",
     "supports",
     "train_backward",
     "train_forward",
@@ -596,6 +598,18 @@ def train_forward(
     """
     y, mean, var, _, _ = train_forward_update(x, weight, bias, eps, axis, None, None, 0.0)
     return y, mean, var
+
+
+def statistics(x: Tensor, eps: float, axis: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The training forward's statistics alone, (mean, var, invstd), float32 (C,): x read once."""
+    lib, A, C, B = _prepare(x, axis)
+    mean, var, invstd = (torch.empty(C, dtype=torch.float32) for _ in range(3))
+    rc = lib.bn_train_forward(
+        _DTYPES[x.dtype], x.data_ptr(), None, A, C, B, None, None, float(eps), mean.data_ptr(), var.data_ptr(),
+        invstd.data_ptr(), None, None, 0.0, torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "the statistics")
+    return mean, var, invstd
 
 
 def can_update(running: Tensor | None, C: int) -> bool:

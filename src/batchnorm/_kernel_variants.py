@@ -1,0 +1,136 @@
+"""Two variants on the CPU kernel: ghost batches, and batch renormalization.
+
+Ghost batches (`virtual_batch_size=k`): samples [g*k, (g+1)*k) form ghost batch g (the last
+may be smaller), normalized with its own statistics; the parameter gradients add up over the
+ghost batches, and the running statistics follow the whole batch (Chan's merge of the ghost
+batches' moments). Where axis 0 is outermost in memory (contiguous, channels_last, (N, L, C)),
+a ghost batch is a dense block of x, so the CPU kernel takes it as it is: one call runs the ghost
+batches one after the other, each as plain BN on its block of x and of the output (forward:
+its statistics, then y; backward: its two sums, then dx).
+
+Batch renormalization (`renorm=(r_max, d_max)`, Ioffe 2017): with sigma = sqrt(running_var +
+eps), r = clip(sigma_B / sigma, 1/r_max, r_max) and d = clip((mu_B - running_mean) / sigma,
+-d_max, d_max), constants for the gradient,
+
+    y = w * (x_hat * r + d) + b = (w * r) * x_hat + (w * d + b),
+
+plain BN with weight w*r and bias w*d + b once the batch's statistics are known: one kernel
+call for the statistics (x read once), one plain training forward (the same statistics again,
+then y). The backward is plain BN's with weight w*r: dx, and dw = r * sum(dy * x_hat) +
+d * sum(dy), db = sum(dy).
+
+The general path (`_general.py`) computes both with torch ops, 2-8x slower
+(benchmarks/variants_speed.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .kernels import cpu
+from .moments import Moments, merge_stacked
+
+__all__ = ["ghost_applies", "ghost_train", "renorm_train"]
+
+
+def ghost_applies(x: Tensor, layout: tuple[int, int, int] | None) -> bool:
+    """Whether the kernel takes x's ghost batches: it takes x (`layout`, from `cpu.layout`) and
+    axis 0 is outermost in memory, so every slice along it is a dense block."""
+    return layout is not None and x.dim() >= 2 and (x.shape[0] == 1 or x.stride(0) * x.shape[0] == x.numel())
+
+
+class _GhostTrain(torch.autograd.Function):  # y, and the (G, C) mean and var of the ghost batches
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, k: int):
+        y, mean, var, invstd = cpu.ghost_forward(x, weight, bias, eps, axis, k)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.axis, ctx.k = axis, k
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _mean: Tensor, _var: Tensor):
+        _no_double_backward()
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx, s1, s2 = cpu.ghost_backward(dy, x, weight, mean, invstd, ctx.axis, ctx.k, need_x)
+        # over the ghost batches: dbias = sum(dy), dweight = sum(dy * x_hat), x_hat with each one's invstd
+        dw = (s2 * invstd).sum(0).to(weight.dtype) if need_w and weight is not None else None
+        db = s1.sum(0).to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+        return dx, dw, db, None, None, None
+
+
+def ghost_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, k: int
+) -> tuple[Tensor, Moments]:
+    """Training-mode BN over ghost batches of k samples on the CPU kernel (check `ghost_applies` first).
+
+    Returns y and the moments (count, mean, M2) of all values, float64 (C,), for the running
+    statistics: the ghost batches' own, merged.
+    """
+    y, mean, var = _GhostTrain.apply(x, weight, bias, eps, axis, k)
+    per = x.numel() // (x.shape[0] * x.shape[axis])  # values per (sample, channel)
+    N = x.shape[0]
+    count = torch.tensor([min(k, N - s) * per for s in range(0, N, k)], dtype=torch.float64)[:, None]
+    mean, var = mean.double(), var.double()
+    return y, merge_stacked(count, mean, var * count)
+
+
+class _RenormTrain(torch.autograd.Function):  # y, and the batch's mean and var
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, axis: int, running_mean, running_var, r_max: float, d_max: float):
+        mean, var, invstd = cpu.statistics(x, eps, axis)
+        sigma = torch.sqrt(running_var.float() + eps)
+        r = (torch.sqrt(var + eps) / sigma).clamp(1.0 / r_max, r_max)
+        d = ((mean - running_mean.float()) / sigma).clamp(-d_max, d_max)
+        w = None if weight is None else weight.float()
+        scale, shift = (r, d) if w is None else (w * r, w * d)
+        if bias is not None:
+            shift = shift + bias.float()
+        y, _, _, _, _ = cpu.train_forward_update(x, scale, shift, eps, axis, None, None, 0.0)
+        ctx.save_for_backward(x, scale, mean, invstd, r, d)
+        ctx.axis = axis
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _mean: Tensor, _var: Tensor):
+        _no_double_backward()
+        x, scale, mean, invstd, r, d = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx, s1, s2 = cpu.train_backward(dy, x, scale, mean, invstd, ctx.axis, need_x)
+        dw = (r * s2 * invstd + d * s1).to(ctx.weight_dtype) if need_w and ctx.weight_dtype is not None else None
+        db = s1.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def renorm_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    axis: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    renorm: tuple[float, float],
+) -> tuple[Tensor, Moments]:
+    """Training-mode batch renormalization on the CPU kernel (x in a layout `cpu.layout` takes).
+
+    Returns y and the moments (count, mean, M2) of the batch, float64, for the running
+    statistics (which r and d read before they are updated).
+    """
+    y, mean, var = _RenormTrain.apply(x, weight, bias, eps, axis, running_mean, running_var, *renorm)
+    count = torch.tensor([x.numel() // x.shape[axis]], dtype=torch.float64)
+    return y, Moments(count, mean.double(), var.double() * count)
+
+
+def _no_double_backward() -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "double backward (create_graph=True) is supported for plain batch_norm only, not with "
+            "mask, virtual_batch_size, renorm or process_group"
+        )
