@@ -45,21 +45,16 @@ class _GhostTrain(torch.autograd.Function):  # y, and the (G, C) mean and var of
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, k: int):
         y, mean, var, invstd = cpu.ghost_forward(x, weight, bias, eps, axis, k)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.axis, ctx.k = axis, k
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        ctx.k = k
+        return _forward_done(ctx, axis, weight, bias, y, mean, var)
 
     @staticmethod
     def backward(ctx, dy: Tensor, _mean: Tensor, _var: Tensor):
         _no_double_backward()
         x, weight, mean, invstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, s1, s2 = cpu.ghost_backward(dy, x, weight, mean, invstd, ctx.axis, ctx.k, need_x)
+        dx, s1, s2 = cpu.ghost_backward(dy, x, weight, mean, invstd, ctx.axis, ctx.k, ctx.needs_input_grad[0])
         # over the ghost batches: dbias = sum(dy), dweight = sum(dy * x_hat), x_hat with each one's invstd
-        dw = (s2 * invstd).sum(0).to(weight.dtype) if need_w and weight is not None else None
-        db = s1.sum(0).to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
-        return dx, dw, db, None, None, None
+        return (*_gradients(ctx, dx, (s2 * invstd).sum(0), s1.sum(0)), None, None, None)
 
 
 def ghost_train(
@@ -91,21 +86,14 @@ class _RenormTrain(torch.autograd.Function):  # y, and the batch's mean and var
             shift = shift + bias.float()
         y, _, _, _, _ = cpu.train_forward_update(x, scale, shift, eps, axis, None, None, 0.0)
         ctx.save_for_backward(x, scale, mean, invstd, r, d)
-        ctx.axis = axis
-        ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return _forward_done(ctx, axis, weight, bias, y, mean, var)
 
     @staticmethod
     def backward(ctx, dy: Tensor, _mean: Tensor, _var: Tensor):
         _no_double_backward()
         x, scale, mean, invstd, r, d = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, s1, s2 = cpu.train_backward(dy, x, scale, mean, invstd, ctx.axis, need_x)
-        dw = (r * s2 * invstd + d * s1).to(ctx.weight_dtype) if need_w and ctx.weight_dtype is not None else None
-        db = s1.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
-        return dx, dw, db, None, None, None, None, None, None
+        dx, s1, s2 = cpu.train_backward(dy, x, scale, mean, invstd, ctx.axis, ctx.needs_input_grad[0])
+        return (*_gradients(ctx, dx, r * s2 * invstd + d * s1, s1), None, None, None, None, None, None)
 
 
 def renorm_train(
@@ -126,6 +114,25 @@ def renorm_train(
     y, mean, var = _RenormTrain.apply(x, weight, bias, eps, axis, running_mean, running_var, *renorm)
     count = torch.tensor([x.numel() // x.shape[axis]], dtype=torch.float64)
     return y, Moments(count, mean.double(), var.double() * count)
+
+
+def _forward_done(ctx, axis: int, weight: Tensor | None, bias: Tensor | None, y: Tensor, mean: Tensor, var: Tensor):
+    """The bookkeeping both Functions share: the axis, the parameters' dtypes; mean, var need no gradient."""
+    ctx.axis = axis
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(mean, var)
+    return y, mean, var
+
+
+def _gradients(ctx, dx: Tensor | None, dw: Tensor, db: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dweight, dbias), the latter two float32 (C,) in their parameters' dtypes where wanted."""
+    need_w, need_b = ctx.needs_input_grad[1:3]
+    return (
+        dx,
+        dw.to(ctx.weight_dtype) if need_w and ctx.weight_dtype is not None else None,
+        db.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None,
+    )
 
 
 def _no_double_backward() -> None:
