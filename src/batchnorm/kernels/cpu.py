@@ -721,11 +721,7 @@ def train_backward(
         if r is not None:
             return r
     lib, A, C, B = _prepare(x, axis)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy has shape {tuple(dy.shape)} but x has {tuple(x.shape)}")
-    same = dy.dtype == x.dtype and dy.is_cpu and ((dy.is_contiguous() and x.is_contiguous()) or _same_layout(dy, x))
-    if not same:
-        dy = _empty_like(x).copy_(dy)  # the documented copy into x's layout
+    dy = _in_layout_of(dy, x)
     w = _vector(weight, C, "weight")
     mu, istd = _vector(mean, C, "mean"), _vector(invstd, C, "invstd")
     dx = _empty_like(x) if need_dx else None
@@ -737,6 +733,14 @@ def train_backward(
     )  # fmt: skip
     _check(rc, "the backward")
     return dx, s1, s2
+
+
+def _in_layout_of(dy: Tensor, x: Tensor) -> Tensor:
+    """dy as the kernel reads it beside x: x's dtype and memory order, copied into it if needed."""
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {tuple(dy.shape)} but x has {tuple(x.shape)}")
+    same = dy.dtype == x.dtype and dy.is_cpu and ((dy.is_contiguous() and x.is_contiguous()) or _same_layout(dy, x))
+    return dy if same else _empty_like(x).copy_(dy)  # the documented copy into x's layout
 
 
 def _ghost_rows(x: Tensor, A: int, k: int) -> tuple[int, int]:
@@ -774,10 +778,7 @@ def ghost_backward(
     its dtype or memory order differs."""
     lib, A, C, B = _prepare(x, axis)
     rows, G = _ghost_rows(x, A, k)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy has shape {tuple(dy.shape)} but x has {tuple(x.shape)}")
-    if not (dy.dtype == x.dtype and dy.is_cpu and _same_layout(dy, x)):
-        dy = _empty_like(x).copy_(dy)
+    dy = _in_layout_of(dy, x)
     w = _vector(weight, C, "weight")
     mu, istd = mean.contiguous(), invstd.contiguous()
     dx = _empty_like(x) if need_dx else None
