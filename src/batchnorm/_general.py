@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .moments import Moments, merge_stacked
 
-__all__ = ["check_no_single_value", "general_train"]
+__all__ = ["check_shapes_no_single_value", "general_train"]
 
 
 def _bshape(x: Tensor, axis: int) -> list[int]:
@@ -97,25 +97,24 @@ def _gather_moments(mom: Moments, group) -> Moments:
     return merge_stacked(stacked[:, 0], stacked[:, 1], stacked[:, 2])
 
 
-def check_no_single_value(count: Tensor, static: bool, N: int, k: int | None, per: int) -> None:
-    """ValueError if a group's statistics come from one value per channel (variance 0).
+def check_shapes_no_single_value(N: int, k: int | None, per: int) -> None:
+    """ValueError if a group of N samples in groups of k (None: one group), `per` values per sample
+    and channel, has a single value per channel (variance 0). From the shapes alone: no value of a
+    graph and no device sync."""
+    smallest = N - (-(-N // k) - 1) * k if k is not None else N  # the last ghost batch is the smallest
+    if smallest * per == 1:
+        raise ValueError(_single_value_message(N, k))
 
-    static: the counts follow from the shapes (no mask; each group local), N samples in groups of
-    k with `per` values each, so the test needs no value of the graph and no device sync. Else it
-    reads `count` (G, C); while torch.compile / torch.export record, as a runtime assert in the
-    graph (RuntimeError with the same message).
-    """
+
+def _check_counts_no_single_value(count: Tensor, N: int, k: int | None) -> None:
+    """The same test from the groups' counts (G, C), where a mask or other processes decide them;
+    while torch.compile / torch.export record, a runtime assert in the graph (RuntimeError with
+    the same message)."""
     from .functional import _recording  # (functional imports this module)
 
-    if static:
-        smallest = N - (-(-N // k) - 1) * k if k is not None else N  # the last ghost batch is the smallest
-        single = smallest * per == 1
-    elif _recording():
-        single = False
+    if _recording():
         torch._assert_async((count != 1).all(), _single_value_message(N, k))
-    else:
-        single = bool((count == 1).any())
-    if single:
+    elif bool((count == 1).any()):
         raise ValueError(_single_value_message(N, k))
 
 
@@ -180,7 +179,10 @@ class _GeneralTrain(torch.autograd.Function):
         if total.count.dim() == 2:
             total = Moments(total.count[0], total.mean[0], total.m2[0])
 
-        check_no_single_value(norm.count, m is None and not (sync and k is None), N, k, per)
+        if m is None and not (sync and k is None):  # the counts follow from the shapes (each group local)
+            check_shapes_no_single_value(N, k, per)
+        else:
+            _check_counts_no_single_value(norm.count, N, k)
 
         var = norm.biased_var
         invstd = torch.rsqrt(var + eps)  # (G, C)

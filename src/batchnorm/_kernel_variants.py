@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._general import check_shapes_no_single_value
 from .kernels import cpu
 from .moments import Moments, merge_stacked
 
@@ -65,9 +66,10 @@ def ghost_train(
     Returns y and the moments (count, mean, M2) of all values, float64 (C,), for the running
     statistics: the ghost batches' own, merged.
     """
-    y, mean, var = _GhostTrain.apply(x, weight, bias, eps, axis, k)
-    per = x.numel() // (x.shape[0] * x.shape[axis])  # values per (sample, channel)
     N = x.shape[0]
+    per = x.numel() // (N * x.shape[axis])  # values per (sample, channel)
+    check_shapes_no_single_value(N, k, per)
+    y, mean, var = _GhostTrain.apply(x, weight, bias, eps, axis, k)
     count = torch.tensor([min(k, N - s) * per for s in range(0, N, k)], dtype=torch.float64)[:, None]
     mean, var = mean.double(), var.double()
     return y, merge_stacked(count, mean, var * count)
@@ -111,8 +113,10 @@ def renorm_train(
     Returns y and the moments (count, mean, M2) of the batch, float64, for the running
     statistics (which r and d read before they are updated).
     """
+    m = x.numel() // x.shape[axis]  # values per channel
+    check_shapes_no_single_value(m, None, 1)
     y, mean, var = _RenormTrain.apply(x, weight, bias, eps, axis, running_mean, running_var, *renorm)
-    count = torch.tensor([x.numel() // x.shape[axis]], dtype=torch.float64)
+    count = torch.tensor([m], dtype=torch.float64)
     return y, Moments(count, mean.double(), var.double() * count)
 
 

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _kernel_variants
-from ._general import check_no_single_value, general_train
+from ._general import check_shapes_no_single_value, general_train
 from .kernels import cpu as _cpu
 from .kernels import cpu_ops as _cpu_ops
 
@@ -214,14 +214,10 @@ def batch_norm_with_status(
         rows = _channel_rows(input, axis) if layout is not None and mask is not None else None
         if rows is not None:  # a mask where each mask element is a row: plain BN on the real rows
             return _masked_rows_train(input, axis, rows, mask, running_mean, running_var, weight, bias, momentum, eps)
-        N = input.shape[0]
-        per = input.numel() // max(N * input.shape[axis], 1)  # values per (sample, channel)
         if virtual_batch_size is not None and _kernel_variants.ghost_applies(input, layout):
             # ghost batches: all of them in one CPU kernel call
-            check_no_single_value(None, True, N, virtual_batch_size, per)
             y, total = _kernel_variants.ghost_train(input, weight, bias, eps, axis, virtual_batch_size)
         elif renorm is not None and layout is not None:  # batch renormalization: two kernel calls
-            check_no_single_value(None, True, N, None, per)
             y, total = _kernel_variants.renorm_train(input, weight, bias, eps, axis, running_mean, running_var, renorm)
         else:
             y, total = general_train(
@@ -548,7 +544,7 @@ def _masked_rows_train(
     way, against the general path's dozen elementwise passes over the whole padded batch.
     """
     real = mask.reshape(-1).nonzero().squeeze(1)
-    check_no_single_value(None, True, real.numel(), None, 1)
+    check_shapes_no_single_value(real.numel(), None, 1)
     y_real, counted = batch_norm_with_status(
         rows.index_select(0, real), running_mean, running_var, weight, bias, True, momentum, eps
     )
