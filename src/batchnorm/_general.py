@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .moments import Moments, merge_stacked
 
-__all__ = ["check_shapes_no_single_value", "general_train"]
+__all__ = ["check_shapes_no_single_value", "general_train", "no_double_backward"]
 
 
 def _bshape(x: Tensor, axis: int) -> list[int]:
@@ -95,6 +95,15 @@ def _gather_moments(mom: Moments, group) -> Moments:
     dist.all_gather(parts, packed.contiguous(), group=group)
     stacked = torch.stack(parts)  # (world, 3, G, C)
     return merge_stacked(stacked[:, 0], stacked[:, 1], stacked[:, 2])
+
+
+def no_double_backward() -> None:
+    """RuntimeError in a variant's backward asked for a graph (create_graph=True)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "double backward (create_graph=True) is supported for plain batch_norm only, not with "
+            "mask, virtual_batch_size, renorm or process_group"
+        )
 
 
 def check_shapes_no_single_value(N: int, k: int | None, per: int) -> None:
@@ -230,11 +239,7 @@ class _GeneralTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _c, _m, _m2):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "double backward (create_graph=True) is supported for plain batch_norm only, not with "
-                "mask, virtual_batch_size, renorm or process_group"
-            )
+        no_double_backward()
         xf, weight, mean, invstd, r, d, mask, gid, count = ctx.saved_tensors
         axis = ctx.axis
         N, C = xf.shape[0], xf.shape[axis]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._general import check_shapes_no_single_value
+from ._general import check_shapes_no_single_value, no_double_backward
 from .kernels import cpu
 from .moments import Moments, merge_stacked
 
@@ -51,7 +51,7 @@ class _GhostTrain(torch.autograd.Function):  # y, and the (G, C) mean and var of
 
     @staticmethod
     def backward(ctx, dy: Tensor, _mean: Tensor, _var: Tensor):
-        _no_double_backward()
+        no_double_backward()
         x, weight, mean, invstd = ctx.saved_tensors
         dx, s1, s2 = cpu.ghost_backward(dy, x, weight, mean, invstd, ctx.axis, ctx.k, ctx.needs_input_grad[0])
         # over the ghost batches: dbias = sum(dy), dweight = sum(dy * x_hat), x_hat with each one's invstd
@@ -92,7 +92,7 @@ class _RenormTrain(torch.autograd.Function):  # y, and the batch's mean and var
 
     @staticmethod
     def backward(ctx, dy: Tensor, _mean: Tensor, _var: Tensor):
-        _no_double_backward()
+        no_double_backward()
         x, scale, mean, invstd, r, d = ctx.saved_tensors
         dx, s1, s2 = cpu.train_backward(dy, x, scale, mean, invstd, ctx.axis, ctx.needs_input_grad[0])
         return (*_gradients(ctx, dx, r * s2 * invstd + d * s1, s1), None, None, None, None, None, None)
@@ -138,10 +138,3 @@ def _gradients(ctx, dx: Tensor | None, dw: Tensor, db: Tensor) -> tuple[Tensor |
         db.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None,
     )
 
-
-def _no_double_backward() -> None:
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "double backward (create_graph=True) is supported for plain batch_norm only, not with "
-            "mask, virtual_batch_size, renorm or process_group"
-        )
