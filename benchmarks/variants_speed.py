@@ -4,7 +4,8 @@
 
 Ghost batches (`virtual_batch_size=k`) run on the CPU kernel in one call for all ghost batches
 (`batchnorm._kernel_variants`); a mask alone, where each mask element is a row of x with the channels last,
-as plain BN on the real rows gathered (`functional._masked_rows_train`); batch renormalization as
+as plain BN on the real rows gathered (`functional._masked_rows_train`), and over the planes of a
+contiguous (N, C, L) in the kernel's masked entries (kind "mask-ncl"); batch renormalization as
 a statistics call and a plain forward with weight w*r and bias w*d + b. For each case: our layer
 on that path, the same layer on the torch-ops general path (backend "composite", what ran
 before), what one would write by hand with torch's layer (a loop over the chunks with torch.cat;
@@ -34,6 +35,9 @@ CASES = [  # (kind, shape, k or fraction of real rows, dtype, channels_last)
     ("mask", (32, 128, 512), 0.6, torch.float32, False),  # padded sequences (N, L, C), 60% real
     ("mask", (64, 64, 256), 0.6, torch.float32, False),
     ("mask", (32, 128, 512), 0.6, torch.bfloat16, False),
+    ("mask-ncl", (32, 512, 128), 0.6, torch.float32, False),  # padded sequences (N, C, L), axis 1
+    ("mask-ncl", (64, 256, 64), 0.6, torch.float32, False),
+    ("mask-ncl", (32, 512, 128), 0.6, torch.bfloat16, False),
     ("renorm", (4096, 256), None, torch.float32, False),  # Renorm.fixed(1.5, 0.5)
     ("renorm", (256, 64, 28, 28), None, torch.float32, False),
 ]
@@ -65,23 +69,25 @@ def _implementations(kind, shape, k, x) -> dict[str, Callable[[], torch.Tensor]]
 
         def hand():
             return torch.cat([by_hand(c) for c in x.split(k)])
-    else:  # a mask over (N, L) of (N, L, C) with random lengths, about a fraction k real
-        N, L, C = shape
+    else:  # a mask over (N, L) of (N, L, C) or (N, C, L) with random lengths, about a fraction k real
+        ncl = kind == "mask-ncl"
+        N, L, C = (shape[0], shape[2], shape[1]) if ncl else shape
         lengths = (torch.rand(N) * 2 * k * L).clamp(2, L).long()
         mask = torch.arange(L)[None] < lengths[:, None]
-        ours, general, plain = (_layer(shape, axis=-1).to(dtype) for _ in range(3))
+        ours, general, plain = (_layer(shape, **({} if ncl else {"axis": -1})).to(dtype) for _ in range(3))
         by_hand, torch_plain = torch.nn.BatchNorm1d(C).to(dtype), torch.nn.BatchNorm1d(C).to(dtype)
 
         def run_ours():
             return ours(x, mask)
 
-        def hand():
-            real, rows = mask.reshape(-1).nonzero().squeeze(1), x.reshape(-1, C)
-            return rows.new_zeros(rows.shape).index_copy(0, real, by_hand(rows.index_select(0, real))).view(shape)
+        def hand():  # the real (N, L) positions' rows of C values, gathered, and scattered back into zeros
+            real, rows = mask.reshape(-1).nonzero().squeeze(1), (x.transpose(1, 2) if ncl else x).reshape(-1, C)
+            y = rows.new_zeros(rows.shape).index_copy(0, real, by_hand(rows.index_select(0, real))).view(N, L, C)
+            return y.transpose(1, 2).contiguous() if ncl else y
 
     def on_general():
         with use_backend("composite"):
-            return general(x, mask) if kind == "mask" else general(x)
+            return general(x, mask) if kind.startswith("mask") else general(x)
 
     def plain_torch():
         return torch_plain(x.transpose(1, 2)) if kind == "mask" else torch_plain(x)
@@ -118,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     for kind, shape, k, dtype, cl in CASES:
         med = time_case(kind, shape, k, dtype, cl, args.repeats)
-        what = {"ghost": f"k={k}", "mask": f"~{k:.0%} real" if k else "", "renorm": "r_max 1.5, d_max 0.5"}[kind]
+        what = {"ghost": f"k={k}", "renorm": "r_max 1.5, d_max 0.5"}.get(kind, f"~{k:.0%} real")
         layout = " channels_last" if cl else ""
         label = f"{kind} {'x'.join(map(str, shape))} {what} {str(dtype).removeprefix('torch.')}{layout}"
         print(f"{label}: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in med.items()))

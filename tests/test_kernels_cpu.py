@@ -510,6 +510,20 @@ def test_concurrent_builds_of_the_portable_variant(tmp_path):
                 dx, s1, s2 = cpu.train_backward(dy, x, None, mean, invstd, 1)
                 torch.testing.assert_close(s1.double(), dy.double().sum(dims), rtol=1e-4, atol=1e-3)
                 assert dx.stride() == x.stride()
+            # the masked kernels over (N, C, L) planes; padding NaN
+            mask = torch.arange(50)[None] < torch.tensor([50, 20, 3, 37])[:, None]
+            x = torch.randn(4, 3, 50).masked_fill(~mask[:, None], float("nan")).to(dtype)
+            dy = torch.randn(4, 3, 50).to(dtype)
+            y, mean, var, invstd = cpu.masked_forward(x, mask, None, None, 1e-5, 1)
+            real = x.double().transpose(1, 2)[mask]  # (M, C)
+            torch.testing.assert_close(mean.double(), real.mean(0), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(var.double(), real.var(0, unbiased=False), rtol=1e-5, atol=1e-6)
+            dx, s1, s2 = cpu.masked_backward(dy, x, mask, None, mean, invstd, 1, True)
+            torch.testing.assert_close(s1.double(), dy.double().transpose(1, 2)[mask].sum(0), rtol=1e-4, atol=1e-3)
+            ye = cpu.masked_eval(x, mask, mean, var, None, None, 1e-5, 1)
+            torch.testing.assert_close(ye.float(), y.float(), rtol=1e-2, atol=1e-2)
+            for t in (y, dx, ye):
+                assert not t.transpose(1, 2)[~mask].any() and torch.isfinite(t).all()
         print(cpu.library_path())
         """
     )

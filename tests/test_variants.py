@@ -625,8 +625,15 @@ def test_mask_errors():
         layer(x, mask=one_real)
 
 
-# a mask alone on the CPU kernel, where each mask element is a row of x with the channels last
-# ((N, L, C) with axis=-1, channels_last, 2-D): plain BN on the real rows, gathered
+# a mask alone on the CPU kernel: where each mask element is a row of x with the channels last
+# ((N, L, C) with axis=-1, channels_last, 2-D), plain BN on the real rows, gathered; where the
+# channels are not last (contiguous (N, C, L), (N, C, H, W)), the masked kernels over the planes
+
+
+def _long_mask(N: int, L: int) -> torch.Tensor:
+    """(N, L) lengths that leave whole float32 chunks of 4096 values without a real value."""
+    return _lengths_mask([L, 4000, 100, 4097][:N], L)
+
 
 KERNEL_MASK_CASES = {  # name: (layer maker, x maker, mask maker)
     "nlc-axis-1": (
@@ -643,6 +650,26 @@ KERNEL_MASK_CASES = {  # name: (layer maker, x maker, mask maker)
         lambda: bn.BatchNorm1d(3),
         lambda: torch.randn(9, 3),
         lambda: torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1]).bool(),
+    ),
+    "ncl-planes": (
+        lambda: bn.BatchNorm1d(3),
+        lambda: torch.randn(6, 3, 37),
+        lambda: _lengths_mask([37, 30, 3, 0, 1, 17], 37),  # a sequence of length 0
+    ),
+    "ncl-planes-of-2": (
+        lambda: bn.BatchNorm1d(4),
+        lambda: torch.randn(9, 4, 2),
+        lambda: _lengths_mask([2, 1, 0, 2, 1, 2, 2, 1, 1], 2),
+    ),
+    "nchw-planes-random": (
+        lambda: bn.BatchNorm2d(5),
+        lambda: torch.randn(4, 5, 3, 4),
+        lambda: torch.rand(4, 3, 4, generator=torch.Generator().manual_seed(2)) < 0.5,
+    ),
+    "ncl-planes-chunks": (  # planes of two float32 chunks; some chunks all padding
+        lambda: bn.BatchNorm1d(2),
+        lambda: torch.randn(4, 2, 8000),
+        lambda: _long_mask(4, 8000),
     ),
 }
 
@@ -683,9 +710,11 @@ def test_mask_on_the_kernel_equals_bn_over_real_elements(case, dtype, monkeypatc
     x = x.masked_fill(pad, float("nan")).contiguous(memory_format=fmt)  # padding is never read
     dy = torch.randn(x.shape).to(dtype)
     calls = _spy_general_path(monkeypatch)
+    planes = _spy(monkeypatch, cpu_kernel, "masked_forward")
     running = (layer.running_mean.clone(), layer.running_var.clone())
     got = _step(layer, x, dy, mask=mask)
     assert not calls, "the mask took the general path"
+    assert bool(planes) == ("planes" in case), "the masked planes kernel ran (or did not) where it should"
     assert got[0].stride() == x.stride()
     assert not got[0][pad].any() and not got[1][pad].any()  # zeros, no gradient at the padding
     want, stats = _masked_oracle(layer, x, mask, dy, running)
@@ -705,13 +734,77 @@ def test_mask_on_the_kernel_edge_cases(monkeypatch):
     y = layer(x, mask=torch.zeros(4, 5, dtype=torch.bool))  # all padding: zeros, statistics stay
     assert not y.any() and torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
     assert not calls
-    # channels on axis 1 of a contiguous (N, C, L): a mask element is no row: the general path
+    # a dense (N, C, L) with L outermost, and one in float64: the general path
+    for x, mask in (
+        (torch.randn(12, 6, 3).permute(1, 2, 0), _lengths_mask([12, 7, 3, 12, 2, 5], 12)),
+        (torch.randn(6, 3, 5, dtype=f64), _lengths_mask([5, 3, 1, 5, 2, 4], 5)),
+    ):
+        calls.clear()
+        dy = torch.randn(x.shape, dtype=x.dtype)
+        got = _step(bn.BatchNorm1d(3), x, dy, mask=mask)
+        assert calls
+        for a, e in zip(got, _masked_oracle(bn.BatchNorm1d(3), x, mask, dy)[0]):
+            _close(a.float(), e.float(), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_mask_on_the_planes_kernel_edge_cases(monkeypatch):
+    calls = _spy_general_path(monkeypatch)
+    planes = _spy(monkeypatch, cpu_kernel, "masked_forward")
     layer = bn.BatchNorm1d(3)
-    x, dy, mask = torch.randn(6, 3, 10), torch.randn(6, 3, 10), _lengths_mask([10, 7, 3, 10, 2, 5], 10)
-    got = _step(layer, x, dy, mask=mask)
-    assert calls
-    for a, e in zip(got, _masked_oracle(bn.BatchNorm1d(3), x, mask, dy)[0]):
-        _close(a.float(), e.float(), rtol=1e-4, atol=1e-4)
+    x = torch.randn(4, 3, 20)
+    one = torch.zeros(4, 20, dtype=torch.bool)
+    one[2, 3] = True
+    with pytest.raises(ValueError, match="single real value per channel"):
+        layer(x, mask=one)
+    before = (layer.running_mean.clone(), layer.running_var.clone())
+    y, dx, dw, db = _step(layer, x, torch.randn(x.shape), mask=torch.zeros(4, 20, dtype=torch.bool))
+    assert not y.any() and not dx.any() and not dw.any() and not db.any()  # all padding: zeros
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+
+    mask = _lengths_mask([20, 5, 11, 1], 20)
+    bad = x.clone()
+    bad[1, 0, 2] = float("inf")  # a real value: the running statistics refuse the batch
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        layer(bad, mask=mask)
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+
+    # an input without grad: the parameter gradients alone (no dx); no double backward
+    layer = _seeded_float_layer(lambda: bn.BatchNorm1d(3))
+    dy = torch.randn(x.shape)
+    layer(x, mask=mask).backward(dy)
+    (_, _, want_dw, want_db), _ = _masked_oracle(layer, x, mask, dy)
+    _close(layer.weight.grad, want_dw.float(), rtol=1e-4, atol=1e-4)
+    _close(layer.bias.grad, want_db.float(), rtol=1e-4, atol=1e-4)
+    xg = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(layer(xg, mask=mask), xg, dy, create_graph=True)
+    assert not calls and len(planes) == 4  # every training call after the single-value one
+
+
+@needs_kernel
+@KERNEL_DTYPES
+def test_mask_in_eval_on_the_planes_kernel(dtype, monkeypatch):
+    """Eval with a mask over (N, C, L) planes: one kernel pass, 0 at the (NaN) padding."""
+    calls = _spy(monkeypatch, cpu_kernel, "masked_eval")
+    layer = _seeded_float_layer(lambda: bn.BatchNorm1d(3)).eval()
+    mask = _lengths_mask([37, 30, 3, 0, 1, 17], 37)
+    pad = ~mask.unsqueeze(1).expand(6, 3, 37)
+    x = (torch.randn(6, 3, 37) * 2 + 1).masked_fill(pad, float("nan")).to(dtype)
+    with torch.no_grad():
+        y = layer(x, mask=mask)
+    assert calls and y.dtype == dtype
+    assert not y[pad].any()
+    want = F.batch_norm(
+        x.double().nan_to_num(), layer.running_mean.double(), layer.running_var.double(),
+        layer.weight.double(), layer.bias.double(), False, 0.0, EPS,
+    )  # fmt: skip
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    _close(y.float()[~pad], want.float()[~pad], **tol)
+    # with gradients wanted (a frozen layer being fine-tuned): differentiable torch ops, the same values
+    y2, dx, dw, db = _step(layer, x, torch.ones(x.shape, dtype=dtype), mask=mask)
+    assert len(calls) == 1 and not y2[pad].any() and not dx[pad].any() and dw.abs().sum() > 0
+    _close(y2.float(), y.float(), **tol)
 
 
 def test_mask_with_ghost_batches_gradcheck():

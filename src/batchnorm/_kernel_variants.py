@@ -1,4 +1,4 @@
-"""Two variants on the CPU kernel: ghost batches, and batch renormalization.
+"""Three variants on the CPU kernel: ghost batches, batch renormalization and masks.
 
 Ghost batches (`virtual_batch_size=k`): samples [g*k, (g+1)*k) form ghost batch g (the last
 may be smaller), normalized with its own statistics; the parameter gradients add up over the
@@ -19,7 +19,14 @@ call for the statistics (x read once), one plain training forward (the same stat
 then y). The backward is plain BN's with weight w*r: dx, and dw = r * sum(dy * x_hat) +
 d * sum(dy), db = sum(dy).
 
-The general path (`_general.py`) computes both with torch ops, 2-8x slower
+A mask over a contiguous x whose channels are not last ((N, C, L) with axis 1, (N, C, H, W)):
+each (sample, channel) plane holds some real values and some padding, the same positions in
+every channel. The kernel's masked entries run plain BN's passes over the planes, selecting on
+the mask's bytes: statistics and sums from the real values, 0 written at the padding (whose
+values are never used). (Where the channels are last, a mask element is a whole row of x, and
+functional's `_masked_rows_train` runs plain BN on the real rows instead.)
+
+The general path (`_general.py`) computes all three with torch ops, 2-8x slower
 (benchmarks/variants_speed.py).
 """
 
@@ -32,7 +39,7 @@ from ._general import check_shapes_no_single_value, no_double_backward
 from .kernels import cpu
 from .moments import Moments, merge_stacked
 
-__all__ = ["ghost_applies", "ghost_train", "renorm_train"]
+__all__ = ["ghost_applies", "ghost_train", "masked_train", "renorm_train"]
 
 
 def ghost_applies(x: Tensor, layout: tuple[int, int, int] | None) -> bool:
@@ -116,6 +123,37 @@ def renorm_train(
     m = x.numel() // x.shape[axis]  # values per channel
     check_shapes_no_single_value(m, None, 1)
     y, mean, var = _RenormTrain.apply(x, weight, bias, eps, axis, running_mean, running_var, *renorm)
+    count = torch.tensor([m], dtype=torch.float64)
+    return y, Moments(count, mean.double(), var.double() * count)
+
+
+class _MaskedTrain(torch.autograd.Function):  # y, and the real values' mean and var
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, mask: Tensor):
+        y, mean, var, invstd = cpu.masked_forward(x, mask, weight, bias, eps, axis)
+        ctx.save_for_backward(x, mask, weight, mean, invstd)
+        return _forward_done(ctx, axis, weight, bias, y, mean, var)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _mean: Tensor, _var: Tensor):
+        no_double_backward()
+        x, mask, weight, mean, invstd = ctx.saved_tensors
+        dx, s1, s2 = cpu.masked_backward(dy, x, mask, weight, mean, invstd, ctx.axis, ctx.needs_input_grad[0])
+        return (*_gradients(ctx, dx, s2 * invstd, s1), None, None, None)
+
+
+def masked_train(
+    x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int
+) -> tuple[Tensor, Moments]:
+    """Training-mode BN over the real values of x on the CPU kernel (check `cpu.masked_applies`
+    first; mask: bool, x's shape without the channel axis, checked by the caller).
+
+    Returns y (0 at the padding) and the moments (count, mean, M2) of the real values, float64,
+    for the running statistics.
+    """
+    m = int(mask.sum())  # real values per channel
+    check_shapes_no_single_value(m, None, 1)
+    y, mean, var = _MaskedTrain.apply(x, weight, bias, eps, axis, mask)
     count = torch.tensor([m], dtype=torch.float64)
     return y, Moments(count, mean.double(), var.double() * count)
 

@@ -83,7 +83,9 @@ def batch_norm(
       positions output 0 (in eval mode too) and get no gradient. Alone, where
       each mask element is a row with the channels last ((N, L, C) with
       axis=-1, channels_last), plain BN on the real rows gathered (the CPU
-      kernel).
+      kernel); over a contiguous input with the channels not last ((N, C, L),
+      (N, C, H, W)), the CPU kernel's masked passes over the planes, in
+      training and in eval (`batchnorm._kernel_variants`).
     - virtual_batch_size=k: ghost batches, statistics per chunk of k samples
       along axis 0; the last chunk may be smaller (not a single value per
       channel). One running-statistics update per step, from all chunks'
@@ -199,6 +201,13 @@ def batch_norm_with_status(
                 "batch_norm with training=False normalizes with running_mean and running_var, "
                 "but both are None; pass them, or training=True to use the batch's statistics"
             )
+        if (
+            mask is not None
+            and not _wants_grad(input, running_mean, running_var, weight, bias)
+            and _kernel_layout(input, axis) is not None
+            and _cpu.masked_applies(input, axis)
+        ):  # the masked kernel: one pass, 0 at the padding
+            return _cpu.masked_eval(input, mask, running_mean, running_var, weight, bias, eps, axis), True
         if mask is not None:  # padding may hold NaN: keep it out of every gradient
             input = input.masked_fill(~mask.unsqueeze(axis), 0)
         y = _inference(input, running_mean, running_var, weight, bias, eps, axis, fast=True)
@@ -219,6 +228,8 @@ def batch_norm_with_status(
             y, total = _kernel_variants.ghost_train(input, weight, bias, eps, axis, virtual_batch_size)
         elif renorm is not None and layout is not None:  # batch renormalization: two kernel calls
             y, total = _kernel_variants.renorm_train(input, weight, bias, eps, axis, running_mean, running_var, renorm)
+        elif mask is not None and layout is not None and _cpu.masked_applies(input, axis):  # planes: (N, C, L)
+            y, total = _kernel_variants.masked_train(input, mask, weight, bias, eps, axis)
         else:
             y, total = general_train(
                 input,

@@ -16,6 +16,9 @@
  *       accumulators or coefficients in registers (wide rows: row loops of 32-byte vectors for
  *       the apply pass, and for bfloat16's dx); per-column results are merged across blocks,
  *       threads and the columns of a channel at the end.
+ *   masks (bn_masked_*: padded sequences, (N, C, L) with a mask (N, L)) the planes path's
+ *       passes on a contiguous (A, C, B) array with a byte per (a, b), selecting the real values
+ *       (section "masks over planes" at the end).
  *
  * Numerics (the statistics are the only delicate part):
  *   - each chunk / row block is small enough to stay in L1/L2, and its statistics come from
@@ -63,7 +66,7 @@
 #define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
 #endif
 
-#define BN_ABI_VERSION 5
+#define BN_ABI_VERSION 6
 #define LANES 32                    /* independent float accumulators per reduction */
 #define CHUNK_BYTES (16 << 10)      /* planes: statistics chunk, stays in L1 */
 #ifndef BLOCK_BYTES
@@ -497,13 +500,18 @@ INLINE void planes_units(const void *x, const void *dy, const float *mu, int64_t
 }
 
 /* Chan-merge the chunk statistics of channels [c0, c1) in order a = 0.., k = 0..
- * Within one (a, k) every channel has the same count, so the weights are scalars. */
-static void planes_merge_stats(const double *r1, const double *r2, int64_t A, int64_t C, int64_t B,
-                               int64_t nch, int64_t L, int64_t c0, int64_t c1, double *mean, double *m2) {
+ * Within one (a, k) every channel has the same count, so the weights are scalars. cnt: NULL, or
+ * the count of each chunk a * nch + k (masks; chunks of count 0 are skipped, and channels
+ * without any value get mean 0 and M2 0). */
+static void planes_merge_stats(const double *r1, const double *r2, const double *cnt, int64_t A, int64_t C,
+                               int64_t B, int64_t nch, int64_t L, int64_t c0, int64_t c1, double *mean,
+                               double *m2) {
     double na = 0.0;
+    for (int64_t c = c0; c < c1 && cnt; c++) mean[c] = m2[c] = 0.0;
     for (int64_t a = 0; a < A; a++)
         for (int64_t k = 0; k < nch; k++) {
-            double nb = (double)((B - k * L) < L ? (B - k * L) : L), n = na + nb;
+            double nb = cnt ? cnt[a * nch + k] : (double)((B - k * L) < L ? (B - k * L) : L), n = na + nb;
+            if (nb == 0.0) continue;
             const double *mb = r1 + (a * nch + k) * C, *qb = r2 + (a * nch + k) * C;
             if (na == 0.0) {
                 for (int64_t c = c0; c < c1; c++) {
@@ -1101,7 +1109,7 @@ INLINE void fwd_planes_body(int dt, const void *x, void *y, int64_t A, int64_t C
     planes_units(x, NULL, NULL, A, C, B, 0, dt, r1, r2, t, T);
 #pragma omp barrier
     part(C, t, T, &c0, &c1);
-    planes_merge_stats(r1, r2, A, C, B, nch, L, c0, c1, cmean, cm2);
+    planes_merge_stats(r1, r2, NULL, A, C, B, nch, L, c0, c1, cmean, cm2);
     fwd_coeffs(c0, c1, cmean, cm2, (double)(A * B), w, b, eps, mean_out, var_out, coef, coef + C, coef + 2 * C);
     if (!y) return; /* the statistics only */
 #pragma omp barrier
@@ -1458,5 +1466,419 @@ int bn_inference(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B
         }
         free(coefw);
     }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ masks over planes */
+
+/* Masked BN (padded sequences) on a contiguous (A, C, B) array, e.g. (N, C, L) with axis 1:
+ * `mask` holds A*B bytes, mask[a*B + e] != 0 where value e of row a's planes (every channel's)
+ * is real. The statistics and the gradients come from the real values alone; y and dx are 0 at
+ * the padding, whose values are never used (they may be NaN or Inf: selected away, never
+ * multiplied by 0). Units are the plane chunks of planes_units; chunk (a, k) has the same real
+ * count in every channel. Portable C: the loops select on the mask byte and the compiler
+ * vectorizes them (AVX-512: compares into mask registers and blends). A chunk's statistics take
+ * two passes from x0 = its first real value, as seg_stats'. */
+
+/* The real count of chunk u = a * nch + k, into cnt[u], for this thread's share of the chunks. */
+static void mask_counts(const uint8_t *mask, int64_t A, int64_t B, int64_t nch, int64_t L, double *cnt, int t,
+                        int T) {
+    int64_t lo, hi;
+    part(A * nch, t, T, &lo, &hi);
+    for (int64_t u = lo; u < hi; u++) {
+        const int64_t start = (u % nch) * L, n = B - start < L ? B - start : L;
+        const uint8_t *mk = mask + (u / nch) * B + start;
+        int64_t real = 0;
+#pragma omp simd reduction(+ : real)
+        for (int64_t i = 0; i < n; i++) real += mk[i] != 0;
+        cnt[u] = (double)real;
+    }
+}
+
+INLINE double mask_total(const double *cnt, int64_t U) {
+    double m = 0.0;
+    for (int64_t u = 0; u < U; u++) m += cnt[u];
+    return m;
+}
+
+#if HAVE_AVX512
+/* The 16 mask bytes at mk + i as a lane mask (lanes of nonzero bytes set); the last partial vector
+ * (n - i < 16 values left) reads only those bytes. */
+INLINE __mmask16 mask16(const uint8_t *mk, int64_t i, int64_t n) {
+    const __m128i m = n - i >= VEC ? _mm_loadu_si128((const __m128i *)(mk + i))
+                                   : _mm_maskz_loadu_epi8(first_lanes(n - i), mk + i);
+    return _mm_test_epi8_mask(m, m);
+}
+
+/* Pass 1 of mseg_stats: the sum of x - x0 over the real values among the n at off (padding may
+ * be NaN: never added). */
+INLINE __m512 mseg_sum(const void *x, const uint8_t *mk, int64_t off, int64_t n, __m512 x0, int dt) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int64_t i = 0;
+    for (; i + VEC <= n; i += VEC)
+        a0 = _mm512_mask_add_ps(a0, mask16(mk, i, n), a0, _mm512_sub_ps(VLD(x, off + i, dt), x0));
+    if (i < n) {
+        const __mmask16 k = mask16(mk, i, n);
+        a1 = _mm512_mask_add_ps(a1, k, a1, _mm512_sub_ps(VLDM(x, off + i, k, dt), x0));
+    }
+    return _mm512_add_ps(a0, a1);
+}
+
+/* Pass 2: the sum of ((x - x0) - dm)^2 over the real values. */
+INLINE __m512 mseg_sq(const void *x, const uint8_t *mk, int64_t off, int64_t n, __m512 x0, __m512 dm, int dt) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int64_t i = 0;
+    for (; i + VEC <= n; i += VEC) {
+        const __m512 d = _mm512_sub_ps(_mm512_sub_ps(VLD(x, off + i, dt), x0), dm);
+        a0 = _mm512_mask3_fmadd_ps(d, d, a0, mask16(mk, i, n));
+    }
+    if (i < n) {
+        const __mmask16 k = mask16(mk, i, n);
+        const __m512 d = _mm512_sub_ps(_mm512_sub_ps(VLDM(x, off + i, k, dt), x0), dm);
+        a1 = _mm512_mask3_fmadd_ps(d, d, a1, k);
+    }
+    return _mm512_add_ps(a0, a1);
+}
+
+/* The first real value among the n at off (0 if none). */
+INLINE float first_real(const void *x, const uint8_t *mk, int64_t off, int64_t n, int dt) {
+    for (int64_t i = 0; i < n; i++)
+        if (mk[i]) return LD(x, off + i, dt);
+    return 0.f;
+}
+
+/* Mean and M2 of the cnt >= 1 real values among x[off : off+n] (mk: their n mask bytes): the
+ * two passes of seg_stats from x0 = the first real value, adding only the real lanes. */
+INLINE void mseg_stats(const void *x, const uint8_t *mk, int64_t off, int64_t n, double cnt, int dt, double *mean,
+                       double *m2) {
+    const float x0f = first_real(x, mk, off, n, dt);
+    const __m512 x0 = _mm512_set1_ps(x0f);
+    const float dmf = _mm512_reduce_add_ps(mseg_sum(x, mk, off, n, x0, dt)) / (float)cnt; /* mean of x - x0 */
+    *mean = (double)x0f + (double)dmf;
+    *m2 = (double)_mm512_reduce_add_ps(mseg_sq(x, mk, off, n, x0, _mm512_set1_ps(dmf), dt));
+}
+
+/* sum(dy) and sum(dy * (x - m)) over the real values among the n at off, as vectors. */
+INLINE void mseg_grad_acc(const void *dy, const void *x, const uint8_t *mk, int64_t off, int64_t n, __m512 m, int dt,
+                          __m512 *s1, __m512 *s2) {
+    __m512 a1 = _mm512_setzero_ps(), a2 = a1;
+    for (int64_t i = 0; i < n; i += VEC) {
+        const __mmask16 k = mask16(mk, i, n);
+        const __m512 g = i + VEC <= n ? VLD(dy, off + i, dt) : VLDM(dy, off + i, k, dt);
+        const __m512 xm = _mm512_sub_ps(i + VEC <= n ? VLD(x, off + i, dt) : VLDM(x, off + i, k, dt), m);
+        a1 = _mm512_mask_add_ps(a1, k, a1, g);
+        a2 = _mm512_mask3_fmadd_ps(g, xm, a2, k);
+    }
+    *s1 = a1;
+    *s2 = a2;
+}
+
+INLINE void mseg_grad_sums(const void *dy, const void *x, const uint8_t *mk, int64_t off, int64_t n, float mu,
+                           int dt, double *s1, double *s2) {
+    __m512 v1, v2;
+    mseg_grad_acc(dy, x, mk, off, n, _mm512_set1_ps(mu), dt, &v1, &v2);
+    *s1 = (double)_mm512_reduce_add_ps(v1);
+    *s2 = (double)_mm512_reduce_add_ps(v2);
+}
+
+/* mseg_stats of the 16 whole planes p0 .. p0+15 (one chunk each: slot = plane), the horizontal
+ * sums 16 at a time (as planes16_stats). Planes without a real value get NaN, which the merge
+ * never reads (it skips count 0). */
+INLINE void mplanes16_stats(const void *x, const uint8_t *mask, const double *cnt, int64_t p0, int64_t C, int64_t B,
+                            int dt, double *r1, double *r2) {
+    __m512 v[16];
+    float x0a[16], na[16];
+    const uint8_t *mk[16];
+    for (int64_t j = 0, a = p0 / C, c = p0 % C; j < 16; j++) {
+        mk[j] = mask + a * B;
+        x0a[j] = first_real(x, mk[j], (p0 + j) * B, B, dt);
+        na[j] = (float)cnt[a];
+        v[j] = mseg_sum(x, mk[j], (p0 + j) * B, B, _mm512_set1_ps(x0a[j]), dt);
+        if (++c == C) {
+            c = 0;
+            a++;
+        }
+    }
+    const __m512 dm = _mm512_div_ps(reduce16(v), _mm512_loadu_ps(na)); /* mean of x - x0, per plane */
+    for (int j = 0; j < 16; j++)
+        v[j] = mseg_sq(x, mk[j], (p0 + j) * B, B, _mm512_set1_ps(x0a[j]),
+                       _mm512_permutexvar_ps(_mm512_set1_epi32(j), dm), dt);
+    double mx[16], md[16];
+    store16_pd(mx, _mm512_loadu_ps(x0a));
+    store16_pd(md, dm);
+    for (int j = 0; j < 16; j++) r1[p0 + j] = mx[j] + md[j]; /* as mseg_stats: x0 + dm in double */
+    store16_pd(r2 + p0, reduce16(v));
+}
+
+/* mseg_grad_sums of the 16 whole planes p0 .. p0+15 (slot = plane), 16 horizontal sums at a time. */
+INLINE void mplanes16_grad(const void *dy, const void *x, const uint8_t *mask, const float *mu, int64_t p0, int64_t C,
+                           int64_t B, int dt, double *r1, double *r2) {
+    __m512 v1[16], v2[16];
+    for (int64_t j = 0, a = p0 / C, c = p0 % C; j < 16; j++) {
+        mseg_grad_acc(dy, x, mask + a * B, (p0 + j) * B, B, _mm512_set1_ps(mu[c]), dt, &v1[j], &v2[j]);
+        if (++c == C) {
+            c = 0;
+            a++;
+        }
+    }
+    store16_pd(r1 + p0, reduce16(v1));
+    store16_pd(r2 + p0, reduce16(v2));
+}
+#else
+/* Mean and M2 of the cnt >= 1 real values among x[off : off+n] (mk: their n mask bytes). */
+INLINE void mseg_stats(const void *x, const uint8_t *mk, int64_t off, int64_t n, double cnt, int dt, double *mean,
+                       double *m2) {
+    int64_t i = 0;
+    while (!mk[i]) i++;
+    const float x0 = LD(x, off + i, dt);
+    float acc[LANES];
+    for (int j = 0; j < LANES; j++) acc[j] = 0.f;
+    for (i = 0; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            const float v = LD(x, off + i + j, dt) - x0;
+            acc[j] += mk[i + j] ? v : 0.f;
+        }
+    for (int j = 0; i + j < n; j++) {
+        const float v = LD(x, off + i + j, dt) - x0;
+        acc[j] += mk[i + j] ? v : 0.f;
+    }
+    const float dm = lanes_sum(acc) / (float)cnt; /* mean of x - x0 */
+    for (int j = 0; j < LANES; j++) acc[j] = 0.f;
+    for (i = 0; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            const float d = (LD(x, off + i + j, dt) - x0) - dm;
+            acc[j] += mk[i + j] ? d * d : 0.f;
+        }
+    for (int j = 0; i + j < n; j++) {
+        const float d = (LD(x, off + i + j, dt) - x0) - dm;
+        acc[j] += mk[i + j] ? d * d : 0.f;
+    }
+    *mean = (double)x0 + (double)dm;
+    *m2 = (double)lanes_sum(acc);
+}
+
+/* sum(dy) and sum(dy * (x - mu)) over the real values among the n at off. */
+INLINE void mseg_grad_sums(const void *dy, const void *x, const uint8_t *mk, int64_t off, int64_t n, float mu,
+                           int dt, double *s1, double *s2) {
+    float a1[LANES], a2[LANES];
+    int64_t i;
+    for (int j = 0; j < LANES; j++) a1[j] = a2[j] = 0.f;
+    for (i = 0; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            const float g = LD(dy, off + i + j, dt), gx = g * (LD(x, off + i + j, dt) - mu);
+            a1[j] += mk[i + j] ? g : 0.f;
+            a2[j] += mk[i + j] ? gx : 0.f;
+        }
+    for (int j = 0; i + j < n; j++) {
+        const float g = LD(dy, off + i + j, dt), gx = g * (LD(x, off + i + j, dt) - mu);
+        a1[j] += mk[i + j] ? g : 0.f;
+        a2[j] += mk[i + j] ? gx : 0.f;
+    }
+    *s1 = (double)lanes_sum(a1);
+    *s2 = (double)lanes_sum(a2);
+}
+#endif
+
+/* planes_units with the mask: results in r1/r2[u * C + c] for chunk u = a * nch + k of channel
+ * c; grad = 0: (mean, M2) of chunks with real values (the others are skipped; the merge skips
+ * them too); grad = 1: (sum dy, sum dy * (x - mu[c])), 0 for chunks without real values. */
+INLINE void mplanes_units(const void *x, const void *dy, const uint8_t *mask, const float *mu, int64_t A, int64_t C,
+                          int64_t B, int64_t nch, int64_t L, const double *cnt, int grad, int dt, double *r1,
+                          double *r2, int t, int T) {
+    int64_t lo, hi;
+    part(A * C * nch, t, T, &lo, &hi);
+    if (lo >= hi) return;
+#if HAVE_AVX512
+    if (nch == 1) { /* whole planes, 16 at a time (unit = plane = slot; the rest below) */
+        for (; lo + 16 <= hi; lo += 16)
+            if (grad)
+                mplanes16_grad(dy, x, mask, mu, lo, C, B, dt, r1, r2);
+            else
+                mplanes16_stats(x, mask, cnt, lo, C, B, dt, r1, r2);
+    }
+#endif
+    int64_t p = lo / nch, k = lo % nch, c = p % C, a = p / C; /* unit (a * C + c) * nch + k, advanced */
+    for (int64_t w = lo; w < hi; w++) {
+        const int64_t u = a * nch + k, slot = u * C + c, start = k * L, n = B - start < L ? B - start : L;
+        const uint8_t *mk = mask + a * B + start;
+        if (cnt[u] == 0.0)
+            r1[slot] = r2[slot] = 0.0;
+        else if (grad)
+            mseg_grad_sums(dy, x, mk, p * B + start, n, mu[c], dt, &r1[slot], &r2[slot]);
+        else
+            mseg_stats(x, mk, p * B + start, n, cnt[u], dt, &r1[slot], &r2[slot]);
+        if (++k == nch) {
+            k = 0;
+            p++;
+            if (++c == C) {
+                c = 0;
+                a++;
+            }
+        }
+    }
+}
+
+/* The elementwise pass (APPLY or DX, see opv) with the mask: 0 at the padding. Threads take
+ * whole planes; a plane's last vector ends at its end (overlapping the one before, as in
+ * planes_elementwise_cached), or planes shorter than a vector take masked loads and stores. */
+#if HAVE_AVX512
+INLINE void mplanes_elementwise(int op, const void *x, const void *dy, const uint8_t *mask, void *out, int64_t A,
+                                int64_t C, int64_t B, const float *m, const float *s, const float *b,
+                                const float *h, int dt, int t, int T) {
+    int64_t lo, hi;
+    part(A * C, t, T, &lo, &hi);
+    for (int64_t p = lo, c = lo % C; p < hi; p++) {
+        const uint8_t *mk = mask + (p / C) * B;
+        const __m512 vm = _mm512_set1_ps(m[c]), vs = _mm512_set1_ps(s[c]), vh = _mm512_set1_ps(h[c]);
+        const __m512 vb = op == OP_DX ? _mm512_set1_ps(b[c]) : vs;
+        const int64_t o = p * B;
+        if (B >= VEC) {
+            for (int64_t e = 0; e < B; e += VEC) {
+                const int64_t f = e + VEC <= B ? e : B - VEC; /* the last vector ends at the plane's end */
+                const __m512 v = opv(op, x, dy, o + f, vm, vs, vb, vh, dt);
+                VSTORE(out, o + f, _mm512_maskz_mov_ps(mask16(mk, f, B), v), dt);
+            }
+        } else {
+            const __mmask16 k = first_lanes(B);
+            const __m512 xm = _mm512_sub_ps(VLDM(x, o, k, dt), vm);
+            const __m512 v = op == OP_APPLY ? _mm512_fmadd_ps(xm, vs, vh)
+                                            : _mm512_fmadd_ps(vs, VLDM(dy, o, k, dt), _mm512_fmadd_ps(vb, xm, vh));
+            VSTORE_MASKED(out, o, _mm512_maskz_mov_ps(mask16(mk, 0, B), v), k, dt);
+        }
+        if (++c == C) c = 0;
+    }
+}
+#else
+INLINE void mplanes_elementwise(int op, const void *x, const void *dy, const uint8_t *mask, void *out, int64_t A,
+                                int64_t C, int64_t B, const float *m, const float *s, const float *b,
+                                const float *h, int dt, int t, int T) {
+    int64_t lo, hi;
+    part(A * C, t, T, &lo, &hi);
+    for (int64_t p = lo, c = lo % C; p < hi; p++) {
+        const uint8_t *mk = mask + (p / C) * B;
+        const float vm = m[c], vs = s[c], vb = op == OP_DX ? b[c] : 0.f, vh = h[c];
+        const int64_t o = p * B;
+#pragma omp simd
+        for (int64_t e = 0; e < B; e++) {
+            const float v = op1(op, x, dy, o + e, vm, vs, vb, vh, dt);
+            ST(out, o + e, mk[e] ? v : 0.f, dt);
+        }
+        if (++c == C) c = 0;
+    }
+}
+#endif
+
+INLINE void mfwd_body(int dt, const void *x, const uint8_t *mask, void *y, int64_t A, int64_t C, int64_t B,
+                      const float *w, const float *b, double eps, float *mean_out, float *var_out, double *cnt,
+                      double *r1, double *r2, double *cmean, double *cm2, float *coef) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    int64_t nch, L, c0, c1;
+    plane_chunks(B, dt, &nch, &L);
+    mask_counts(mask, A, B, nch, L, cnt, t, T);
+#pragma omp barrier
+    mplanes_units(x, NULL, mask, NULL, A, C, B, nch, L, cnt, 0, dt, r1, r2, t, T);
+#pragma omp barrier
+    part(C, t, T, &c0, &c1);
+    planes_merge_stats(r1, r2, cnt, A, C, B, nch, L, c0, c1, cmean, cm2);
+    const double m = mask_total(cnt, A * nch);
+    fwd_coeffs(c0, c1, cmean, cm2, m > 0.0 ? m : 1.0, w, b, eps, mean_out, var_out, coef, coef + C, coef + 2 * C);
+#pragma omp barrier
+    mplanes_elementwise(OP_APPLY, x, NULL, mask, y, A, C, B, coef, coef + C, NULL, coef + 2 * C, dt, t, T);
+}
+
+/* Training forward over the real values (see the section's comment): y, and the float32 (C,)
+ * mean, biased var and invstd of the real values; no real value at all: mean 0, var 0 and y 0.
+ * No running statistics (the caller updates them from mean and var). */
+int bn_masked_forward(int dt, const void *x, const uint8_t *mask, void *y, int64_t A, int64_t C, int64_t B,
+                      const float *w, const float *b, double eps, float *mean_out, float *var_out, float *invstd_out,
+                      int nthreads) {
+    int64_t nch, L, E = A * C * B;
+    plane_chunks(B, dt, &nch, &L);
+    const int64_t U = A * nch, nt = threads_for(E, nthreads);
+    double *r = malloc(sizeof(double) * (U + 2 * U * C + 2 * C));
+    float *coef = malloc(sizeof(float) * 3 * C);
+    if (!r || !coef) { free(r); free(coef); return 1; }
+    advise_huge(y, E * elem_size(dt));
+#pragma omp parallel num_threads(nt)
+    {
+        double *cnt = r, *r1 = r + U, *r2 = r1 + U * C, *cmean = r2 + U * C, *cm2 = cmean + C;
+        if (dt == DT_F32)
+            mfwd_body(DT_F32, x, mask, y, A, C, B, w, b, eps, mean_out, var_out, cnt, r1, r2, cmean, cm2, coef);
+        else
+            mfwd_body(DT_BF16, x, mask, y, A, C, B, w, b, eps, mean_out, var_out, cnt, r1, r2, cmean, cm2, coef);
+    }
+    free(r);
+    free(coef);
+    return finish_forward(C, 0.0, eps, mean_out, var_out, invstd_out, NULL, NULL, 0.0);
+}
+
+INLINE void mbwd_body(int dt, const void *dy, const void *x, const uint8_t *mask, void *dx, int64_t A, int64_t C,
+                      int64_t B, const float *w, const float *mean, const float *invstd, float *s1_out,
+                      float *s2_out, double *cnt, double *r1, double *r2, float *coef) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    int64_t nch, L, c0, c1;
+    plane_chunks(B, dt, &nch, &L);
+    mask_counts(mask, A, B, nch, L, cnt, t, T);
+#pragma omp barrier
+    mplanes_units(x, dy, mask, mean, A, C, B, nch, L, cnt, 1, dt, r1, r2, t, T);
+#pragma omp barrier
+    const double m = mask_total(cnt, A * nch);
+    part(C, t, T, &c0, &c1);
+    for (int64_t c = c0; c < c1; c++) {
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t u = 0; u < A * nch; u++) {
+            s1 += r1[u * C + c];
+            s2 += r2[u * C + c];
+        }
+        bwd_coeffs(c, s1, s2, m > 0.0 ? m : 1.0, w, invstd, s1_out, s2_out, coef, coef + C, coef + 2 * C);
+    }
+    if (!dx) return;
+#pragma omp barrier
+    mplanes_elementwise(OP_DX, x, dy, mask, dx, A, C, B, mean, coef, coef + C, coef + 2 * C, dt, t, T);
+}
+
+/* The backward of bn_masked_forward: s1 = sum(dy), s2 = sum(dy * (x - mean)) over the real values
+ * (float32 (C,)) and, if dx is not NULL, dx as bn_train_backward's with m = the real count, 0 at
+ * the padding. */
+int bn_masked_backward(int dt, const void *dy, const void *x, const uint8_t *mask, void *dx, int64_t A, int64_t C,
+                       int64_t B, const float *w, const float *mean, const float *invstd, float *s1_out,
+                       float *s2_out, int nthreads) {
+    int64_t nch, L, E = A * C * B;
+    plane_chunks(B, dt, &nch, &L);
+    const int64_t U = A * nch, nt = threads_for(E, nthreads);
+    double *r = malloc(sizeof(double) * (U + 2 * U * C));
+    float *coef = malloc(sizeof(float) * 3 * C);
+    if (!r || !coef) { free(r); free(coef); return 1; }
+    advise_huge(dx, E * elem_size(dt));
+#pragma omp parallel num_threads(nt)
+    {
+        double *cnt = r, *r1 = r + U, *r2 = r1 + U * C;
+        if (dt == DT_F32)
+            mbwd_body(DT_F32, dy, x, mask, dx, A, C, B, w, mean, invstd, s1_out, s2_out, cnt, r1, r2, coef);
+        else
+            mbwd_body(DT_BF16, dy, x, mask, dx, A, C, B, w, mean, invstd, s1_out, s2_out, cnt, r1, r2, coef);
+    }
+    free(r);
+    free(coef);
+    return 0;
+}
+
+/* Eval-mode BN (as bn_eval) with the mask: 0 at the padding. */
+int bn_masked_eval(int dt, const void *x, const uint8_t *mask, void *y, int64_t A, int64_t C, int64_t B,
+                   const float *mean, const float *var, const float *w, const float *b, double eps, int nthreads) {
+    float *coef = calloc(3 * (size_t)C, sizeof(float)); /* centre 0, scale, shift */
+    if (!coef) return 1;
+    BY_WEIGHT_BIAS(w, b, eval_coeffs, C, mean, var, w, b, eps, coef + C, coef + 2 * C);
+    advise_huge(y, A * C * B * elem_size(dt));
+#pragma omp parallel num_threads(threads_for(A * C * B, nthreads))
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        if (dt == DT_F32)
+            mplanes_elementwise(OP_APPLY, x, NULL, mask, y, A, C, B, coef, coef + C, NULL, coef + 2 * C, DT_F32, t, T);
+        else
+            mplanes_elementwise(OP_APPLY, x, NULL, mask, y, A, C, B, coef, coef + C, NULL, coef + 2 * C, DT_BF16, t,
+                                T);
+    }
+    free(coef);
     return 0;
 }
