@@ -161,6 +161,19 @@ def test_operators_pass_opcheck(dtype):
     torch.library.opcheck(cpu_ops.cpu_eval, (x, mean, torch.rand(3) + 0.5, w.detach(), None, 1e-5, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_masked_operators_pass_opcheck(dtype):
+    x = torch.randn(4, 3, 10).to(dtype)
+    mask = _lengths_mask([10, 3, 0, 7], 10)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    torch.library.opcheck(cpu_ops.cpu_masked_train, (x, mask, w, b, 1e-5, 1))
+    torch.library.opcheck(cpu_ops.cpu_masked_train, (x.requires_grad_(), mask, w.requires_grad_(), None, 1e-5, 1))
+    x = x.detach()
+    mean, invstd = torch.randn(3), torch.rand(3) + 0.5
+    torch.library.opcheck(cpu_ops.cpu_masked_backward, (torch.randn_like(x), x, mask, w.detach(), mean, invstd, 1))
+    torch.library.opcheck(cpu_ops.cpu_masked_eval, (x, mask, mean, torch.rand(3) + 0.5, w.detach(), None, 1e-5, 1))
+
+
 def test_applies_only_to_what_the_kernel_takes():
     x = torch.randn(4, 3, 5, 5)
     v = torch.ones(3)
@@ -203,6 +216,11 @@ VARIANTS = [  # (layer maker, (x, mask) maker): the general path's variants, and
         lambda: bn.BatchNorm(3, axis=-1),
         lambda: (torch.randn(6, 10, 3), _lengths_mask([10, 7, 3, 10, 2, 5], 10)),
         id="mask-nlc",
+    ),
+    pytest.param(  # the kernel's masked operators
+        lambda: bn.BatchNorm1d(3),
+        lambda: (torch.randn(6, 3, 10), _lengths_mask([10, 7, 3, 0, 2, 5], 10)),
+        id="mask-ncl",
     ),
     pytest.param(
         lambda: bn.BatchNorm1d(3, virtual_batch_size=3),
@@ -257,14 +275,17 @@ def test_compiled_variants_match_eager(make_layer, make_input):
         )
 
 
-def test_compiled_mask_with_a_single_value_raises_and_keeps_the_statistics():
+@pytest.mark.parametrize("layout", ["nlc", "ncl"])
+def test_compiled_mask_with_a_single_value_raises_and_keeps_the_statistics(layout):
     """A mask that leaves one real value: inside the graph a runtime assert (RuntimeError, the
-    eager ValueError's message); the running statistics and the count stay as they were."""
+    eager ValueError's message); the running statistics and the count stay as they were. (N, C, L)
+    runs the kernel's masked operators, (N, L, C) torch ops."""
     torch.manual_seed(0)
-    layer = bn.BatchNorm(3, axis=-1)
+    make = (lambda: bn.BatchNorm(3, axis=-1)) if layout == "nlc" else (lambda: bn.BatchNorm1d(3))
+    layer = make()
     torch.compiler.reset()
     compiled = torch.compile(layer, fullgraph=True)
-    x = torch.randn(3, 6, 3)
+    x = torch.randn(3, 6, 3) if layout == "nlc" else torch.randn(3, 3, 6)
     compiled(x, torch.ones(3, 6, dtype=torch.bool))
     before = {name: getattr(layer, name).clone() for name in BUFFERS}
     one = torch.zeros(3, 6, dtype=torch.bool)
@@ -275,7 +296,31 @@ def test_compiled_mask_with_a_single_value_raises_and_keeps_the_statistics():
         for name in BUFFERS:
             assert torch.equal(getattr(layer, name), before[name]), name
     with pytest.raises(ValueError, match="single real value per channel"):
-        bn.BatchNorm(3, axis=-1)(x, one)  # eager: the ValueError itself
+        make()(x, one)  # eager: the ValueError itself
+
+
+def test_compiled_mask_over_planes_runs_the_kernel(monkeypatch):
+    """(N, C, L) with a mask: the compiled layer calls the masked kernel (through its operators) in
+    training and in eval, and gives the eager layer's training results bitwise (the same kernel)."""
+    calls = []
+    for name in ("masked_forward", "masked_backward", "masked_eval"):
+        function = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _f=function, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    torch.manual_seed(0)
+    ours = bn.BatchNorm1d(4)
+    eager = copy.deepcopy(ours)
+    torch.compiler.reset()
+    compiled = torch.compile(ours, fullgraph=True)
+    x, g, mask = torch.randn(5, 4, 33) * 2 + 1, torch.randn(5, 4, 33), _lengths_mask([33, 20, 1, 0, 17], 33)
+    got, want = (_masked_step(layer, params, x, mask, g) for layer, params in ((compiled, ours), (eager, eager)))
+    assert {"masked_forward", "masked_backward"} <= set(calls)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    ours.eval()
+    calls.clear()
+    with torch.no_grad():  # (the running statistics: the graph's update rounds in another order)
+        torch.testing.assert_close(compiled(x, mask), eager.eval()(x, mask), rtol=1e-5, atol=1e-6)
+    assert calls.count("masked_eval") == 2
 
 
 @pytest.mark.parametrize("make_layer,make_input", VARIANTS)

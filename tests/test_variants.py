@@ -721,18 +721,24 @@ def test_mask_on_the_kernel_equals_bn_over_real_elements(case, dtype, monkeypatc
     _assert_one_step_matches(layer, got, want, stats, dtype)
 
 
-@needs_kernel
-def test_mask_on_the_kernel_edge_cases(monkeypatch):
-    calls = _spy_general_path(monkeypatch)
-    layer = bn.BatchNorm(3, axis=-1)
-    x = torch.randn(4, 5, 3)
+def _assert_single_value_raises_and_all_padding_gives_zeros(layer, x, dy) -> None:
+    """A mask (N, L) with one real value raises; an all-padding one gives zero outputs and
+    gradients and leaves the running statistics as they were."""
     one = torch.zeros(4, 5, dtype=torch.bool)
     one[2, 3] = True
     with pytest.raises(ValueError, match="single real value per channel"):
         layer(x, mask=one)
     before = (layer.running_mean.clone(), layer.running_var.clone())
-    y = layer(x, mask=torch.zeros(4, 5, dtype=torch.bool))  # all padding: zeros, statistics stay
-    assert not y.any() and torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+    y, dx, dw, db = _step(layer, x, dy, mask=torch.zeros(4, 5, dtype=torch.bool))
+    assert not y.any() and not dx.any() and not dw.any() and not db.any()
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+
+
+@needs_kernel
+def test_mask_on_the_kernel_edge_cases(monkeypatch):
+    calls = _spy_general_path(monkeypatch)
+    x, dy = torch.randn(4, 5, 3), torch.randn(4, 5, 3)
+    _assert_single_value_raises_and_all_padding_gives_zeros(bn.BatchNorm(3, axis=-1), x, dy)
     assert not calls
     # a dense (N, C, L) with L outermost, and one in float64: the general path
     for x, mask in (
@@ -752,16 +758,9 @@ def test_mask_on_the_planes_kernel_edge_cases(monkeypatch):
     calls = _spy_general_path(monkeypatch)
     planes = _spy(monkeypatch, cpu_kernel, "masked_forward")
     layer = bn.BatchNorm1d(3)
-    x = torch.randn(4, 3, 20)
-    one = torch.zeros(4, 20, dtype=torch.bool)
-    one[2, 3] = True
-    with pytest.raises(ValueError, match="single real value per channel"):
-        layer(x, mask=one)
+    _assert_single_value_raises_and_all_padding_gives_zeros(layer, torch.randn(4, 3, 5), torch.randn(4, 3, 5))
     before = (layer.running_mean.clone(), layer.running_var.clone())
-    y, dx, dw, db = _step(layer, x, torch.randn(x.shape), mask=torch.zeros(4, 20, dtype=torch.bool))
-    assert not y.any() and not dx.any() and not dw.any() and not db.any()  # all padding: zeros
-    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
-
+    x = torch.randn(4, 3, 20)
     mask = _lengths_mask([20, 5, 11, 1], 20)
     bad = x.clone()
     bad[1, 0, 2] = float("inf")  # a real value: the running statistics refuse the batch
@@ -804,6 +803,7 @@ def test_mask_in_eval_on_the_planes_kernel(dtype, monkeypatch):
     # with gradients wanted (a frozen layer being fine-tuned): differentiable torch ops, the same values
     y2, dx, dw, db = _step(layer, x, torch.ones(x.shape, dtype=dtype), mask=mask)
     assert len(calls) == 1 and not y2[pad].any() and not dx[pad].any() and dw.abs().sum() > 0
+    _close(db, torch.full((3,), float(mask.sum())))  # sum(dy) over the real values, dy = 1
     _close(y2.float(), y.float(), **tol)
 
 

@@ -115,7 +115,7 @@ def check_shapes_no_single_value(N: int, k: int | None, per: int) -> None:
         raise ValueError(_single_value_message(N, k))
 
 
-def _check_counts_no_single_value(count: Tensor, N: int, k: int | None) -> None:
+def check_counts_no_single_value(count: Tensor, N: int, k: int | None) -> None:
     """The same test from the groups' counts (G, C), where a mask or other processes decide them;
     while torch.compile / torch.export record, a runtime assert in the graph (RuntimeError with
     the same message)."""
@@ -191,7 +191,7 @@ class _GeneralTrain(torch.autograd.Function):
         if m is None and not (sync and k is None):  # the counts follow from the shapes (each group local)
             check_shapes_no_single_value(N, k, per)
         else:
-            _check_counts_no_single_value(norm.count, N, k)
+            check_counts_no_single_value(norm.count, N, k)
 
         var = norm.biased_var
         invstd = torch.rsqrt(var + eps)  # (G, C)

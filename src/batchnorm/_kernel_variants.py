@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._general import check_shapes_no_single_value, no_double_backward
+from ._general import check_counts_no_single_value, check_shapes_no_single_value, no_double_backward
 from .kernels import cpu
 from .moments import Moments, merge_stacked
 
@@ -143,18 +143,25 @@ class _MaskedTrain(torch.autograd.Function):  # y, and the real values' mean and
 
 
 def masked_train(
-    x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int
+    x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, traced: bool = False
 ) -> tuple[Tensor, Moments]:
     """Training-mode BN over the real values of x on the CPU kernel (check `cpu.masked_applies`
     first; mask: bool, x's shape without the channel axis, checked by the caller).
 
     Returns y (0 at the padding) and the moments (count, mean, M2) of the real values, float64,
-    for the running statistics.
+    for the running statistics. traced: torch.compile or torch.export records the call (check
+    `cpu_ops.masked_applies`): the kernel's operators, and the count a value of the graph, its
+    single-value test a runtime assert.
     """
-    m = int(mask.sum())  # real values per channel
-    check_shapes_no_single_value(m, None, 1)
-    y, mean, var = _MaskedTrain.apply(x, weight, bias, eps, axis, mask)
-    count = torch.tensor([m], dtype=torch.float64)
+    if traced:
+        count = mask.sum(dtype=torch.float64).reshape(1)
+        check_counts_no_single_value(count, x.shape[0], None)
+        y, mean, var, _ = torch.ops.batchnorm.cpu_masked_train(x, mask, weight, bias, eps, axis)
+    else:
+        m = int(mask.sum())  # real values per channel
+        check_shapes_no_single_value(m, None, 1)
+        y, mean, var = _MaskedTrain.apply(x, weight, bias, eps, axis, mask)
+        count = torch.tensor([m], dtype=torch.float64)
     return y, Moments(count, mean.double(), var.double() * count)
 
 

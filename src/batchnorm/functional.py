@@ -201,13 +201,13 @@ def batch_norm_with_status(
                 "batch_norm with training=False normalizes with running_mean and running_var, "
                 "but both are None; pass them, or training=True to use the batch's statistics"
             )
-        if (
-            mask is not None
-            and not _wants_grad(input, running_mean, running_var, weight, bias)
-            and _kernel_layout(input, axis) is not None
-            and _cpu.masked_applies(input, axis)
-        ):  # the masked kernel: one pass, 0 at the padding
-            return _cpu.masked_eval(input, mask, running_mean, running_var, weight, bias, eps, axis), True
+        if mask is not None and not _wants_grad(input, running_mean, running_var, weight, bias):
+            # the masked kernel: one pass, 0 at the padding (its operator while a graph is recorded)
+            if _kernel_layout(input, axis) is not None and _cpu.masked_applies(input, axis):
+                return _cpu.masked_eval(input, mask, running_mean, running_var, weight, bias, eps, axis), True
+            vectors = (running_mean, running_var, weight, bias)
+            if _compiling_kernel(input) and _cpu_ops.masked_applies(input, axis, *vectors):
+                return torch.ops.batchnorm.cpu_masked_eval(input, mask, *vectors, eps, axis), True
         if mask is not None:  # padding may hold NaN: keep it out of every gradient
             input = input.masked_fill(~mask.unsqueeze(axis), 0)
         y = _inference(input, running_mean, running_var, weight, bias, eps, axis, fast=True)
@@ -219,7 +219,8 @@ def batch_norm_with_status(
         _check_variants(input, axis, momentum, eps, virtual_batch_size, renorm, running_mean, process_group)
         variants = (mask, virtual_batch_size, renorm, process_group)
         # One variant alone, on an input the CPU kernel takes: the kernel paths
-        layout = _kernel_layout(input, axis) if sum(v is not None for v in variants) == 1 else None
+        alone = sum(v is not None for v in variants) == 1
+        layout = _kernel_layout(input, axis) if alone else None
         rows = _channel_rows(input, axis) if layout is not None and mask is not None else None
         if rows is not None:  # a mask where each mask element is a row: plain BN on the real rows
             return _masked_rows_train(input, axis, rows, mask, running_mean, running_var, weight, bias, momentum, eps)
@@ -230,6 +231,13 @@ def batch_norm_with_status(
             y, total = _kernel_variants.renorm_train(input, weight, bias, eps, axis, running_mean, running_var, renorm)
         elif mask is not None and layout is not None and _cpu.masked_applies(input, axis):  # planes: (N, C, L)
             y, total = _kernel_variants.masked_train(input, mask, weight, bias, eps, axis)
+        elif (
+            mask is not None
+            and alone
+            and _compiling_kernel(input)
+            and _cpu_ops.masked_applies(input, axis, weight, bias)
+        ):  # the same as operators, in a graph torch.compile or torch.export records
+            y, total = _kernel_variants.masked_train(input, mask, weight, bias, eps, axis, traced=True)
         else:
             y, total = general_train(
                 input,

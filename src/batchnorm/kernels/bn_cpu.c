@@ -1768,16 +1768,24 @@ INLINE void mplanes_elementwise(int op, const void *x, const void *dy, const uin
 }
 #endif
 
+/* The reductions of both bodies, in a parallel region: the chunks' real counts, then (grad 0)
+ * their statistics or (grad 1) their sums; every thread's results are in when it returns. */
+INLINE void mplanes_reduce(const void *x, const void *dy, const uint8_t *mask, const float *mu, int64_t A, int64_t C,
+                           int64_t B, int64_t nch, int64_t L, double *cnt, int grad, int dt, double *r1, double *r2,
+                           int t, int T) {
+    mask_counts(mask, A, B, nch, L, cnt, t, T);
+#pragma omp barrier
+    mplanes_units(x, dy, mask, mu, A, C, B, nch, L, cnt, grad, dt, r1, r2, t, T);
+#pragma omp barrier
+}
+
 INLINE void mfwd_body(int dt, const void *x, const uint8_t *mask, void *y, int64_t A, int64_t C, int64_t B,
                       const float *w, const float *b, double eps, float *mean_out, float *var_out, double *cnt,
                       double *r1, double *r2, double *cmean, double *cm2, float *coef) {
     int t = omp_get_thread_num(), T = omp_get_num_threads();
     int64_t nch, L, c0, c1;
     plane_chunks(B, dt, &nch, &L);
-    mask_counts(mask, A, B, nch, L, cnt, t, T);
-#pragma omp barrier
-    mplanes_units(x, NULL, mask, NULL, A, C, B, nch, L, cnt, 0, dt, r1, r2, t, T);
-#pragma omp barrier
+    mplanes_reduce(x, NULL, mask, NULL, A, C, B, nch, L, cnt, 0, dt, r1, r2, t, T);
     part(C, t, T, &c0, &c1);
     planes_merge_stats(r1, r2, cnt, A, C, B, nch, L, c0, c1, cmean, cm2);
     const double m = mask_total(cnt, A * nch);
@@ -1818,10 +1826,7 @@ INLINE void mbwd_body(int dt, const void *dy, const void *x, const uint8_t *mask
     int t = omp_get_thread_num(), T = omp_get_num_threads();
     int64_t nch, L, c0, c1;
     plane_chunks(B, dt, &nch, &L);
-    mask_counts(mask, A, B, nch, L, cnt, t, T);
-#pragma omp barrier
-    mplanes_units(x, dy, mask, mean, A, C, B, nch, L, cnt, 1, dt, r1, r2, t, T);
-#pragma omp barrier
+    mplanes_reduce(x, dy, mask, mean, A, C, B, nch, L, cnt, 1, dt, r1, r2, t, T);
     const double m = mask_total(cnt, A * nch);
     part(C, t, T, &c0, &c1);
     for (int64_t c = c0; c < c1; c++) {

@@ -17,6 +17,11 @@ formula, the kernel runs inside compiled and exported graphs:
         s1 = sum(dy), s2 = sum(dy * (x - mean)); dweight = s2 * invstd, dbias = s1.
     batchnorm::cpu_eval(x, mean, var, weight?, bias?, eps, axis) -> y
         y = x * scale + shift, scale = weight * (var + eps)**-1/2, shift = bias - mean * scale.
+    batchnorm::cpu_masked_train(x, mask, weight?, bias?, eps, axis) -> (y, mean, var, invstd)
+    batchnorm::cpu_masked_backward(dy, x, mask, weight?, mean, invstd, axis) -> (dx, s1, s2)
+    batchnorm::cpu_masked_eval(x, mask, mean, var, weight?, bias?, eps, axis) -> y
+        The same over the real values of a mask (`cpu.masked_forward`): statistics and sums from
+        them, 0 at the padding; no running statistics (the caller updates them from mean, var).
 
 `functional` uses them only while torch.compile or torch.export traces, for inputs the kernel
 takes as they are (`applies`). In eager mode the C++ entry points are cheaper: an operator
@@ -32,7 +37,16 @@ from torch import Tensor
 
 from . import cpu
 
-__all__ = ["applies", "cpu_backward", "cpu_eval", "cpu_train"]
+__all__ = [
+    "applies",
+    "cpu_backward",
+    "cpu_eval",
+    "cpu_masked_backward",
+    "cpu_masked_eval",
+    "cpu_masked_train",
+    "cpu_train",
+    "masked_applies",
+]
 
 
 def applies(
@@ -57,6 +71,12 @@ def applies(
     if (rm is None) != (rv is None):
         return False
     return rm is None or (cpu.can_update(rm, C) and cpu.can_update(rv, C))
+
+
+def masked_applies(x: Tensor, axis: int, *vectors: Tensor | None) -> bool:
+    """`applies` for the masked operators: also x contiguous, planes of MASKED_MIN_PLANE values or
+    more (as `cpu.masked_applies`)."""
+    return applies(x, axis, *vectors) and x.is_contiguous() and cpu._layout(x, axis)[2] >= cpu.MASKED_MIN_PLANE
 
 
 def _vector(x: Tensor, axis: int) -> Tensor:
@@ -133,4 +153,66 @@ def cpu_eval(
 
 @cpu_eval.register_fake
 def _(x, mean, var, weight, bias, eps, axis):
+    return cpu._empty_like(x)
+
+
+@torch.library.custom_op("batchnorm::cpu_masked_train", mutates_args=(), device_types="cpu")
+def cpu_masked_train(
+    x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return cpu.masked_forward(x, mask, weight, bias, eps, axis)
+
+
+@cpu_masked_train.register_fake
+def _(x, mask, weight, bias, eps, axis):
+    return cpu._empty_like(x), _vector(x, axis), _vector(x, axis), _vector(x, axis)
+
+
+@torch.library.custom_op("batchnorm::cpu_masked_backward", mutates_args=(), device_types="cpu")
+def cpu_masked_backward(
+    dy: Tensor, x: Tensor, mask: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, axis: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, s1, s2 = cpu.masked_backward(dy, x, mask, weight, mean, invstd, axis, True)
+    return dx, s1, s2
+
+
+@cpu_masked_backward.register_fake
+def _(dy, x, mask, weight, mean, invstd, axis):
+    return cpu._empty_like(x), _vector(x, axis), _vector(x, axis)
+
+
+def _masked_setup(ctx, inputs, output) -> None:
+    x, mask, weight, bias, _, axis = inputs
+    ctx.save_for_backward(x, mask, weight, output[1], output[3])
+    ctx.axis, ctx.has_bias = axis, bias is not None
+
+
+def _masked_backward(ctx, dy, *_):  # gradients of y only
+    x, mask, weight, mean, invstd = ctx.saved_tensors
+    dx, s1, s2 = cpu_masked_backward(dy, x, mask, weight, mean, invstd, ctx.axis)
+    need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+    dw = s2 * invstd if need_w and weight is not None else None
+    db = s1 if need_b and ctx.has_bias else None
+    return dx if need_x else None, None, dw, db, None, None
+
+
+cpu_masked_train.register_autograd(_masked_backward, setup_context=_masked_setup)
+
+
+@torch.library.custom_op("batchnorm::cpu_masked_eval", mutates_args=(), device_types="cpu")
+def cpu_masked_eval(
+    x: Tensor,
+    mask: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    axis: int,
+) -> Tensor:
+    return cpu.masked_eval(x, mask, mean, var, weight, bias, eps, axis)
+
+
+@cpu_masked_eval.register_fake
+def _(x, mask, mean, var, weight, bias, eps, axis):
     return cpu._empty_like(x)
