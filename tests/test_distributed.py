@@ -63,15 +63,20 @@ def _part(a: np.ndarray, sizes: list[int], rank: int) -> np.ndarray:
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().cpu().numpy().copy()
+    return None if t is None else t.detach().cpu().double().numpy().copy()
 
 
 def _train_step(layer: nn.Module, x: np.ndarray, dy: np.ndarray, **kw) -> dict:
     """One training forward/backward, then one eval forward; every result as NumPy."""
-    xt = torch.from_numpy(x.copy()).requires_grad_()
+    return _train_step_tensors(layer, torch.from_numpy(x.copy()), torch.from_numpy(dy.copy()), **kw)
+
+
+def _train_step_tensors(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, **kw) -> dict:
+    """`_train_step` on tensors (float32 or bfloat16 results come back as float64 NumPy)."""
+    xt = x.clone().requires_grad_()
     layer.train()
     y = layer(xt, **kw)
-    y.backward(torch.from_numpy(dy.copy()))
+    y.backward(dy)
     out = dict(
         y=_np(y),
         dx=_np(xt.grad),
@@ -83,7 +88,7 @@ def _train_step(layer: nn.Module, x: np.ndarray, dy: np.ndarray, **kw) -> dict:
     )
     layer.eval()
     with torch.no_grad():
-        out["y_eval"] = _np(layer(torch.from_numpy(x.copy()), **kw))
+        out["y_eval"] = _np(layer(x.clone(), **kw))
     return out
 
 
@@ -102,6 +107,25 @@ def _sc_global(rank: int, world: int, sizes: list[int]) -> dict:
     x, dy = _global_batch(sum(sizes), seed=len(sizes))
     layer = _init_layer(bn.SyncBatchNorm(C, momentum=MOMENTUM))
     return _train_step(layer, _part(x, sizes, rank), _part(dy, sizes, rank))
+
+
+def _sc_kernel(rank: int, world: int, sizes: list[int], shape_tail=(C, L), dtype=torch.float32) -> dict:
+    """float32 or bfloat16: the CPU kernel's SyncBN path (`_kernel_variants.sync_train`) where it
+    takes the local batch; a rank with an empty batch takes the general path and must still
+    synchronize with the others (the collectives carry the same tensors)."""
+    from batchnorm import _kernel_variants
+
+    calls = []
+    sync_train = _kernel_variants.sync_train
+    _kernel_variants.sync_train = lambda *a: calls.append(1) or sync_train(*a)
+    try:
+        x, dy = _global_batch(sum(sizes), seed=len(sizes) + 10, shape_tail=shape_tail)
+        layer = _init_layer(bn.SyncBatchNorm(C, momentum=MOMENTUM)).float()
+        part = (torch.from_numpy(_part(a, sizes, rank)).to(dtype) for a in (x, dy))
+        out = _train_step_tensors(layer, *part)
+    finally:
+        _kernel_variants.sync_train = sync_train
+    return {**out, "kernel_calls": len(calls)}
 
 
 def _sc_compiled(rank: int, world: int) -> dict:
@@ -206,6 +230,10 @@ SCENARIOS = {
     "uneven": lambda rank, world: _sc_global(rank, world, UNEVEN),
     "compiled": _sc_compiled,
     "empty": lambda rank, world: _sc_global(rank, world, WITH_EMPTY),
+    "kernel_rows": lambda rank, world: _sc_kernel(rank, world, UNEVEN),
+    "kernel_planes": lambda rank, world: _sc_kernel(rank, world, UNEVEN, shape_tail=(C, 9, 7)),
+    "kernel_bf16": lambda rank, world: _sc_kernel(rank, world, UNEVEN, shape_tail=(C, 9, 7), dtype=torch.bfloat16),
+    "kernel_empty": lambda rank, world: _sc_kernel(rank, world, WITH_EMPTY, shape_tail=(C, 40)),
     "subgroups": _sc_subgroups,
     "ghost": _sc_ghost,
     "mask": _sc_mask,
@@ -215,8 +243,20 @@ SCENARIOS = {
     "compiled_mismatch": lambda rank, world: _sc_mismatch(rank, world, compiled=True),
 }
 BY_WORLD = {
-    2: ["uneven", "compiled", "ghost", "mask", "renorm", "ddp", "mismatch", "compiled_mismatch"],
-    3: ["empty"],
+    2: [
+        "uneven",
+        "compiled",
+        "kernel_rows",
+        "kernel_planes",
+        "kernel_bf16",
+        "ghost",
+        "mask",
+        "renorm",
+        "ddp",
+        "mismatch",
+        "compiled_mismatch",
+    ],
+    3: ["empty", "kernel_empty"],
     4: ["subgroups"],
 }
 
@@ -339,17 +379,17 @@ def _oracle(x: np.ndarray, dy: np.ndarray, layer: nn.Module | None = None, **kw)
     return _train_step(layer, x, dy, **kw)
 
 
-def _check_global(ranks: list[dict], sizes: list[int], ref: dict) -> None:
+def _check_global(ranks: list[dict], sizes: list[int], ref: dict, **tol) -> None:
     for rank, res in enumerate(ranks):
         for key in ("y", "dx", "y_eval"):
             assert res[key].shape == _part(ref[key], sizes, rank).shape
-            _close(res[key], _part(ref[key], sizes, rank))
-        _close(res["rm"], ref["rm"])
-        _close(res["rv"], ref["rv"])
+            _close(res[key], _part(ref[key], sizes, rank), **tol)
+        _close(res["rm"], ref["rm"], **tol)
+        _close(res["rv"], ref["rv"], **tol)
         assert res["nbt"] == ref["nbt"] == 1
     # parameter gradients stay local (as PyTorch's); their sum over ranks is the full batch's
-    _close(sum(r["dw"] for r in ranks), ref["dw"])
-    _close(sum(r["db"] for r in ranks), ref["db"])
+    _close(sum(r["dw"] for r in ranks), ref["dw"], **tol)
+    _close(sum(r["db"] for r in ranks), ref["db"], **tol)
     assert not np.allclose(ranks[0]["dw"], ref["dw"])  # local, not already reduced
 
 
@@ -364,6 +404,29 @@ def test_uneven_batches_equal_bn_on_the_concatenated_batch(two):
 def test_compiled_layer_equals_bn_on_the_concatenated_batch(two):
     x, dy = _global_batch(sum(UNEVEN), seed=len(UNEVEN))
     _check_global(_ok(two, "compiled"), UNEVEN, _oracle(x, dy))
+
+
+@pytest.mark.parametrize("case", ["kernel_rows", "kernel_planes", "kernel_bf16"])
+def test_kernel_path_equals_bn_on_the_concatenated_batch(two, case):
+    """float32 / bfloat16: SyncBN on the CPU kernel (rows (N, C, L) and planes (N, C, H, W)) against
+    float64 BN on the global batch."""
+    ranks = _ok(two, case)
+    assert all(r["kernel_calls"] == 1 for r in ranks), "the kernel path did not run"
+    tail = (C, L) if case == "kernel_rows" else (C, 9, 7)
+    x, dy = _global_batch(sum(UNEVEN), seed=len(UNEVEN) + 10, shape_tail=tail)
+    if case == "kernel_bf16":  # the oracle sees the same rounded inputs
+        x, dy = (torch.from_numpy(a).bfloat16().double().numpy() for a in (x, dy))
+    layer = (torch.nn.BatchNorm1d if len(tail) == 2 else torch.nn.BatchNorm2d)(C, momentum=MOMENTUM)
+    tol = dict(rtol=1e-4, atol=1e-4) if case != "kernel_bf16" else dict(rtol=1e-2, atol=1e-2)
+    _check_global(ranks, UNEVEN, _oracle(x, dy, _init_layer(layer)), **tol)
+
+
+def test_kernel_path_with_an_empty_batch_on_one_rank(three):
+    """The empty rank takes the general path, the others the kernel: the same collectives."""
+    ranks = _ok(three, "kernel_empty")
+    assert [r["kernel_calls"] for r in ranks] == [1, 0, 1]
+    x, dy = _global_batch(sum(WITH_EMPTY), seed=len(WITH_EMPTY) + 10, shape_tail=(C, 40))
+    _check_global(ranks, WITH_EMPTY, _oracle(x, dy), rtol=1e-4, atol=1e-4)
 
 
 def test_a_rank_with_an_empty_batch(three):

@@ -40,7 +40,13 @@ from torch import Tensor
 
 from .moments import Moments, merge_stacked
 
-__all__ = ["check_shapes_no_single_value", "general_train", "no_double_backward"]
+__all__ = [
+    "check_counts_no_single_value",
+    "check_shapes_no_single_value",
+    "gather_moments",
+    "general_train",
+    "no_double_backward",
+]
 
 
 def _bshape(x: Tensor, axis: int) -> list[int]:
@@ -87,7 +93,7 @@ def _group_sum(per_sample: Tensor, k: int | None) -> Tensor:
     return sums
 
 
-def _gather_moments(mom: Moments, group) -> Moments:
+def gather_moments(mom: Moments, group) -> Moments:
     """Merge (count, mean, M2) of shape (G, C) across the processes of `group`: one all_gather."""
     world = dist.get_world_size(group)
     packed = torch.stack([mom.count, mom.mean, mom.m2])  # (3, G, C)
@@ -174,7 +180,7 @@ class _GeneralTrain(torch.autograd.Function):
 
         sync = group is not None
         if sync and k is None:
-            norm = _gather_moments(local, group)  # the global batch's statistics
+            norm = gather_moments(local, group)  # the global batch's statistics
             total = norm
         else:
             norm = local
@@ -182,7 +188,7 @@ class _GeneralTrain(torch.autograd.Function):
             total = (
                 flat
                 if not sync
-                else _gather_moments(Moments(flat.count[None], flat.mean[None], flat.m2[None]), group)
+                else gather_moments(Moments(flat.count[None], flat.mean[None], flat.m2[None]), group)
             )
             total = Moments(total.count.reshape(-1), total.mean.reshape(-1), total.m2.reshape(-1))
         if total.count.dim() == 2:

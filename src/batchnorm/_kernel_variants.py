@@ -1,4 +1,4 @@
-"""Three variants on the CPU kernel: ghost batches, batch renormalization and masks.
+"""Four variants on the CPU kernel: ghost batches, batch renormalization, masks and SyncBN.
 
 Ghost batches (`virtual_batch_size=k`): samples [g*k, (g+1)*k) form ghost batch g (the last
 may be smaller), normalized with its own statistics; the parameter gradients add up over the
@@ -26,20 +26,29 @@ the mask's bytes: statistics and sums from the real values, 0 written at the pad
 values are never used). (Where the channels are last, a mask element is a whole row of x, and
 functional's `_masked_rows_train` runs plain BN on the real rows instead.)
 
-The general path (`_general.py`) computes all three with torch ops, 2-8x slower
+SyncBN (`process_group`): the kernel's statistics of the local batch, the general path's
+all_gather of the packed moments (so the global batch's mean and variance), then one apply pass
+with them (`cpu.apply`). The backward: the local sums from the kernel, the general path's
+all_reduce of sum(g) and sum(g * x_hat) (g = dy * weight), then the dx pass with coefficients
+from the global sums (`cpu.input_grad`). The collectives carry the same tensors (float32, the
+same shapes and meaning) as the general path's, so a process whose batch the kernel does not
+take (an empty one, another layout) still synchronizes with the others.
+
+The general path (`_general.py`) computes all of them with torch ops, 2-8x slower
 (benchmarks/variants_speed.py).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from ._general import check_counts_no_single_value, check_shapes_no_single_value, no_double_backward
+from ._general import check_counts_no_single_value, check_shapes_no_single_value, gather_moments, no_double_backward
 from .kernels import cpu
 from .moments import Moments, merge_stacked
 
-__all__ = ["ghost_applies", "ghost_train", "masked_train", "renorm_train"]
+__all__ = ["ghost_applies", "ghost_train", "masked_train", "renorm_train", "sync_train"]
 
 
 def ghost_applies(x: Tensor, layout: tuple[int, int, int] | None) -> bool:
@@ -165,13 +174,57 @@ def masked_train(
     return y, Moments(count, mean.double(), var.double() * count)
 
 
-def _forward_done(ctx, axis: int, weight: Tensor | None, bias: Tensor | None, y: Tensor, mean: Tensor, var: Tensor):
-    """The bookkeeping both Functions share: the axis, the parameters' dtypes; mean, var need no gradient."""
+class _SyncTrain(torch.autograd.Function):  # y, and the global batch's (count, mean, M2), float32 (C,)
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, group):
+        C = x.shape[axis]
+        mean, var, _ = cpu.statistics(x, eps, axis)
+        count = torch.full((1, C), float(x.numel() // C))  # (1, C) float32: the general path's packing
+        total = gather_moments(Moments(count, mean[None], var[None] * count), group)
+        check_counts_no_single_value(total.count, x.shape[0], None)
+        mean_g = total.mean[0].double()
+        invstd = torch.rsqrt(total.biased_var[0].double() + eps)
+        scale = invstd if weight is None else invstd * weight.double()
+        shift = torch.zeros_like(scale) if bias is None else bias.double()
+        y = cpu.apply(x, *cpu.centred(mean_g, scale, shift), axis)
+        ctx.save_for_backward(x, weight, mean_g.float(), invstd.float(), total.count[0])
+        ctx.group = group
+        return _forward_done(ctx, axis, weight, bias, y, total.count[0], total.mean[0], total.m2[0])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _count: Tensor, _mean: Tensor, _m2: Tensor):
+        no_double_backward()
+        x, weight, mean, invstd, n = ctx.saved_tensors
+        _, s1, s2 = cpu.train_backward(dy, x, None, mean, invstd, ctx.axis, False)  # local: sum dy, sum dy*(x-mean)
+        dx = None
+        if ctx.needs_input_grad[0]:  # (the general path all-reduces only then too)
+            w = 1.0 if weight is None else weight.float()
+            g_sums = torch.stack([s1, s2 * invstd]) * w
+            dist.all_reduce(g_sums[:, None], group=ctx.group)  # sum(g), sum(g * x_hat) of the global batch
+            n = n + (n == 0)  # dx = k * dy + b * (x - mean) + c:
+            k, b, c = invstd * w, -invstd * invstd * g_sums[1] / n, -invstd * g_sums[0] / n
+            dx = cpu.input_grad(dy, x, mean, k, b, c, ctx.axis)
+        return (*_gradients(ctx, dx, s2 * invstd, s1), None, None, None)  # parameter gradients stay local
+
+
+def sync_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, group
+) -> tuple[Tensor, Moments]:
+    """Training-mode SyncBN on the CPU kernel (x in a layout `cpu.layout` takes, with elements):
+    y normalized with the statistics of the batch concatenated over `group`'s processes, and
+    their moments (count, mean, M2) for the running statistics."""
+    y, count, mean, m2 = _SyncTrain.apply(x, weight, bias, eps, axis, group)
+    return y, Moments(count, mean, m2)
+
+
+def _forward_done(ctx, axis: int, weight: Tensor | None, bias: Tensor | None, y: Tensor, *stats: Tensor):
+    """The bookkeeping the Functions share: the axis, the parameters' dtypes; the statistics they
+    return beside y need no gradient."""
     ctx.axis = axis
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(mean, var)
-    return y, mean, var
+    ctx.mark_non_differentiable(*stats)
+    return y, *stats
 
 
 def _gradients(ctx, dx: Tensor | None, dw: Tensor, db: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:

@@ -229,6 +229,8 @@ def batch_norm_with_status(
             y, total = _kernel_variants.ghost_train(input, weight, bias, eps, axis, virtual_batch_size)
         elif renorm is not None and layout is not None:  # batch renormalization: two kernel calls
             y, total = _kernel_variants.renorm_train(input, weight, bias, eps, axis, running_mean, running_var, renorm)
+        elif process_group is not None and layout is not None:  # SyncBN: local passes, global statistics
+            y, total = _kernel_variants.sync_train(input, weight, bias, eps, axis, process_group)
         elif mask is not None and layout is not None and _cpu.masked_applies(input, axis):  # planes: (N, C, L)
             y, total = _kernel_variants.masked_train(input, mask, weight, bias, eps, axis)
         elif (

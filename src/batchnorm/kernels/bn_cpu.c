@@ -66,7 +66,7 @@
 #define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
 #endif
 
-#define BN_ABI_VERSION 6
+#define BN_ABI_VERSION 7
 #define LANES 32                    /* independent float accumulators per reduction */
 #define CHUNK_BYTES (16 << 10)      /* planes: statistics chunk, stays in L1 */
 #ifndef BLOCK_BYTES
@@ -1404,6 +1404,8 @@ int bn_ghost_backward(int dt, const void *dy, const void *x, void *dx, int64_t A
 
 int bn_inference(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *scale,
                  const float *shift, int nthreads);
+int bn_apply(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *centre,
+             const float *scale, const float *shift, int nthreads);
 
 
 /* Eval-mode BN from the running statistics (float32 (C,); w, b may be NULL):
@@ -1432,41 +1434,67 @@ int bn_eval(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, con
 /* y = x * scale + shift per channel (scale, shift float32 (C,)). */
 int bn_inference(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *scale,
                  const float *shift, int nthreads) {
+    return bn_apply(dt, x, y, A, C, B, NULL, scale, shift, nthreads);
+}
+
+/* One elementwise pass with per-channel coefficients (float32 (C,)), in the planes or rows path:
+ * APPLY out = (x - m) * s + h (m NULL: 0), DX out = s * dy + b * (x - m) + h. */
+static int elementwise_pass(int op, int dt, const void *x, const void *dy, void *out, int64_t A, int64_t C, int64_t B,
+                            const float *m, const float *s, const float *b, const float *h, int nthreads) {
     int64_t E = A * C * B;
-    int nt = threads_for(E, nthreads), stream = use_stream(y, E * elem_size(dt), 2);
-    advise_huge(y, E * elem_size(dt));
+    int nt = threads_for(E, nthreads), stream = use_stream(out, E * elem_size(dt), op == OP_DX ? 3 : 2);
+    advise_huge(out, E * elem_size(dt));
     if (!use_rows(A, C, B, dt)) {
-        float *zero = calloc((size_t)C, sizeof(float));
-        if (!zero) return 1;
+        float *zero = m ? NULL : calloc((size_t)C, sizeof(float));
+        if (!m && !zero) return 1;
+        const float *mm = m ? m : zero;
 #pragma omp parallel num_threads(nt)
         {
             int t = omp_get_thread_num(), T = omp_get_num_threads();
             if (dt == DT_F32)
-                planes_elementwise(OP_APPLY, x, NULL, y, A * C, C, B, zero, scale, NULL, shift, stream, DT_F32, t, T);
+                planes_elementwise(op, x, dy, out, A * C, C, B, mm, s, b, h, stream, DT_F32, t, T);
             else
-                planes_elementwise(OP_APPLY, x, NULL, y, A * C, C, B, zero, scale, NULL, shift, stream, DT_BF16, t, T);
+                planes_elementwise(op, x, dy, out, A * C, C, B, mm, s, b, h, stream, DT_BF16, t, T);
 #if HAVE_AVX512
             if (stream) _mm_sfence();
 #endif
         }
         free(zero);
     } else {
-        rows_shape s = rows_layout(A, C, B);
-        float *coefw = malloc(sizeof(float) * 2 * (size_t)s.W); /* no centre: mw NULL */
+        rows_shape r = rows_layout(A, C, B);
+        float *coefw = malloc(sizeof(float) * 4 * (size_t)r.W); /* per column: m, s, b, h */
         if (!coefw) return 1;
-        expand(s, scale, coefw, 0, s.W);
-        expand(s, shift, coefw + s.W, 0, s.W);
+        float *mw = m ? coefw : NULL, *sw = coefw + r.W, *bw = coefw + 2 * r.W, *hw = coefw + 3 * r.W;
+        if (m) expand(r, m, mw, 0, r.W);
+        expand(r, s, sw, 0, r.W);
+        if (op == OP_DX) expand(r, b, bw, 0, r.W);
+        expand(r, h, hw, 0, r.W);
 #pragma omp parallel num_threads(nt)
         {
             int t = omp_get_thread_num(), T = omp_get_num_threads();
             if (dt == DT_F32)
-                rows_elementwise(OP_APPLY, x, NULL, y, s, NULL, coefw, NULL, coefw + s.W, stream, DT_F32, t, T);
+                rows_elementwise(op, x, dy, out, r, mw, sw, op == OP_DX ? bw : NULL, hw, stream, DT_F32, t, T);
             else
-                rows_elementwise(OP_APPLY, x, NULL, y, s, NULL, coefw, NULL, coefw + s.W, stream, DT_BF16, t, T);
+                rows_elementwise(op, x, dy, out, r, mw, sw, op == OP_DX ? bw : NULL, hw, stream, DT_BF16, t, T);
         }
         free(coefw);
     }
     return 0;
+}
+
+/* y = (x - centre) * scale + shift per channel (float32 (C,); centre NULL: 0). With centre the
+ * high float32 part of a mean and shift carrying its low part (fwd_coeffs' form), data with a
+ * large offset keep float32 precision in y. */
+int bn_apply(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *centre,
+             const float *scale, const float *shift, int nthreads) {
+    return elementwise_pass(OP_APPLY, dt, x, NULL, y, A, C, B, centre, scale, NULL, shift, nthreads);
+}
+
+/* dx = k * dy + b * (x - centre) + c per channel (float32 (C,)): bn_train_backward's dx pass
+ * with coefficients the caller computed (e.g. from sums over several processes). */
+int bn_input_grad(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B,
+                  const float *centre, const float *k, const float *b, const float *c, int nthreads) {
+    return elementwise_pass(OP_DX, dt, x, dy, dx, A, C, B, centre, k, b, c, nthreads);
 }
 
 /* ------------------------------------------------------------------ masks over planes */

@@ -101,7 +101,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("bn_cpu.c")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
-_ABI_VERSION = 6  # bn_abi_version() of a library built from the current bn_cpu.c
+_ABI_VERSION = 7  # bn_abi_version() of a library built from the current bn_cpu.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
 _COMPILE_TIMEOUT_S = 120
 # What batchnorm warns when a training batch's statistics are not finite and the running
@@ -329,6 +329,8 @@ def _load(lib_path: Path) -> ctypes.CDLL:
     lib.bn_masked_forward.argtypes = [i32, p, p, p, i64, i64, i64, p, p, f64, p, p, p, i32]
     lib.bn_masked_backward.argtypes = [i32, p, p, p, p, i64, i64, i64, p, p, p, p, p, i32]
     lib.bn_masked_eval.argtypes = [i32, p, p, p, i64, i64, i64, p, p, p, p, f64, i32]
+    lib.bn_apply.argtypes = [i32, p, p, i64, i64, i64, p, p, p, i32]
+    lib.bn_input_grad.argtypes = [i32, p, p, p, i64, i64, i64, p, p, p, p, i32]
     for fn in (
         lib.bn_train_forward,
         lib.bn_train_backward,
@@ -340,6 +342,8 @@ def _load(lib_path: Path) -> ctypes.CDLL:
         lib.bn_masked_forward,
         lib.bn_masked_backward,
         lib.bn_masked_eval,
+        lib.bn_apply,
+        lib.bn_input_grad,
     ):
         fn.restype = i32
     lib.bn_set_cache_bytes.argtypes = [i64]
@@ -882,6 +886,47 @@ def masked_eval(
     )  # fmt: skip
     _check(rc, "the eval forward")
     return y
+
+
+def apply(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, axis: int) -> Tensor:
+    """y = (x - centre) * scale + shift per channel (float32 (C,) vectors): one read, one write.
+
+    For training BN with statistics computed elsewhere (other processes, batch renormalization):
+    centre the mean rounded to float32 and shift = beta - (mean - centre) * scale keep float32
+    precision in y for data with a large offset (`centred`). y has x's dtype, shape and strides.
+    """
+    lib, A, C, B = _prepare(x, axis)
+    vectors = [_vector(v, C, name) for v, name in ((centre, "centre"), (scale, "scale"), (shift, "shift"))]
+    y = _empty_like(x)
+    rc = lib.bn_apply(
+        _DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), A, C, B, *map(_ptr, vectors), torch.get_num_threads()
+    )
+    _check(rc, "the apply pass")
+    return y
+
+
+def centred(mean: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(centre, scale, shift) float32 for `apply` from float64 (C,) vectors: y = (x - mean) *
+    scale + shift as (x - centre) * scale + (shift - (mean - centre) * scale), centre = the
+    float32 mean (x - centre is exact for x near it)."""
+    centre = mean.float()
+    return centre, scale.float(), (shift - (mean - centre.double()) * scale).float()
+
+
+def input_grad(dy: Tensor, x: Tensor, centre: Tensor, k: Tensor, b: Tensor, c: Tensor, axis: int) -> Tensor:
+    """dx = k * dy + b * (x - centre) + c per channel (float32 (C,)): `train_backward`'s dx pass
+    with coefficients the caller computed (e.g. from sums over several processes). dy is first
+    copied into x's layout if its dtype or memory order differs."""
+    lib, A, C, B = _prepare(x, axis)
+    dy = _in_layout_of(dy, x)
+    vectors = [_vector(v, C, name) for v, name in ((centre, "centre"), (k, "k"), (b, "b"), (c, "c"))]
+    dx = _empty_like(x)
+    rc = lib.bn_input_grad(
+        _DTYPES[x.dtype], dy.data_ptr(), x.data_ptr(), dx.data_ptr(), A, C, B, *map(_ptr, vectors),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "the input gradient")
+    return dx
 
 
 def inference(x: Tensor, scale: Tensor, shift: Tensor, axis: int) -> Tensor:
