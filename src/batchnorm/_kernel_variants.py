@@ -195,6 +195,7 @@ class _SyncTrain(torch.autograd.Function):  # y, and the global batch's (count, 
     def backward(ctx, dy: Tensor, _count: Tensor, _mean: Tensor, _m2: Tensor):
         no_double_backward()
         x, weight, mean, invstd, n = ctx.saved_tensors
+        dy = cpu.in_layout_of(dy, x)  # (copied once, if at all, for both passes)
         _, s1, s2 = cpu.train_backward(dy, x, None, mean, invstd, ctx.axis, False)  # local: sum dy, sum dy*(x-mean)
         dx = None
         if ctx.needs_input_grad[0]:  # (the general path all-reduces only then too)

@@ -731,7 +731,7 @@ def train_backward(
         if r is not None:
             return r
     lib, A, C, B = _prepare(x, axis)
-    dy = _in_layout_of(dy, x)
+    dy = in_layout_of(dy, x)
     w = _vector(weight, C, "weight")
     mu, istd = _vector(mean, C, "mean"), _vector(invstd, C, "invstd")
     dx = _empty_like(x) if need_dx else None
@@ -745,7 +745,7 @@ def train_backward(
     return dx, s1, s2
 
 
-def _in_layout_of(dy: Tensor, x: Tensor) -> Tensor:
+def in_layout_of(dy: Tensor, x: Tensor) -> Tensor:
     """dy as the kernel reads it beside x: x's dtype and memory order, copied into it if needed."""
     if dy.shape != x.shape:
         raise ValueError(f"dy has shape {tuple(dy.shape)} but x has {tuple(x.shape)}")
@@ -788,7 +788,7 @@ def ghost_backward(
     its dtype or memory order differs."""
     lib, A, C, B = _prepare(x, axis)
     rows, G = _ghost_rows(x, A, k)
-    dy = _in_layout_of(dy, x)
+    dy = in_layout_of(dy, x)
     w = _vector(weight, C, "weight")
     mu, istd = mean.contiguous(), invstd.contiguous()
     dx = _empty_like(x) if need_dx else None
@@ -850,7 +850,7 @@ def masked_backward(
     order differs."""
     lib, A, C, B = _prepare(x, axis)
     m = _mask_bytes(mask, A, B)
-    dy = _in_layout_of(dy, x)
+    dy = in_layout_of(dy, x)
     w = _vector(weight, C, "weight")
     mu, istd = _vector(mean, C, "mean"), _vector(invstd, C, "invstd")
     dx = _empty_like(x) if need_dx else None
@@ -918,7 +918,7 @@ def input_grad(dy: Tensor, x: Tensor, centre: Tensor, k: Tensor, b: Tensor, c: T
     with coefficients the caller computed (e.g. from sums over several processes). dy is first
     copied into x's layout if its dtype or memory order differs."""
     lib, A, C, B = _prepare(x, axis)
-    dy = _in_layout_of(dy, x)
+    dy = in_layout_of(dy, x)
     vectors = [_vector(v, C, name) for v, name in ((centre, "centre"), (k, "k"), (b, "b"), (c, "c"))]
     dx = _empty_like(x)
     rc = lib.bn_input_grad(
