@@ -17,6 +17,13 @@ Per channel c over the m = numel / C values of every other axis:
     ghost batches       the training forward and backward of each block of k samples along
                         axis 0, with its own statistics, in one call (`ghost_forward`,
                         `ghost_backward`; axis 0 outermost in memory)
+    masks               the training forward, backward and eval over the real values of a
+                        bool mask with x's shape without the channel axis, 0 at the padding
+                        (`masked_forward`, `masked_backward`, `masked_eval`; x contiguous)
+    apply               y = (x - centre_c) * scale_c + shift_c with coefficients from elsewhere
+                        (`apply`, `centred`: SyncBN's global statistics)
+    input gradient      dx = k_c*dy + b_c*(x - centre_c) + c_c with given coefficients
+                        (`input_grad`: SyncBN's global sums)
 
 Layouts: every tensor the kernel accepts is a dense array that, read in memory order, is a
 contiguous (A, C, B) block with C the channel axis: NCHW is (N, C, H*W), channels_last and
