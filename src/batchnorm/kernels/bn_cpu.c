@@ -1504,9 +1504,11 @@ int bn_input_grad(int dt, const void *dy, const void *x, void *dx, int64_t A, in
  * is real. The statistics and the gradients come from the real values alone; y and dx are 0 at
  * the padding, whose values are never used (they may be NaN or Inf: selected away, never
  * multiplied by 0). Units are the plane chunks of planes_units; chunk (a, k) has the same real
- * count in every channel. Portable C: the loops select on the mask byte and the compiler
- * vectorizes them (AVX-512: compares into mask registers and blends). A chunk's statistics take
- * two passes from x0 = its first real value, as seg_stats'. */
+ * count in every channel. A chunk's statistics take two passes from x0 = its first real value,
+ * as seg_stats', merged by planes_merge_stats weighted by the chunks' real counts. With AVX-512,
+ * 16 mask bytes become a lane mask (vptestmb) for masked adds and stores, and where a plane is
+ * one chunk the horizontal sums go 16 planes at a time (as planes16_stats); the portable C
+ * loops select on the mask byte. Threads split the elementwise pass by whole planes. */
 
 /* The real count of chunk u = a * nch + k, into cnt[u], for this thread's share of the chunks. */
 static void mask_counts(const uint8_t *mask, int64_t A, int64_t B, int64_t nch, int64_t L, double *cnt, int t,
