@@ -166,6 +166,8 @@ KERNEL_GHOST_CASES = {  # name: (layer maker, x maker, k)
     "wide-rows-16x4": (lambda: bn.BatchNorm1d(300), lambda: torch.randn(64, 300), 16),
     "planes-7x7-8x2": (lambda: bn.BatchNorm2d(64), lambda: torch.randn(16, 64, 7, 7), 8),
     "k-above-n": (lambda: bn.BatchNorm1d(3), lambda: torch.randn(5, 3, 4), 9),
+    # 11 ghost batches (the last of 40) of small blocks: with 2 threads each takes whole ones
+    "per-thread-10x96+40": (lambda: bn.BatchNorm1d(64), lambda: torch.randn(1000, 64), 96),
 }
 CL = torch.channels_last
 
