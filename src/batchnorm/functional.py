@@ -709,6 +709,12 @@ def _update_running_stats(
     While a graph is recorded (torch.compile, torch.export, torch.jit.trace) the test is part of
     the graph: the update is a select, and the result a 0-dim bool tensor (no warning).
     """
+    if _backend in _KERNEL_BACKENDS and not _recording():  # the CPU kernel's one call, where it takes them
+        updated = _cpu.update_running_unbiased(mean, unbiased, running_mean, running_var, momentum)
+        if updated is not None:
+            if not updated:
+                _warn_not_finite(stacklevel=4)
+            return updated
     finite = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
     if _recording():
         for running, batch in ((running_mean, mean), (running_var, unbiased)):

@@ -66,7 +66,7 @@
 #define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
 #endif
 
-#define BN_ABI_VERSION 7
+#define BN_ABI_VERSION 8
 #define LANES 32                    /* independent float accumulators per reduction */
 #define CHUNK_BYTES (16 << 10)      /* planes: statistics chunk, stays in L1 */
 #ifndef BLOCK_BYTES
@@ -1197,6 +1197,24 @@ int bn_update_running(int64_t C, double m, double eps, const float *mean, const 
     int rc = finish_forward(C, m, eps, mean, var, NULL, running_mean, running_var, momentum);
     free(var);
     return rc;
+}
+
+/* PyTorch's update from a batch's mean and unbiased variance, float32 or (f64) float64 (C,),
+ * computed elsewhere (the variants, the torch-ops path): in float32, as torch's mul_ / add_ on
+ * float32 buffers, running = running * (1 - momentum) + momentum * batch, only if every value
+ * is finite. 0: updated; 2: not finite, nothing written. */
+int bn_update_running_unbiased(int f64, int64_t C, const void *mean, const void *unbiased, float *running_mean,
+                               float *running_var, double momentum) {
+    const float keep = (float)(1.0 - momentum), mom = (float)momentum;
+    const double *md = mean, *ud = unbiased;
+    const float *mf = mean, *uf = unbiased;
+    for (int64_t c = 0; c < C; c++)
+        if (!isfinite(f64 ? md[c] : (double)mf[c]) || !isfinite(f64 ? ud[c] : (double)uf[c])) return 2;
+    for (int64_t c = 0; c < C; c++) {
+        running_mean[c] = running_mean[c] * keep + mom * (f64 ? (float)md[c] : mf[c]);
+        running_var[c] = running_var[c] * keep + mom * (f64 ? (float)ud[c] : uf[c]);
+    }
+    return 0;
 }
 
 /* y = BN(x) with the batch statistics; mean (float32) and biased var (float32) per channel.

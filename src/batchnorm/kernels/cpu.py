@@ -108,7 +108,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("bn_cpu.c")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
-_ABI_VERSION = 7  # bn_abi_version() of a library built from the current bn_cpu.c
+_ABI_VERSION = 8  # bn_abi_version() of a library built from the current bn_cpu.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
 _COMPILE_TIMEOUT_S = 120
 # What batchnorm warns when a training batch's statistics are not finite and the running
@@ -331,6 +331,7 @@ def _load(lib_path: Path) -> ctypes.CDLL:
     lib.bn_inference.argtypes = [i32, p, p, i64, i64, i64, p, p, i32]
     lib.bn_eval.argtypes = [i32, p, p, i64, i64, i64, p, p, p, p, f64, i32]
     lib.bn_update_running.argtypes = [i64, f64, f64, p, p, p, p, f64]
+    lib.bn_update_running_unbiased.argtypes = [i32, i64, p, p, p, p, f64]
     lib.bn_ghost_forward.argtypes = [i32, p, p, i64, i64, i64, i64, p, p, f64, p, p, p, i32]
     lib.bn_ghost_backward.argtypes = [i32, p, p, p, i64, i64, i64, i64, p, p, p, p, p, i32]
     lib.bn_masked_forward.argtypes = [i32, p, p, p, i64, i64, i64, p, p, f64, p, p, p, i32]
@@ -344,6 +345,7 @@ def _load(lib_path: Path) -> ctypes.CDLL:
         lib.bn_inference,
         lib.bn_eval,
         lib.bn_update_running,
+        lib.bn_update_running_unbiased,
         lib.bn_ghost_forward,
         lib.bn_ghost_backward,
         lib.bn_masked_forward,
@@ -709,6 +711,36 @@ def update_running(
     )  # fmt: skip
     if rc == 1:
         _check(rc, "the running statistics")
+    return rc == 0
+
+
+def update_running_unbiased(
+    mean: Tensor, unbiased: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float
+) -> bool | None:
+    """PyTorch's running-statistics rule from a batch's mean and unbiased variance (float32 or
+    float64 (C,) on the CPU): running = (1 - momentum) * running + momentum * batch, in one C
+    call instead of a handful of torch ops. True if updated, False if some value was not finite
+    (nothing written), None if the kernel cannot do it (unavailable, buffers that fail
+    `can_update`, statistics of another dtype, shape or device, a tensor momentum): then the
+    caller updates them."""
+    lib, C = _library(), mean.numel()
+    if lib is None or not isinstance(momentum, float):
+        return None
+    if not (can_update(running_mean, C) and can_update(running_var, C)):
+        return None
+    if not (
+        mean.dtype == unbiased.dtype in (torch.float32, torch.float64)
+        and mean.shape == unbiased.shape == (C,)
+        and mean.is_cpu
+        and unbiased.is_cpu
+        and mean.is_contiguous()
+        and unbiased.is_contiguous()
+    ):
+        return None
+    rc = lib.bn_update_running_unbiased(
+        int(mean.dtype == torch.float64), C, mean.data_ptr(), unbiased.data_ptr(), running_mean.data_ptr(),
+        running_var.data_ptr(), momentum,
+    )  # fmt: skip
     return rc == 0
 
 
