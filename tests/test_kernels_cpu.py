@@ -324,6 +324,33 @@ def test_train_forward_update_leaves_other_buffers_to_the_caller(make_buffers):
     torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_update_running_from_mean_and_unbiased_equals_torchs_ops(stats_dtype):
+    """The variants' update in one C call: torch's mul_/add_ rule on float32 buffers, bitwise;
+    nothing written for a non-finite batch; None (the caller's torch ops) for what it does not take."""
+    C = 37  # not a multiple of the vector width: the scalar tails too
+    mean, unbiased = torch.randn(C, dtype=stats_dtype) * 5, torch.rand(C, dtype=stats_dtype) * 3
+    rm0, rv0 = torch.randn(C), torch.rand(C) + 0.5
+    rm, rv = rm0.clone(), rv0.clone()
+    assert cpu.update_running_unbiased(mean, unbiased, rm, rv, 0.3) is True
+    want_m = rm0.clone().mul_(1 - 0.3).add_(mean.float(), alpha=0.3)
+    want_v = rv0.clone().mul_(1 - 0.3).add_(unbiased.float(), alpha=0.3)
+    assert torch.equal(rm, want_m) and torch.equal(rv, want_v)
+
+    bad = unbiased.clone()
+    bad[5] = float("inf")
+    assert cpu.update_running_unbiased(mean, bad, rm, rv, 0.3) is False
+    assert torch.equal(rm, want_m) and torch.equal(rv, want_v)
+    for args in (
+        (mean, unbiased, rm.double(), rv.double(), 0.3),  # buffers of another dtype
+        (mean, unbiased.float() if stats_dtype == torch.float64 else unbiased.double(), rm, rv, 0.3),
+        (mean[:5], unbiased[:5], rm, rv, 0.3),  # another length
+        (mean, unbiased, rm, rv, torch.tensor(0.3)),  # a tensor momentum (graphs)
+    ):
+        assert cpu.update_running_unbiased(*args) is None
+    assert torch.equal(rm, want_m)
+
+
 def test_update_running_from_torchs_mean_and_invstd():
     """The running-statistics rule from torch's kernel's outputs equals the one inside our forward."""
     x = make((6, 4, 3, 5), None, torch.float32, offset=2.0, scale=3.0)

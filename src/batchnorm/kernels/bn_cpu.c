@@ -1210,9 +1210,10 @@ int bn_update_running_unbiased(int f64, int64_t C, const void *mean, const void 
     const float *mf = mean, *uf = unbiased;
     for (int64_t c = 0; c < C; c++)
         if (!isfinite(f64 ? md[c] : (double)mf[c]) || !isfinite(f64 ? ud[c] : (double)uf[c])) return 2;
-    for (int64_t c = 0; c < C; c++) {
-        running_mean[c] = running_mean[c] * keep + mom * (f64 ? (float)md[c] : mf[c]);
-        running_var[c] = running_var[c] * keep + mom * (f64 ? (float)ud[c] : uf[c]);
+    for (int64_t c = 0; c < C; c++) { /* as torch: mul_ rounds, then add_(alpha) is one fused multiply-add */
+        const float m = running_mean[c] * keep, v = running_var[c] * keep;
+        running_mean[c] = fmaf(mom, f64 ? (float)md[c] : mf[c], m);
+        running_var[c] = fmaf(mom, f64 ? (float)ud[c] : uf[c], v);
     }
     return 0;
 }
