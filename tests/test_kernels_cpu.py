@@ -161,11 +161,23 @@ def test_train_forward_matches_float64(shape, fmt, axis, dtype, affine, nthreads
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_statistics_alone_equal_the_forwards_bitwise(shape, fmt, axis, dtype):
     """`statistics` (the forward without an output) gives the training forward's mean, var and
-    invstd, bitwise: batch renormalization computes r and d from it, then runs the forward."""
+    invstd, bitwise, and the float64 mean and variance they round (the merge of float32 chunk
+    sums); with those, `apply` gives the forward's y (batch renormalization)."""
     x = make(shape, fmt, dtype)
-    _, mean, var, invstd, _ = cpu.train_forward_update(x, None, None, EPS, axis, None, None, 0.0)
-    for a, b in zip(cpu.statistics(x, EPS, axis), (mean, var, invstd)):
+    y, mean, var, invstd, _ = cpu.train_forward_update(x, None, None, EPS, axis, None, None, 0.0)
+    got = cpu.statistics(x, EPS, axis)
+    for a, b in zip(got, (mean, var, invstd)):
         assert torch.equal(a, b)
+    mean64, var64 = got[3:]
+    assert mean64.dtype == var64.dtype == torch.float64
+    dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+    var_ref, mean_ref = torch.var_mean(x.double(), dims, correction=0)
+    torch.testing.assert_close(mean64, mean_ref, rtol=1e-6, atol=1e-6)  # float32 chunk sums, merged in float64
+    torch.testing.assert_close(var64, var_ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(mean64.float(), mean) and torch.equal(var64.float(), var)
+    one = torch.ones_like(mean64)
+    y2 = cpu.apply(x, *cpu.centred(mean64, torch.rsqrt(var64 + EPS), 0 * one), axis)
+    torch.testing.assert_close(y2.float(), y.float(), **out_tol(dtype))
 
 
 @pytest.mark.parametrize("fmt", [None, CL], ids=["nchw", "nhwc"])

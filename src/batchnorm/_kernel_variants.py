@@ -15,9 +15,9 @@ eps), r = clip(sigma_B / sigma, 1/r_max, r_max) and d = clip((mu_B - running_mea
     y = w * (x_hat * r + d) + b = (w * r) * x_hat + (w * d + b),
 
 plain BN with weight w*r and bias w*d + b once the batch's statistics are known: one kernel
-call for the statistics (x read once), one plain training forward (the same statistics again,
-then y). The backward is plain BN's with weight w*r: dx, and dw = r * sum(dy * x_hat) +
-d * sum(dy), db = sum(dy).
+call for the statistics (x read once; float64 mean and variance, as the forward centres with),
+one apply pass (x read, y written): the three passes of plain BN's forward. The backward is
+plain BN's with weight w*r: dx, and dw = r * sum(dy * x_hat) + d * sum(dy), db = sum(dy).
 
 A mask over a contiguous x whose channels are not last ((N, C, L) with axis 1, (N, C, H, W)):
 each (sample, channel) plane holds some real values and some padding, the same positions in
@@ -91,20 +91,20 @@ def ghost_train(
     return y, merge_stacked(count, mean, var * count)
 
 
-class _RenormTrain(torch.autograd.Function):  # y, and the batch's mean and var
+class _RenormTrain(torch.autograd.Function):  # y, and the batch's mean and var, float64
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, axis: int, running_mean, running_var, r_max: float, d_max: float):
-        mean, var, invstd = cpu.statistics(x, eps, axis)
-        sigma = torch.sqrt(running_var.float() + eps)
-        r = (torch.sqrt(var + eps) / sigma).clamp(1.0 / r_max, r_max)
-        d = ((mean - running_mean.float()) / sigma).clamp(-d_max, d_max)
-        w = None if weight is None else weight.float()
-        scale, shift = (r, d) if w is None else (w * r, w * d)
+        mean, _, invstd, mean64, var64 = cpu.statistics(x, eps, axis)
+        sigma = torch.sqrt(running_var.double() + eps)
+        r = (torch.sqrt(var64 + eps) / sigma).clamp(1.0 / r_max, r_max)
+        d = ((mean64 - running_mean.double()) / sigma).clamp(-d_max, d_max)
+        w = None if weight is None else weight.double()
+        scale, shift = (r, d) if w is None else (w * r, w * d)  # y = x_hat * scale + shift
         if bias is not None:
-            shift = shift + bias.float()
-        y, _, _, _, _ = cpu.train_forward_update(x, scale, shift, eps, axis, None, None, 0.0)
-        ctx.save_for_backward(x, scale, mean, invstd, r, d)
-        return _forward_done(ctx, axis, weight, bias, y, mean, var)
+            shift = shift + bias.double()
+        y = cpu.apply(x, *cpu.centred(mean64, scale * torch.rsqrt(var64 + eps), shift), axis)
+        ctx.save_for_backward(x, scale.float(), mean, invstd, r.float(), d.float())
+        return _forward_done(ctx, axis, weight, bias, y, mean64, var64)
 
     @staticmethod
     def backward(ctx, dy: Tensor, _mean: Tensor, _var: Tensor):
@@ -133,7 +133,7 @@ def renorm_train(
     check_shapes_no_single_value(m, None, 1)
     y, mean, var = _RenormTrain.apply(x, weight, bias, eps, axis, running_mean, running_var, *renorm)
     count = torch.tensor([m], dtype=torch.float64)
-    return y, Moments(count, mean.double(), var.double() * count)
+    return y, Moments(count, mean, var * count)
 
 
 class _MaskedTrain(torch.autograd.Function):  # y, and the real values' mean and var
@@ -178,7 +178,7 @@ class _SyncTrain(torch.autograd.Function):  # y, and the global batch's (count, 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, group):
         C = x.shape[axis]
-        mean, var, _ = cpu.statistics(x, eps, axis)
+        mean, var, _, _, _ = cpu.statistics(x, eps, axis)
         count = torch.full((1, C), float(x.numel() // C))  # (1, C) float32: the general path's packing
         total = gather_moments(Moments(count, mean[None], var[None] * count), group)
         check_counts_no_single_value(total.count, x.shape[0], None)

@@ -66,7 +66,7 @@
 #define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
 #endif
 
-#define BN_ABI_VERSION 8
+#define BN_ABI_VERSION 9
 #define LANES 32                    /* independent float accumulators per reduction */
 #define CHUNK_BYTES (16 << 10)      /* planes: statistics chunk, stays in L1 */
 #ifndef BLOCK_BYTES
@@ -1183,6 +1183,15 @@ static int finish_forward(int64_t C, double m, double eps, const float *mean, co
     return 0;
 }
 
+/* mean64 = cmean, var64 = cm2 / m per channel, where asked for (NULL: nothing). */
+static void copy_moments(int64_t C, double m, const double *cmean, const double *cm2, double *mean64, double *var64) {
+    if (!mean64 || !var64) return;
+    for (int64_t c = 0; c < C; c++) {
+        mean64[c] = cmean[c];
+        var64[c] = cm2[c] / m;
+    }
+}
+
 /* The running-statistics update of finish_forward for a forward that returned the batch's mean
  * and invstd = (var + eps)^-1/2 (float32 (C,)), as torch's kernel does: var = invstd^-2 - eps,
  * at least 0 (a NaN stays NaN and is refused). 0: updated; 2: not finite, nothing written. */
@@ -1218,12 +1227,11 @@ int bn_update_running_unbiased(int f64, int64_t C, const void *mean, const void 
     return 0;
 }
 
-/* y = BN(x) with the batch statistics; mean (float32) and biased var (float32) per channel.
- * w, b: float32 (C,) or NULL. invstd_out (float32 (C,)) and the running statistics may be
- * NULL; see finish_forward. y NULL: the statistics only (x read once, chunk by chunk). */
-int bn_train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *w,
-                     const float *b, double eps, float *mean_out, float *var_out, float *invstd_out,
-                     float *running_mean, float *running_var, double momentum, int nthreads) {
+/* bn_train_forward, and with mean64 / var64 not NULL also the float64 mean and biased variance. */
+static int train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *w,
+                         const float *b, double eps, float *mean_out, float *var_out, float *invstd_out,
+                         float *running_mean, float *running_var, double momentum, int nthreads, double *mean64,
+                         double *var64) {
     int64_t E = A * C * B;
     int nt = threads_for(E, nthreads), stream = use_stream(y, E * elem_size(dt), 2);
     advise_huge(y, E * elem_size(dt));
@@ -1243,6 +1251,7 @@ int bn_train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64
                 fwd_planes_body(DT_BF16, x, y, A, C, B, w, b, eps, mean_out, var_out, r, r + U, r + 2 * U,
                                 r + 2 * U + C, coef, stream);
         }
+        copy_moments(C, (double)(A * B), r + 2 * U, r + 2 * U + C, mean64, var64);
         free(r);
         free(coef);
     } else {
@@ -1262,11 +1271,30 @@ int bn_train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64
                 fwd_rows_body(DT_BF16, x, y, s, w, b, eps, mean_out, var_out, fscr, dscr, an, cmean, cm2, coef, coefw,
                               stream);
         }
+        copy_moments(C, (double)(A * B), cmean, cm2, mean64, var64);
         free(fscr);
         free(dscr);
     }
     return finish_forward(C, (double)(A * B), eps, mean_out, var_out, invstd_out, running_mean, running_var,
                           momentum);
+}
+
+/* y = BN(x) with the batch statistics; mean (float32) and biased var (float32) per channel.
+ * w, b: float32 (C,) or NULL. invstd_out (float32 (C,)) and the running statistics may be
+ * NULL; see finish_forward. y NULL: the statistics only (x read once, chunk by chunk). */
+int bn_train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *w,
+                     const float *b, double eps, float *mean_out, float *var_out, float *invstd_out,
+                     float *running_mean, float *running_var, double momentum, int nthreads) {
+    return train_forward(dt, x, y, A, C, B, w, b, eps, mean_out, var_out, invstd_out, running_mean,
+                         running_var, momentum, nthreads, NULL, NULL);
+}
+
+/* The statistics alone (x read once) as bn_train_forward computes them, and also in float64:
+ * mean64 and var64 (biased), the values its y is centred with before they are rounded. */
+int bn_statistics(int dt, const void *x, int64_t A, int64_t C, int64_t B, double eps, float *mean_out,
+                  float *var_out, float *invstd_out, double *mean64, double *var64, int nthreads) {
+    return train_forward(dt, x, NULL, A, C, B, NULL, NULL, eps, mean_out, var_out, invstd_out, NULL, NULL, 0.0,
+                         nthreads, mean64, var64);
 }
 
 /* ------------------------------------------------------------------ training backward */

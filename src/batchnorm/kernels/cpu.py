@@ -13,7 +13,8 @@ Per channel c over the m = numel / C values of every other axis:
                         (dbias = s1, dweight = s2 * invstd)
     inference           y = x * scale_c + shift_c
     eval                the same with scale = w * (var + eps)**-1/2, shift = b - mean * scale
-    statistics          the training forward's mean, var and invstd alone (`statistics`)
+    statistics          the training forward's mean, var and invstd alone, also in float64
+                        (`statistics`)
     ghost batches       the training forward and backward of each block of k samples along
                         axis 0, with its own statistics, in one call (`ghost_forward`,
                         `ghost_backward`; axis 0 outermost in memory)
@@ -108,7 +109,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("bn_cpu.c")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
-_ABI_VERSION = 8  # bn_abi_version() of a library built from the current bn_cpu.c
+_ABI_VERSION = 9  # bn_abi_version() of a library built from the current bn_cpu.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
 _COMPILE_TIMEOUT_S = 120
 # What batchnorm warns when a training batch's statistics are not finite and the running
@@ -332,6 +333,7 @@ def _load(lib_path: Path) -> ctypes.CDLL:
     lib.bn_eval.argtypes = [i32, p, p, i64, i64, i64, p, p, p, p, f64, i32]
     lib.bn_update_running.argtypes = [i64, f64, f64, p, p, p, p, f64]
     lib.bn_update_running_unbiased.argtypes = [i32, i64, p, p, p, p, f64]
+    lib.bn_statistics.argtypes = [i32, p, i64, i64, i64, f64, p, p, p, p, p, i32]
     lib.bn_ghost_forward.argtypes = [i32, p, p, i64, i64, i64, i64, p, p, f64, p, p, p, i32]
     lib.bn_ghost_backward.argtypes = [i32, p, p, p, i64, i64, i64, i64, p, p, p, p, p, i32]
     lib.bn_masked_forward.argtypes = [i32, p, p, p, i64, i64, i64, p, p, f64, p, p, p, i32]
@@ -346,6 +348,7 @@ def _load(lib_path: Path) -> ctypes.CDLL:
         lib.bn_eval,
         lib.bn_update_running,
         lib.bn_update_running_unbiased,
+        lib.bn_statistics,
         lib.bn_ghost_forward,
         lib.bn_ghost_backward,
         lib.bn_masked_forward,
@@ -619,16 +622,20 @@ def train_forward(
     return y, mean, var
 
 
-def statistics(x: Tensor, eps: float, axis: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The training forward's statistics alone, (mean, var, invstd), float32 (C,): x read once."""
+def statistics(x: Tensor, eps: float, axis: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The training forward's statistics alone, x read once: (mean, var, invstd), float32 (C,),
+    bitwise the forward's, and (mean64, var64), float64 (C,): the same before their rounding to
+    float32 (var biased; float32 sums within chunks, merged in float64). With those, `apply` and
+    `centred` give the forward's y for any scale and shift."""
     lib, A, C, B = _prepare(x, axis)
     mean, var, invstd = (torch.empty(C, dtype=torch.float32) for _ in range(3))
-    rc = lib.bn_train_forward(
-        _DTYPES[x.dtype], x.data_ptr(), None, A, C, B, None, None, float(eps), mean.data_ptr(), var.data_ptr(),
-        invstd.data_ptr(), None, None, 0.0, torch.get_num_threads(),
+    mean64, var64 = torch.empty(C, dtype=torch.float64), torch.empty(C, dtype=torch.float64)
+    rc = lib.bn_statistics(
+        _DTYPES[x.dtype], x.data_ptr(), A, C, B, float(eps), mean.data_ptr(), var.data_ptr(), invstd.data_ptr(),
+        mean64.data_ptr(), var64.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     _check(rc, "the statistics")
-    return mean, var, invstd
+    return mean, var, invstd, mean64, var64
 
 
 def can_update(running: Tensor | None, C: int) -> bool:
