@@ -6,7 +6,7 @@ Ghost batches (`virtual_batch_size=k`) run on the CPU kernel in one call for all
 (`batchnorm._kernel_variants`); a mask alone, where each mask element is a row of x with the channels last,
 as plain BN on the real rows gathered (`functional._masked_rows_train`), and over the planes of a
 contiguous (N, C, L) in the kernel's masked entries (kind "mask-ncl"); batch renormalization as
-a statistics call and a plain forward with weight w*r and bias w*d + b. For each case: our layer
+a statistics call and one apply pass with weight w*r and bias w*d + b. For each case: our layer
 on that path, the same layer on the torch-ops general path (backend "composite", what ran
 before), what one would write by hand with torch's layer (a loop over the chunks with torch.cat;
 gather the real rows and scatter back), and plain BN on the whole batch (ours and torch's) for
