@@ -783,23 +783,38 @@ def test_mask_on_the_planes_kernel_edge_cases(monkeypatch):
     assert not calls and len(planes) == 4  # every training call after the single-value one
 
 
+EVAL_MASK_LAYOUTS = {  # name: (layer maker, x maker (N = 6 samples, 3 channels), mask shape)
+    "ncl-planes": (lambda: bn.BatchNorm1d(3), lambda: torch.randn(6, 3, 37), (6, 37)),
+    "nlc-rows": (lambda: bn.BatchNorm(3, axis=-1), lambda: torch.randn(6, 37, 3), (6, 37)),
+    "nhwc-rows": (lambda: bn.BatchNorm2d(3), lambda: torch.randn(6, 3, 5, 4).contiguous(memory_format=CL), (6, 5, 4)),
+    "2d-rows": (lambda: bn.BatchNorm1d(3), lambda: torch.randn(6, 3), (6,)),
+}
+
+
 @needs_kernel
 @KERNEL_DTYPES
-def test_mask_in_eval_on_the_planes_kernel(dtype, monkeypatch):
-    """Eval with a mask over (N, C, L) planes: one kernel pass, 0 at the (NaN) padding."""
+@pytest.mark.parametrize("layout", list(EVAL_MASK_LAYOUTS))
+def test_mask_in_eval_on_the_kernel(layout, dtype, monkeypatch):
+    """Eval with a mask: one kernel pass, 0 at the (NaN) padding, over planes ((N, C, L)) or rows
+    (channels last: one mask element per row)."""
     calls = _spy(monkeypatch, cpu_kernel, "masked_eval")
-    layer = _seeded_float_layer(lambda: bn.BatchNorm1d(3)).eval()
-    mask = _lengths_mask([37, 30, 3, 0, 1, 17], 37)
-    pad = ~mask.unsqueeze(1).expand(6, 3, 37)
-    x = (torch.randn(6, 3, 37) * 2 + 1).masked_fill(pad, float("nan")).to(dtype)
+    make_layer, make_x, mask_shape = EVAL_MASK_LAYOUTS[layout]
+    layer = _seeded_float_layer(make_layer).eval()
+    axis = layer.axis % len(make_x().shape)
+    mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(3)) < 0.6
+    mask.view(6, -1)[3] = False  # a sample that is all padding
+    x0 = make_x()
+    pad = ~mask.unsqueeze(axis).expand(x0.shape)
+    x = (x0 * 2 + 1).masked_fill(pad, float("nan")).to(dtype)
     with torch.no_grad():
         y = layer(x, mask=mask)
-    assert calls and y.dtype == dtype
+    assert calls and y.dtype == dtype and y.stride() == x.stride()
     assert not y[pad].any()
-    want = F.batch_norm(
-        x.double().nan_to_num(), layer.running_mean.double(), layer.running_var.double(),
-        layer.weight.double(), layer.bias.double(), False, 0.0, EPS,
-    )  # fmt: skip
+    view = [1] * x.dim()
+    view[axis] = 3
+    scale = layer.weight.double() / torch.sqrt(layer.running_var.double() + EPS)
+    want = (x.double().nan_to_num() - layer.running_mean.double().view(view)) * scale.view(view)
+    want = want + layer.bias.double().view(view)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
     _close(y.float()[~pad], want.float()[~pad], **tol)
     # with gradients wanted (a frozen layer being fine-tuned): differentiable torch ops, the same values

@@ -203,7 +203,7 @@ def batch_norm_with_status(
             )
         if mask is not None and not _wants_grad(input, running_mean, running_var, weight, bias):
             # the masked kernel: one pass, 0 at the padding (its operator while a graph is recorded)
-            if _kernel_layout(input, axis) is not None and _cpu.masked_applies(input, axis):
+            if _kernel_layout(input, axis) is not None and _cpu.masked_eval_applies(input, axis):
                 return _cpu.masked_eval(input, mask, running_mean, running_var, weight, bias, eps, axis), True
             vectors = (running_mean, running_var, weight, bias)
             if _compiling_kernel(input) and _cpu_ops.masked_applies(input, axis, *vectors):

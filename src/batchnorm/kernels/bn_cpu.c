@@ -1982,7 +1982,25 @@ int bn_masked_backward(int dt, const void *dy, const void *x, const uint8_t *mas
     return 0;
 }
 
-/* Eval-mode BN (as bn_eval) with the mask: 0 at the padding. */
+/* y = x * s + h per column of the rows [lo, hi) of the (A, C) matrix whose mask byte is set; the
+ * other rows 0 (channels-last layouts: one mask element per row). */
+INLINE void mrows_apply(const void *x, const uint8_t *mask, void *y, int64_t C, const float *s, const float *h, int dt,
+                        int t, int T, int64_t A) {
+    int64_t lo, hi;
+    part(A, t, T, &lo, &hi);
+    for (int64_t a = lo; a < hi; a++) {
+        const int64_t o = a * C;
+        if (mask[a]) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) ST(y, o + c, LD(x, o + c, dt) * s[c] + h[c], dt);
+        } else {
+            memset((char *)y + o * elem_size(dt), 0, (size_t)(C * elem_size(dt)));
+        }
+    }
+}
+
+/* Eval-mode BN (as bn_eval) with the mask: 0 at the padding. B == 1 (channels last): one mask
+ * byte per row of C values; else per plane position (see the section's comment). */
 int bn_masked_eval(int dt, const void *x, const uint8_t *mask, void *y, int64_t A, int64_t C, int64_t B,
                    const float *mean, const float *var, const float *w, const float *b, double eps, int nthreads) {
     float *coef = calloc(3 * (size_t)C, sizeof(float)); /* centre 0, scale, shift */
@@ -1992,7 +2010,11 @@ int bn_masked_eval(int dt, const void *x, const uint8_t *mask, void *y, int64_t 
 #pragma omp parallel num_threads(threads_for(A * C * B, nthreads))
     {
         int t = omp_get_thread_num(), T = omp_get_num_threads();
-        if (dt == DT_F32)
+        if (B == 1 && dt == DT_F32)
+            mrows_apply(x, mask, y, C, coef + C, coef + 2 * C, DT_F32, t, T, A);
+        else if (B == 1)
+            mrows_apply(x, mask, y, C, coef + C, coef + 2 * C, DT_BF16, t, T, A);
+        else if (dt == DT_F32)
             mplanes_elementwise(OP_APPLY, x, NULL, mask, y, A, C, B, coef, coef + C, NULL, coef + 2 * C, DT_F32, t, T);
         else
             mplanes_elementwise(OP_APPLY, x, NULL, mask, y, A, C, B, coef, coef + C, NULL, coef + 2 * C, DT_BF16, t,

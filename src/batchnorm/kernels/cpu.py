@@ -861,6 +861,16 @@ def masked_applies(x: Tensor, axis: int) -> bool:
     return acb is not None and acb[2] >= MASKED_MIN_PLANE
 
 
+def masked_eval_applies(x: Tensor, axis: int) -> bool:
+    """Whether `masked_eval` takes x: as `masked_applies`, or a layout with the channels last
+    whose rows follow the mask's order (contiguous (N, L, C) with axis=-1, channels_last, 2-D:
+    one mask element per row)."""
+    acb = layout(x, axis)
+    if acb is None:
+        return False
+    return (x.is_contiguous() and acb[2] >= MASKED_MIN_PLANE) or (acb[2] == 1 and x.movedim(axis, -1).is_contiguous())
+
+
 def _mask_bytes(mask: Tensor, A: int, B: int) -> Tensor:
     """The bool mask as A*B contiguous bytes (1 = real), the kernel's view of it."""
     if mask.dtype != torch.bool or mask.numel() != A * B:
@@ -919,8 +929,8 @@ def masked_eval(
     eps: float,
     axis: int,
 ) -> Tensor:
-    """`eval_forward` with the mask (`masked_applies`): y = x * scale + shift at the real values, 0
-    at the padding (never read). One read of x, one write of y."""
+    """`eval_forward` with the mask (`masked_eval_applies`): y = x * scale + shift at the real values,
+    0 at the padding (never read). One read of x, one write of y."""
     lib, A, C, B = _prepare(x, axis)
     m = _mask_bytes(mask, A, B)
     rm, rv = _vector(running_mean, C, "running_mean"), _vector(running_var, C, "running_var")
