@@ -84,8 +84,9 @@ def batch_norm(
       each mask element is a row with the channels last ((N, L, C) with
       axis=-1, channels_last), plain BN on the real rows gathered (the CPU
       kernel); over a contiguous input with the channels not last ((N, C, L),
-      (N, C, H, W)), the CPU kernel's masked passes over the planes, in
-      training and in eval (`batchnorm._kernel_variants`).
+      (N, C, H, W)), the CPU kernel's masked passes over the planes
+      (`batchnorm._kernel_variants`). In eval, the kernel's one masked pass
+      wherever it takes the input and no gradient is wanted.
     - virtual_batch_size=k: ghost batches, statistics per chunk of k samples
       along axis 0; the last chunk may be smaller (not a single value per
       channel). One running-statistics update per step, from all chunks'
