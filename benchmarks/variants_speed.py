@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/variants_speed.py [--repeats 30]
 
 Ghost batches (`virtual_batch_size=k`) run on the CPU kernel in one call for all ghost batches
-(`batchnorm._kernel_variants`); a mask alone, where each mask element is a row of x with the channels last,
-as plain BN on the real rows gathered (`functional._masked_rows_train`), and over the planes of a
-contiguous (N, C, L) in the kernel's masked entries (kind "mask-ncl"); batch renormalization as
+(`batchnorm._kernel_variants`); a mask alone in the kernel's masked entries, over rows where each
+mask element is a row of x with the channels last (kind "mask"), over the planes of a contiguous
+(N, C, L) (kind "mask-ncl"); batch renormalization as
 a statistics call and one apply pass with weight w*r and bias w*d + b. For each case: our layer
 on that path, the same layer on the torch-ops general path (backend "composite", what ran
 before), what one would write by hand with torch's layer (a loop over the chunks with torch.cat;

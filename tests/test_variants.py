@@ -627,9 +627,9 @@ def test_mask_errors():
         layer(x, mask=one_real)
 
 
-# a mask alone on the CPU kernel: where each mask element is a row of x with the channels last
-# ((N, L, C) with axis=-1, channels_last, 2-D), plain BN on the real rows, gathered; where the
-# channels are not last (contiguous (N, C, L), (N, C, H, W)), the masked kernels over the planes
+# a mask alone on the CPU kernel's masked entries: rows where each mask element is a row of x with
+# the channels last ((N, L, C) with axis=-1, channels_last, 2-D), planes where the channels are
+# not last (contiguous (N, C, L), (N, C, H, W))
 
 
 def _long_mask(N: int, L: int) -> torch.Tensor:
@@ -652,6 +652,11 @@ KERNEL_MASK_CASES = {  # name: (layer maker, x maker, mask maker)
         lambda: bn.BatchNorm1d(3),
         lambda: torch.randn(9, 3),
         lambda: torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1]).bool(),
+    ),
+    "nlc-rows-threads": (  # 2 threads, blocks of 256 rows, whole blocks of padding (length 0 and 3)
+        lambda: bn.BatchNorm(40, axis=-1),
+        lambda: torch.randn(64, 300, 40),
+        lambda: _lengths_mask([300, 0, 3, 150, 299, 1, 77, 260] * 8, 300),
     ),
     "ncl-planes": (
         lambda: bn.BatchNorm1d(3),
@@ -712,11 +717,11 @@ def test_mask_on_the_kernel_equals_bn_over_real_elements(case, dtype, monkeypatc
     x = x.masked_fill(pad, float("nan")).contiguous(memory_format=fmt)  # padding is never read
     dy = torch.randn(x.shape).to(dtype)
     calls = _spy_general_path(monkeypatch)
-    planes = _spy(monkeypatch, cpu_kernel, "masked_forward")
+    planes = _spy(monkeypatch, cpu_kernel, "masked_forward")  # planes and rows alike
     running = (layer.running_mean.clone(), layer.running_var.clone())
     got = _step(layer, x, dy, mask=mask)
     assert not calls, "the mask took the general path"
-    assert bool(planes) == ("planes" in case), "the masked planes kernel ran (or did not) where it should"
+    assert planes, "the masked kernel did not run"
     assert got[0].stride() == x.stride()
     assert not got[0][pad].any() and not got[1][pad].any()  # zeros, no gradient at the padding
     want, stats = _masked_oracle(layer, x, mask, dy, running)

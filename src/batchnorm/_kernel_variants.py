@@ -19,12 +19,13 @@ call for the statistics (x read once; float64 mean and variance, as the forward 
 one apply pass (x read, y written): the three passes of plain BN's forward. The backward is
 plain BN's with weight w*r: dx, and dw = r * sum(dy * x_hat) + d * sum(dy), db = sum(dy).
 
-A mask over a contiguous x whose channels are not last ((N, C, L) with axis 1, (N, C, H, W)):
-each (sample, channel) plane holds some real values and some padding, the same positions in
-every channel. The kernel's masked entries run plain BN's passes over the planes, selecting on
-the mask's bytes: statistics and sums from the real values, 0 written at the padding (whose
-values are never used). (Where the channels are last, a mask element is a whole row of x, and
-functional's `_masked_rows_train` runs plain BN on the real rows instead.)
+Masks (`mask`, x's shape without the channel axis): the kernel's masked entries run plain BN's
+passes selecting on the mask's bytes: statistics and sums from the real values, 0 written at
+the padding (whose values are never read). Over a contiguous x whose channels are not last
+((N, C, L) with axis 1, (N, C, H, W)), each (sample, channel) plane holds real values and
+padding at the same positions in every channel; where the channels are last ((N, L, C) with
+axis=-1, channels_last, 2-D), a mask element is a whole row of C values, and padded rows are
+skipped.
 
 SyncBN (`process_group`): the kernel's statistics of the local batch, the general path's
 all_gather of the packed moments (so the global batch's mean and variance), then one apply pass

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _kernel_variants
-from ._general import check_shapes_no_single_value, general_train
+from ._general import general_train
 from .kernels import cpu as _cpu
 from .kernels import cpu_ops as _cpu_ops
 
@@ -80,13 +80,12 @@ def batch_norm(
 
     - mask: bool, shaped like input without the channel axis, True = real
       element. Statistics and gradients use real elements only; padded
-      positions output 0 (in eval mode too) and get no gradient. Alone, where
-      each mask element is a row with the channels last ((N, L, C) with
-      axis=-1, channels_last), plain BN on the real rows gathered (the CPU
-      kernel); over a contiguous input with the channels not last ((N, C, L),
-      (N, C, H, W)), the CPU kernel's masked passes over the planes
-      (`batchnorm._kernel_variants`). In eval, the kernel's one masked pass
-      wherever it takes the input and no gradient is wanted.
+      positions output 0 (in eval mode too) and get no gradient. Alone, the
+      CPU kernel's masked passes (`batchnorm._kernel_variants`): over rows
+      where each mask element is a row with the channels last ((N, L, C)
+      with axis=-1, channels_last, 2-D), over planes where a contiguous
+      input has the channels elsewhere ((N, C, L), (N, C, H, W)); in eval,
+      its one masked pass where no gradient is wanted.
     - virtual_batch_size=k: ghost batches, statistics per chunk of k samples
       along axis 0; the last chunk may be smaller (not a single value per
       channel). One running-statistics update per step, from all chunks'
@@ -204,7 +203,7 @@ def batch_norm_with_status(
             )
         if mask is not None and not _wants_grad(input, running_mean, running_var, weight, bias):
             # the masked kernel: one pass, 0 at the padding (its operator while a graph is recorded)
-            if _kernel_layout(input, axis) is not None and _cpu.masked_eval_applies(input, axis):
+            if _kernel_layout(input, axis) is not None and _cpu.masked_applies(input, axis):
                 return _cpu.masked_eval(input, mask, running_mean, running_var, weight, bias, eps, axis), True
             vectors = (running_mean, running_var, weight, bias)
             if _compiling_kernel(input) and _cpu_ops.masked_applies(input, axis, *vectors):
@@ -222,9 +221,6 @@ def batch_norm_with_status(
         # One variant alone, on an input the CPU kernel takes: the kernel paths
         alone = sum(v is not None for v in variants) == 1
         layout = _kernel_layout(input, axis) if alone else None
-        rows = _channel_rows(input, axis) if layout is not None and mask is not None else None
-        if rows is not None:  # a mask where each mask element is a row: plain BN on the real rows
-            return _masked_rows_train(input, axis, rows, mask, running_mean, running_var, weight, bias, momentum, eps)
         if virtual_batch_size is not None and _kernel_variants.ghost_applies(input, layout):
             # ghost batches: all of them in one CPU kernel call
             y, total = _kernel_variants.ghost_train(input, weight, bias, eps, axis, virtual_batch_size)
@@ -232,7 +228,7 @@ def batch_norm_with_status(
             y, total = _kernel_variants.renorm_train(input, weight, bias, eps, axis, running_mean, running_var, renorm)
         elif process_group is not None and layout is not None:  # SyncBN: local passes, global statistics
             y, total = _kernel_variants.sync_train(input, weight, bias, eps, axis, process_group)
-        elif mask is not None and layout is not None and _cpu.masked_applies(input, axis):  # planes: (N, C, L)
+        elif mask is not None and layout is not None and _cpu.masked_applies(input, axis):  # planes or rows
             y, total = _kernel_variants.masked_train(input, mask, weight, bias, eps, axis)
         elif (
             mask is not None
@@ -536,44 +532,6 @@ def _check_channels(name: str, t: Tensor | None, C: int, input: Tensor, axis: in
             f"has {C} channels on axis {axis}; expected {name} of shape ({C},). "
             "Check num_features, or the channel axis (axis=-1 for (N, L, C) data)"
         )
-
-
-def _channel_rows(input: Tensor, axis: int) -> Tensor | None:
-    """input as a (rows, C) view with the channels last, where it is one (channel stride 1 and
-    the rest dense: (N, L, C) with axis=-1, channels_last, 2-D), else None."""
-    x = input.movedim(axis, -1)
-    return x.view(-1, x.shape[-1]) if x.is_contiguous() else None
-
-
-def _masked_rows_train(
-    input: Tensor,
-    axis: int,
-    rows: Tensor,
-    mask: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    momentum: float,
-    eps: float,
-) -> tuple[Tensor, bool | Tensor]:
-    """Training BN with a mask where each mask element is one row of `rows` (`_channel_rows`):
-    plain BN (the CPU kernel) on the real rows gathered, scattered back into zeros.
-
-    The same results as the general path (statistics, running update and gradients from the
-    real elements only; padding outputs 0, gets no gradient and is never read), 3-6x faster
-    (benchmarks/variants_speed.py): the gather and the scatter are a copy of the real rows each
-    way, against the general path's dozen elementwise passes over the whole padded batch.
-    """
-    real = mask.reshape(-1).nonzero().squeeze(1)
-    check_shapes_no_single_value(real.numel(), None, 1)
-    y_real, counted = batch_norm_with_status(
-        rows.index_select(0, real), running_mean, running_var, weight, bias, True, momentum, eps
-    )
-    y = rows.new_zeros(rows.shape).index_copy(0, real, y_real)
-    shape = list(input.shape)
-    shape.append(shape.pop(axis))  # input's shape with the channels last
-    return y.view(shape).movedim(-1, axis), counted
 
 
 def _check_mask(mask: Tensor, input: Tensor, axis: int) -> None:

@@ -1908,6 +1908,211 @@ INLINE void mfwd_body(int dt, const void *x, const uint8_t *mask, void *y, int64
     mplanes_elementwise(OP_APPLY, x, NULL, mask, y, A, C, B, coef, coef + C, NULL, coef + 2 * C, dt, t, T);
 }
 
+/* Masks over rows (B == 1: the channels last, (N, L, C) with axis=-1, channels_last, 2-D): one
+ * mask byte per row of C values. Threads take contiguous ranges of rows, in blocks of at most
+ * MROWS_BLOCK_BYTES (in L2); a block's statistics take two passes over its real rows from x0 =
+ * its first real row (float32 sums per column), merged into the thread's (count, mean, M2)
+ * in float64 with Chan's formula, then the threads' in a fixed order. Padded rows are never
+ * read; the elementwise passes write them 0. Columns vectorize (`omp simd`). */
+#define MROWS_BLOCK_BYTES (64 << 10)
+
+INLINE int64_t mrows_block(int64_t C, int dt) {
+    int64_t R = MROWS_BLOCK_BYTES / (C * elem_size(dt));
+    return R < 1 ? 1 : (R > MAX_BLOCK_ROWS ? MAX_BLOCK_ROWS : R);
+}
+
+/* This thread's rows: *tn real rows with mean tmean and M2 tm2 per column (float64 (C,)). fs:
+ * 3*C floats of scratch. */
+INLINE void mrows_stats_thread(const void *x, const uint8_t *mask, int64_t A, int64_t C, int dt, float *fs,
+                               double *tn, double *tmean, double *tm2, int t, int T) {
+    int64_t lo, hi;
+    part(A, t, T, &lo, &hi);
+    const int64_t R = mrows_block(C, dt);
+    float *x0 = fs, *dm = fs + C, *q = fs + 2 * C;
+    *tn = 0.0;
+    for (int64_t c = 0; c < C; c++) tmean[c] = tm2[c] = 0.0;
+    for (int64_t b0 = lo; b0 < hi; b0 += R) {
+        const int64_t b1 = b0 + R < hi ? b0 + R : hi;
+        int64_t first = b0, n = 0;
+        while (first < b1 && !mask[first]) first++;
+        if (first == b1) continue;
+        for (int64_t c = 0; c < C; c++) {
+            x0[c] = LD(x, first * C + c, dt);
+            dm[c] = q[c] = 0.f;
+        }
+        for (int64_t r = first; r < b1; r++) {
+            if (!mask[r]) continue;
+            n++;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) dm[c] += LD(x, r * C + c, dt) - x0[c];
+        }
+        for (int64_t c = 0; c < C; c++) dm[c] /= (float)n;
+        for (int64_t r = first; r < b1; r++) {
+            if (!mask[r]) continue;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                const float d = (LD(x, r * C + c, dt) - x0[c]) - dm[c];
+                q[c] += d * d;
+            }
+        }
+        const double nb = (double)n, na = *tn, nn = na + nb, f1 = nb / nn, f2 = na * nb / nn;
+        for (int64_t c = 0; c < C; c++) {
+            const double mb = (double)x0[c] + (double)dm[c];
+            if (na == 0.0) {
+                tmean[c] = mb;
+                tm2[c] = (double)q[c];
+            } else {
+                const double d = mb - tmean[c];
+                tmean[c] += d * f1;
+                tm2[c] += (double)q[c] + d * d * f2;
+            }
+        }
+        *tn = nn;
+    }
+}
+
+/* This thread's rows: sum(dy) and sum(dy * (x - mu)) per column over its real rows (float32 per
+ * block, float64 across blocks) into ts1, ts2 (float64 (C,)); fs: 2*C floats of scratch. */
+INLINE void mrows_grad_thread(const void *dy, const void *x, const uint8_t *mask, const float *mu, int64_t A,
+                              int64_t C, int dt, float *fs, double *ts1, double *ts2, int t, int T) {
+    int64_t lo, hi;
+    part(A, t, T, &lo, &hi);
+    const int64_t R = mrows_block(C, dt);
+    float *a1 = fs, *a2 = fs + C;
+    for (int64_t c = 0; c < C; c++) ts1[c] = ts2[c] = 0.0;
+    for (int64_t b0 = lo; b0 < hi; b0 += R) {
+        const int64_t b1 = b0 + R < hi ? b0 + R : hi;
+        for (int64_t c = 0; c < C; c++) a1[c] = a2[c] = 0.f;
+        for (int64_t r = b0; r < b1; r++) {
+            if (!mask[r]) continue;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                const float g = LD(dy, r * C + c, dt);
+                a1[c] += g;
+                a2[c] += g * (LD(x, r * C + c, dt) - mu[c]);
+            }
+        }
+        for (int64_t c = 0; c < C; c++) {
+            ts1[c] += (double)a1[c];
+            ts2[c] += (double)a2[c];
+        }
+    }
+}
+
+/* The elementwise pass (APPLY or DX, op1) over this thread's rows: real rows computed, padded
+ * rows 0. */
+INLINE void mrows_elementwise(int op, const void *x, const void *dy, const uint8_t *mask, void *out, int64_t A,
+                              int64_t C, const float *m, const float *s, const float *b, const float *h, int dt, int t,
+                              int T) {
+    int64_t lo, hi;
+    part(A, t, T, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++) {
+        const int64_t o = r * C;
+        if (!mask[r]) {
+            memset((char *)out + o * elem_size(dt), 0, (size_t)(C * elem_size(dt)));
+            continue;
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++)
+            ST(out, o + c, op1(op, x, dy, o + c, m[c], s[c], op == OP_DX ? b[c] : 0.f, h[c], dt), dt);
+    }
+}
+
+INLINE void mrows_fwd_body(int dt, const void *x, const uint8_t *mask, void *y, int64_t A, int64_t C, const float *w,
+                           const float *b, double eps, float *mean_out, float *var_out, float *fs, double *ds,
+                           float *coef) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    double *tn = ds, *tmean = ds + T + 2 * C * t, *tm2 = tmean + C, *cmean = ds + T + 2 * C * T, *cm2 = cmean + C;
+    mrows_stats_thread(x, mask, A, C, dt, fs + 3 * C * t, &tn[t], tmean, tm2, t, T);
+#pragma omp barrier
+    int64_t c0, c1;
+    part(C, t, T, &c0, &c1);
+    double m = 0.0;
+    for (int u = 0; u < T; u++) m += tn[u];
+    for (int64_t c = c0; c < c1; c++) { /* the threads' moments, in order */
+        double na = 0.0, ma = 0.0, qa = 0.0;
+        for (int u = 0; u < T; u++) {
+            const double *mu = ds + T + 2 * C * u;
+            if (tn[u] == 0.0) continue;
+            if (na == 0.0) {
+                na = tn[u];
+                ma = mu[c];
+                qa = mu[C + c];
+            } else {
+                chan(&na, &ma, &qa, tn[u], mu[c], mu[C + c]);
+            }
+        }
+        cmean[c] = ma;
+        cm2[c] = qa;
+    }
+    fwd_coeffs(c0, c1, cmean, cm2, m > 0.0 ? m : 1.0, w, b, eps, mean_out, var_out, coef, coef + C, coef + 2 * C);
+#pragma omp barrier
+    mrows_elementwise(OP_APPLY, x, NULL, mask, y, A, C, coef, coef + C, NULL, coef + 2 * C, dt, t, T);
+}
+
+INLINE void mrows_bwd_body(int dt, const void *dy, const void *x, const uint8_t *mask, void *dx, int64_t A, int64_t C,
+                           const float *w, const float *mean, const float *invstd, float *s1_out, float *s2_out,
+                           float *fs, double *ds, float *coef) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    mrows_grad_thread(dy, x, mask, mean, A, C, dt, fs + 2 * C * t, ds + 2 * C * t, ds + 2 * C * t + C, t, T);
+#pragma omp barrier
+    int64_t c0, c1;
+    part(C, t, T, &c0, &c1);
+    double m = 0.0;
+    for (int64_t r = 0; r < A; r++) m += mask[r] != 0;
+    for (int64_t c = c0; c < c1; c++) {
+        double s1 = 0.0, s2 = 0.0;
+        for (int u = 0; u < T; u++) {
+            s1 += ds[2 * C * u + c];
+            s2 += ds[2 * C * u + C + c];
+        }
+        bwd_coeffs(c, s1, s2, m > 0.0 ? m : 1.0, w, invstd, s1_out, s2_out, coef, coef + C, coef + 2 * C);
+    }
+    if (!dx) return;
+#pragma omp barrier
+    mrows_elementwise(OP_DX, x, dy, mask, dx, A, C, mean, coef, coef + C, coef + 2 * C, dt, t, T);
+}
+
+static int masked_rows_forward(int dt, const void *x, const uint8_t *mask, void *y, int64_t A, int64_t C,
+                               const float *w, const float *b, double eps, float *mean_out, float *var_out,
+                               int nthreads) {
+    const int nt = threads_for(A * C, nthreads);
+    float *fs = malloc(sizeof(float) * (3 * C * nt + 3 * C));
+    double *ds = malloc(sizeof(double) * (nt + 2 * C * nt + 2 * C));
+    if (!fs || !ds) { free(fs); free(ds); return 1; }
+#pragma omp parallel num_threads(nt)
+    {
+        float *coef = fs + 3 * C * nt;
+        if (dt == DT_F32)
+            mrows_fwd_body(DT_F32, x, mask, y, A, C, w, b, eps, mean_out, var_out, fs, ds, coef);
+        else
+            mrows_fwd_body(DT_BF16, x, mask, y, A, C, w, b, eps, mean_out, var_out, fs, ds, coef);
+    }
+    free(fs);
+    free(ds);
+    return 0;
+}
+
+static int masked_rows_backward(int dt, const void *dy, const void *x, const uint8_t *mask, void *dx, int64_t A,
+                                int64_t C, const float *w, const float *mean, const float *invstd, float *s1_out,
+                                float *s2_out, int nthreads) {
+    const int nt = threads_for(A * C, nthreads);
+    float *fs = malloc(sizeof(float) * (2 * C * nt + 3 * C));
+    double *ds = malloc(sizeof(double) * 2 * C * nt);
+    if (!fs || !ds) { free(fs); free(ds); return 1; }
+#pragma omp parallel num_threads(nt)
+    {
+        float *coef = fs + 2 * C * nt;
+        if (dt == DT_F32)
+            mrows_bwd_body(DT_F32, dy, x, mask, dx, A, C, w, mean, invstd, s1_out, s2_out, fs, ds, coef);
+        else
+            mrows_bwd_body(DT_BF16, dy, x, mask, dx, A, C, w, mean, invstd, s1_out, s2_out, fs, ds, coef);
+    }
+    free(fs);
+    free(ds);
+    return 0;
+}
+
 /* Training forward over the real values (see the section's comment): y, and the float32 (C,)
  * mean, biased var and invstd of the real values; no real value at all: mean 0, var 0 and y 0.
  * No running statistics (the caller updates them from mean and var). */
@@ -1915,6 +2120,11 @@ int bn_masked_forward(int dt, const void *x, const uint8_t *mask, void *y, int64
                       const float *w, const float *b, double eps, float *mean_out, float *var_out, float *invstd_out,
                       int nthreads) {
     int64_t nch, L, E = A * C * B;
+    if (B == 1) { /* rows */
+        advise_huge(y, E * elem_size(dt));
+        const int rc = masked_rows_forward(dt, x, mask, y, A, C, w, b, eps, mean_out, var_out, nthreads);
+        return rc ? rc : finish_forward(C, 0.0, eps, mean_out, var_out, invstd_out, NULL, NULL, 0.0);
+    }
     plane_chunks(B, dt, &nch, &L);
     const int64_t U = A * nch, nt = threads_for(E, nthreads);
     double *r = malloc(sizeof(double) * (U + 2 * U * C + 2 * C));
@@ -1963,6 +2173,10 @@ int bn_masked_backward(int dt, const void *dy, const void *x, const uint8_t *mas
                        int64_t B, const float *w, const float *mean, const float *invstd, float *s1_out,
                        float *s2_out, int nthreads) {
     int64_t nch, L, E = A * C * B;
+    if (B == 1) { /* rows */
+        advise_huge(dx, E * elem_size(dt));
+        return masked_rows_backward(dt, dy, x, mask, dx, A, C, w, mean, invstd, s1_out, s2_out, nthreads);
+    }
     plane_chunks(B, dt, &nch, &L);
     const int64_t U = A * nch, nt = threads_for(E, nthreads);
     double *r = malloc(sizeof(double) * (U + 2 * U * C));

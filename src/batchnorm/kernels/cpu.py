@@ -847,24 +847,20 @@ def ghost_backward(
     return dx, s1, s2
 
 
-# Planes of one value are rows with the channels last, where functional gathers the real rows
-# instead. From 2 values on the masked kernels win: fwd+bwd of (4096, 64, 2) 4.6 against 11.7 ms on
-# the general path, (2048, 64, 4) 3.2 against 8.5, (1024, 128, 8) 3.7 against 16.5 (2-core EPYC).
+# From planes of 2 values on, the masked kernels beat the general path: fwd+bwd of (4096, 64, 2)
+# 4.6 against 11.7 ms, (2048, 64, 4) 3.2 against 8.5, (1024, 128, 8) 3.7 against 16.5 (2-core
+# EPYC). Planes of one value are rows with the channels last, which the masked kernels take as
+# rows (one mask byte per row of C values).
 MASKED_MIN_PLANE = 2
 
 
 def masked_applies(x: Tensor, axis: int) -> bool:
-    """Whether the masked kernels take x: `supports(x, axis)`, x contiguous (so value e of row a's
-    planes in the (A, C, B) view has mask element a*B + e: (N, C, L) and mask (N, L), (N, C, H, W)
-    and mask (N, H, W)) and planes of at least MASKED_MIN_PLANE values."""
-    acb = layout(x, axis) if x.is_contiguous() else None
-    return acb is not None and acb[2] >= MASKED_MIN_PLANE
-
-
-def masked_eval_applies(x: Tensor, axis: int) -> bool:
-    """Whether `masked_eval` takes x: as `masked_applies`, or a layout with the channels last
-    whose rows follow the mask's order (contiguous (N, L, C) with axis=-1, channels_last, 2-D:
-    one mask element per row)."""
+    """Whether the masked kernels (`masked_forward`, `masked_backward`, `masked_eval`) take x, a
+    mask having x's shape without the channel axis: x in a kernel layout (A, C, B) whose order
+    follows the mask's, either contiguous with planes of at least MASKED_MIN_PLANE values (value e
+    of row a's planes has mask element a*B + e: (N, C, L) and mask (N, L), (N, C, H, W) and mask
+    (N, H, W)), or rows with the channels last (B = 1, row a has mask element a: (N, L, C) with
+    axis=-1, channels_last, 2-D)."""
     acb = layout(x, axis)
     if acb is None:
         return False
@@ -929,7 +925,7 @@ def masked_eval(
     eps: float,
     axis: int,
 ) -> Tensor:
-    """`eval_forward` with the mask (`masked_eval_applies`): y = x * scale + shift at the real values,
+    """`eval_forward` with the mask (`masked_applies`): y = x * scale + shift at the real values,
     0 at the padding (never read). One read of x, one write of y."""
     lib, A, C, B = _prepare(x, axis)
     m = _mask_bytes(mask, A, B)
