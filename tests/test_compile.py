@@ -299,19 +299,22 @@ def test_compiled_mask_with_a_single_value_raises_and_keeps_the_statistics(layou
         make()(x, one)  # eager: the ValueError itself
 
 
-def test_compiled_mask_over_planes_runs_the_kernel(monkeypatch):
-    """(N, C, L) with a mask: the compiled layer calls the masked kernel (through its operators) in
-    training and in eval, and gives the eager layer's training results bitwise (the same kernel)."""
+@pytest.mark.parametrize("layout", ["ncl", "nlc"])
+def test_compiled_mask_runs_the_kernel(layout, monkeypatch):
+    """A mask over (N, C, L) planes or (N, L, C) rows: the compiled layer calls the masked kernel
+    (through its operators) in training and in eval, and gives the eager layer's training results
+    bitwise (the same kernel)."""
     calls = []
     for name in ("masked_forward", "masked_backward", "masked_eval"):
         function = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *a, _f=function, _n=name, **k: calls.append(_n) or _f(*a, **k))
     torch.manual_seed(0)
-    ours = bn.BatchNorm1d(4)
+    ours = bn.BatchNorm1d(4) if layout == "ncl" else bn.BatchNorm(4, axis=-1)
     eager = copy.deepcopy(ours)
     torch.compiler.reset()
     compiled = torch.compile(ours, fullgraph=True)
-    x, g, mask = torch.randn(5, 4, 33) * 2 + 1, torch.randn(5, 4, 33), _lengths_mask([33, 20, 1, 0, 17], 33)
+    shape = (5, 4, 33) if layout == "ncl" else (5, 33, 4)
+    x, g, mask = torch.randn(shape) * 2 + 1, torch.randn(shape), _lengths_mask([33, 20, 1, 0, 17], 33)
     got, want = (_masked_step(layer, params, x, mask, g) for layer, params in ((compiled, ours), (eager, eager)))
     assert {"masked_forward", "masked_backward"} <= set(calls)
     for a, b in zip(got, want):

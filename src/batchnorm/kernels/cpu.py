@@ -20,7 +20,8 @@ Per channel c over the m = numel / C values of every other axis:
                         `ghost_backward`; axis 0 outermost in memory)
     masks               the training forward, backward and eval over the real values of a
                         bool mask with x's shape without the channel axis, 0 at the padding
-                        (`masked_forward`, `masked_backward`, `masked_eval`; x contiguous)
+                        (`masked_forward`, `masked_backward`, `masked_eval`; planes of a
+                        contiguous x, or rows with the channels last: `masked_applies`)
     apply               y = (x - centre_c) * scale_c + shift_c with coefficients from elsewhere
                         (`apply`, `centred`: SyncBN's global statistics)
     input gradient      dx = k_c*dy + b_c*(x - centre_c) + c_c with given coefficients
@@ -862,8 +863,12 @@ def masked_applies(x: Tensor, axis: int) -> bool:
     (N, H, W)), or rows with the channels last (B = 1, row a has mask element a: (N, L, C) with
     axis=-1, channels_last, 2-D)."""
     acb = layout(x, axis)
-    if acb is None:
-        return False
+    return acb is not None and masked_layout(x, axis, acb)
+
+
+def masked_layout(x: Tensor, axis: int, acb: tuple[int, int, int]) -> bool:
+    """`masked_applies` for x of kernel layout acb (`layout`, or `_layout` where no memo may be
+    read: `cpu_ops`)."""
     return (x.is_contiguous() and acb[2] >= MASKED_MIN_PLANE) or (acb[2] == 1 and x.movedim(axis, -1).is_contiguous())
 
 

@@ -74,9 +74,9 @@ def applies(
 
 
 def masked_applies(x: Tensor, axis: int, *vectors: Tensor | None) -> bool:
-    """`applies` for the masked operators: also x contiguous, planes of MASKED_MIN_PLANE values or
-    more (as `cpu.masked_applies`)."""
-    return applies(x, axis, *vectors) and x.is_contiguous() and cpu._layout(x, axis)[2] >= cpu.MASKED_MIN_PLANE
+    """`applies` for the masked operators: also a layout whose order follows the mask's (planes of
+    a contiguous x, or rows with the channels last: `cpu.masked_applies`)."""
+    return applies(x, axis, *vectors) and cpu.masked_layout(x, axis, cpu._layout(x, axis))
 
 
 def _vector(x: Tensor, axis: int) -> Tensor:
