@@ -124,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     for kind, shape, k, dtype, cl in CASES:
         med = time_case(kind, shape, k, dtype, cl, args.repeats)
-        what = {"ghost": f"k={k}", "renorm": "r_max 1.5, d_max 0.5"}.get(kind, f"~{k:.0%} real")
+        what = f"k={k}" if kind == "ghost" else "r_max 1.5, d_max 0.5" if kind == "renorm" else f"~{k:.0%} real"
         layout = " channels_last" if cl else ""
         label = f"{kind} {'x'.join(map(str, shape))} {what} {str(dtype).removeprefix('torch.')}{layout}"
         print(f"{label}: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in med.items()))
