@@ -203,7 +203,8 @@ def batch_norm_with_status(
             )
         if mask is not None and not _wants_grad(input, running_mean, running_var, weight, bias):
             # the masked kernel: one pass, 0 at the padding (its operator while a graph is recorded)
-            if _kernel_layout(input, axis) is not None and _cpu.masked_applies(input, axis):
+            acb = _kernel_layout(input, axis)
+            if acb is not None and _cpu.masked_layout(input, axis, acb):
                 return _cpu.masked_eval(input, mask, running_mean, running_var, weight, bias, eps, axis), True
             vectors = (running_mean, running_var, weight, bias)
             if _compiling_kernel(input) and _cpu_ops.masked_applies(input, axis, *vectors):
@@ -228,7 +229,7 @@ def batch_norm_with_status(
             y, total = _kernel_variants.renorm_train(input, weight, bias, eps, axis, running_mean, running_var, renorm)
         elif process_group is not None and layout is not None:  # SyncBN: local passes, global statistics
             y, total = _kernel_variants.sync_train(input, weight, bias, eps, axis, process_group)
-        elif mask is not None and layout is not None and _cpu.masked_applies(input, axis):  # planes or rows
+        elif mask is not None and layout is not None and _cpu.masked_layout(input, axis, layout):  # planes or rows
             y, total = _kernel_variants.masked_train(input, mask, weight, bias, eps, axis)
         elif (
             mask is not None
