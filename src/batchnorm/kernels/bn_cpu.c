@@ -1423,6 +1423,15 @@ static int ghost_blocks_per_thread(int64_t G, int64_t block_bytes, int nt) {
     return nt > 1 && block_bytes <= GHOST_THREAD_BLOCK_BYTES && (G % nt == 0 || G >= 4 * nt);
 }
 
+/* Ghost batch g of bn_ghost_forward's on `threads` threads. */
+static int ghost_forward_one(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, int64_t Ag, int64_t g,
+                             const float *w, const float *b, double eps, float *mean_out, float *var_out,
+                             float *invstd_out, int threads) {
+    const int64_t row = C * B * elem_size(dt), a = g * Ag, n = A - a < Ag ? A - a : Ag;
+    return bn_train_forward(dt, (const char *)x + a * row, (char *)y + a * row, n, C, B, w, b, eps, mean_out + g * C,
+                            var_out + g * C, invstd_out + g * C, NULL, NULL, 0.0, threads);
+}
+
 /* Ghost batches: the A rows of the (A, C, B) view in consecutive blocks of Ag rows (the last
  * may have fewer), each normalized with its own statistics: one bn_train_forward per block,
  * its mean, var and invstd in row g of the (G, C) outputs. The whole output is advised huge
@@ -1430,28 +1439,31 @@ static int ghost_blocks_per_thread(int64_t G, int64_t block_bytes, int nt) {
  * caller merges the blocks' moments. */
 int bn_ghost_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, int64_t Ag, const float *w,
                      const float *b, double eps, float *mean_out, float *var_out, float *invstd_out, int nthreads) {
-    const int64_t row = C * B * elem_size(dt), G = (A + Ag - 1) / Ag;
+    const int64_t G = (A + Ag - 1) / Ag, row = C * B * elem_size(dt);
     advise_huge(y, A * row);
     const int nt = threads_for(A * C * B, nthreads);
-    if (ghost_blocks_per_thread(G, Ag * row, nt)) {
-        int rc = 0;
+    int rc = 0;
+    if (ghost_blocks_per_thread(G, Ag * row, nt)) { /* (not one loop with if(): nested regions get 1 thread) */
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(max : rc)
         for (int64_t g = 0; g < G; g++) {
-            const int64_t a = g * Ag, n = A - a < Ag ? A - a : Ag;
-            const int r = bn_train_forward(dt, (const char *)x + a * row, (char *)y + a * row, n, C, B, w, b, eps,
-                                           mean_out + g * C, var_out + g * C, invstd_out + g * C, NULL, NULL, 0.0, 1);
+            const int r = ghost_forward_one(dt, x, y, A, C, B, Ag, g, w, b, eps, mean_out, var_out, invstd_out, 1);
             rc = r > rc ? r : rc;
         }
         return rc;
     }
-    for (int64_t a = 0, g = 0; a < A; a += Ag, g++) {
-        const int64_t n = A - a < Ag ? A - a : Ag;
-        const int rc = bn_train_forward(dt, (const char *)x + a * row, (char *)y + a * row, n, C, B, w, b, eps,
-                                        mean_out + g * C, var_out + g * C, invstd_out + g * C, NULL, NULL, 0.0,
-                                        nthreads);
-        if (rc) return rc;
-    }
-    return 0;
+    for (int64_t g = 0; g < G && !rc; g++)
+        rc = ghost_forward_one(dt, x, y, A, C, B, Ag, g, w, b, eps, mean_out, var_out, invstd_out, nthreads);
+    return rc;
+}
+
+/* Ghost batch g of bn_ghost_backward's on `threads` threads. */
+static int ghost_backward_one(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B,
+                              int64_t Ag, int64_t g, const float *w, const float *mean, const float *invstd,
+                              float *s1_out, float *s2_out, int threads) {
+    const int64_t row = C * B * elem_size(dt), a = g * Ag, n = A - a < Ag ? A - a : Ag;
+    return bn_train_backward(dt, (const char *)dy + a * row, (const char *)x + a * row,
+                             dx ? (char *)dx + a * row : NULL, n, C, B, w, mean + g * C, invstd + g * C,
+                             s1_out + g * C, s2_out + g * C, threads);
 }
 
 /* The backward of bn_ghost_forward: per block bn_train_backward with its row g of mean and
@@ -1459,29 +1471,21 @@ int bn_ghost_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64
 int bn_ghost_backward(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B, int64_t Ag,
                       const float *w, const float *mean, const float *invstd, float *s1_out, float *s2_out,
                       int nthreads) {
-    const int64_t row = C * B * elem_size(dt), G = (A + Ag - 1) / Ag;
+    const int64_t G = (A + Ag - 1) / Ag, row = C * B * elem_size(dt);
     advise_huge(dx, A * row);
     const int nt = threads_for(A * C * B, nthreads);
+    int rc = 0;
     if (ghost_blocks_per_thread(G, Ag * row, nt)) {
-        int rc = 0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(max : rc)
         for (int64_t g = 0; g < G; g++) {
-            const int64_t a = g * Ag, n = A - a < Ag ? A - a : Ag;
-            const int r = bn_train_backward(dt, (const char *)dy + a * row, (const char *)x + a * row,
-                                            dx ? (char *)dx + a * row : NULL, n, C, B, w, mean + g * C,
-                                            invstd + g * C, s1_out + g * C, s2_out + g * C, 1);
+            const int r = ghost_backward_one(dt, dy, x, dx, A, C, B, Ag, g, w, mean, invstd, s1_out, s2_out, 1);
             rc = r > rc ? r : rc;
         }
         return rc;
     }
-    for (int64_t a = 0, g = 0; a < A; a += Ag, g++) {
-        const int64_t n = A - a < Ag ? A - a : Ag;
-        const int rc = bn_train_backward(dt, (const char *)dy + a * row, (const char *)x + a * row,
-                                         dx ? (char *)dx + a * row : NULL, n, C, B, w, mean + g * C, invstd + g * C,
-                                         s1_out + g * C, s2_out + g * C, nthreads);
-        if (rc) return rc;
-    }
-    return 0;
+    for (int64_t g = 0; g < G && !rc; g++)
+        rc = ghost_backward_one(dt, dy, x, dx, A, C, B, Ag, g, w, mean, invstd, s1_out, s2_out, nthreads);
+    return rc;
 }
 
 /* ------------------------------------------------------------------ inference */
