@@ -155,7 +155,7 @@ class _MaskedTrain(torch.autograd.Function):  # y, and the real values' mean and
 def masked_train(
     x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, traced: bool = False
 ) -> tuple[Tensor, Moments]:
-    """Training-mode BN over the real values of x on the CPU kernel (check `cpu.masked_applies`
+    """Training-mode BN over the real values of x on the CPU kernel (check `cpu.masked_layout`
     first; mask: bool, x's shape without the channel axis, checked by the caller).
 
     Returns y (0 at the padding) and the moments (count, mean, M2) of the real values, float64,

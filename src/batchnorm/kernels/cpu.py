@@ -21,7 +21,7 @@ Per channel c over the m = numel / C values of every other axis:
     masks               the training forward, backward and eval over the real values of a
                         bool mask with x's shape without the channel axis, 0 at the padding
                         (`masked_forward`, `masked_backward`, `masked_eval`; planes of a
-                        contiguous x, or rows with the channels last: `masked_applies`)
+                        contiguous x, or rows with the channels last: `masked_layout`)
     apply               y = (x - centre_c) * scale_c + shift_c with coefficients from elsewhere
                         (`apply`, `centred`: SyncBN's global statistics)
     input gradient      dx = k_c*dy + b_c*(x - centre_c) + c_c with given coefficients
@@ -855,20 +855,13 @@ def ghost_backward(
 MASKED_MIN_PLANE = 2
 
 
-def masked_applies(x: Tensor, axis: int) -> bool:
-    """Whether the masked kernels (`masked_forward`, `masked_backward`, `masked_eval`) take x, a
-    mask having x's shape without the channel axis: x in a kernel layout (A, C, B) whose order
-    follows the mask's, either contiguous with planes of at least MASKED_MIN_PLANE values (value e
-    of row a's planes has mask element a*B + e: (N, C, L) and mask (N, L), (N, C, H, W) and mask
-    (N, H, W)), or rows with the channels last (B = 1, row a has mask element a: (N, L, C) with
-    axis=-1, channels_last, 2-D)."""
-    acb = layout(x, axis)
-    return acb is not None and masked_layout(x, axis, acb)
-
-
 def masked_layout(x: Tensor, axis: int, acb: tuple[int, int, int]) -> bool:
-    """`masked_applies` for x of kernel layout acb (`layout`, or `_layout` where no memo may be
-    read: `cpu_ops`)."""
+    """Whether the masked kernels (`masked_forward`, `masked_backward`, `masked_eval`) take x of
+    kernel layout acb (`layout`, or `_layout` where no memo may be read: `cpu_ops`), a mask having
+    x's shape without the channel axis: a layout whose order follows the mask's, either contiguous
+    with planes of at least MASKED_MIN_PLANE values (value e of row a's planes has mask element
+    a*B + e: (N, C, L) and mask (N, L), (N, C, H, W) and mask (N, H, W)), or rows with the channels
+    last (B = 1, row a has mask element a: (N, L, C) with axis=-1, channels_last, 2-D)."""
     return (x.is_contiguous() and acb[2] >= MASKED_MIN_PLANE) or (acb[2] == 1 and x.movedim(axis, -1).is_contiguous())
 
 
@@ -882,7 +875,7 @@ def _mask_bytes(mask: Tensor, A: int, B: int) -> Tensor:
 def masked_forward(
     x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`train_forward` over the real values of x (`masked_applies`; mask: x's shape without the
+    """`train_forward` over the real values of x (`masked_layout`; mask: x's shape without the
     channel axis, True = real): (y, mean, var, invstd), the last three float32 (C,) over the real
     values. y is 0 at the padding, whose values are never read into a result (NaN is fine); no
     real value at all gives mean 0, var 0 and y 0. No running statistics."""
@@ -930,7 +923,7 @@ def masked_eval(
     eps: float,
     axis: int,
 ) -> Tensor:
-    """`eval_forward` with the mask (`masked_applies`): y = x * scale + shift at the real values,
+    """`eval_forward` with the mask (`masked_layout`): y = x * scale + shift at the real values,
     0 at the padding (never read). One read of x, one write of y."""
     lib, A, C, B = _prepare(x, axis)
     m = _mask_bytes(mask, A, B)

@@ -75,7 +75,7 @@ def applies(
 
 def masked_applies(x: Tensor, axis: int, *vectors: Tensor | None) -> bool:
     """`applies` for the masked operators: also a layout whose order follows the mask's (planes of
-    a contiguous x, or rows with the channels last: `cpu.masked_applies`)."""
+    a contiguous x, or rows with the channels last: `cpu.masked_layout`)."""
     return applies(x, axis, *vectors) and cpu.masked_layout(x, axis, cpu._layout(x, axis))
 
 
