@@ -344,3 +344,17 @@ def test_exported_variants_match_eager(make_layer, make_input):
     for name in BUFFERS:
         torch.testing.assert_close(getattr(exported, name), getattr(eager, name), rtol=1e-5, atol=1e-6)
     assert int(exported.num_batches_tracked) == 3
+
+
+def test_layout_traces_with_symbolic_strides():
+    """`cpu._layout` (which `cpu_ops.applies` runs while a graph is recorded) on dense permutations
+    whose strides are symbolic (dynamic shapes): a graph, no Dynamo "sort with non-constant keys"
+    error, and the layout of eager."""
+    f = torch.compile(lambda x: x * cpu._layout(x, 1)[2], dynamic=True, fullgraph=True)
+    torch.compiler.reset()
+    for shape in [(4, 3, 5, 6), (2, 5, 3, 3)]:
+        nhwc = torch.randn(shape).contiguous(memory_format=CL)
+        nhcw = torch.randn(shape).permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)  # (N, H, C, W) in memory
+        for x, B in ((nhwc, 1), (nhcw, shape[3])):
+            assert cpu._layout(x, 1) == (x.numel() // (shape[1] * B), shape[1], B)
+            assert torch.equal(f(x), x * B)

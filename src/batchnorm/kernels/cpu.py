@@ -528,7 +528,13 @@ def _layout(x: Tensor, axis: int) -> tuple[int, int, int] | None:
     C = shape[axis]
     if x.is_contiguous():
         return math.prod(shape[:axis]), C, math.prod(shape[axis + 1 :])
-    dims = sorted((d for d in range(x.dim()) if shape[d] != 1), key=lambda d: strides[d])
+    dims: list[int] = []  # the dims of size > 1, innermost first: an insertion sort of plain comparisons,
+    for d in range(x.dim()):  # which torch.compile traces on symbolic strides (sorted's keys it cannot)
+        if shape[d] != 1:
+            i = len(dims)
+            while i > 0 and strides[dims[i - 1]] > strides[d]:
+                i -= 1
+            dims.insert(i, d)
     expected = 1
     for d in dims:  # dense: each stride is the product of the sizes inside it
         if strides[d] != expected:
