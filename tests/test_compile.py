@@ -10,6 +10,8 @@ running statistics and num_batches_tracked, training then eval.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -358,3 +360,20 @@ def test_layout_traces_with_symbolic_strides():
         for x, B in ((nhwc, 1), (nhcw, shape[3])):
             assert cpu._layout(x, 1) == (x.numel() // (shape[1] * B), shape[1], B)
             assert torch.equal(f(x), x * B)
+
+
+def test_a_process_whose_first_call_is_compiled_runs_the_kernel():
+    """The kernel is loaded while the first graph is traced (`cpu.loaded_for_graphs`): a fresh
+    process that never called a layer eagerly still gets the kernel's operators in its graphs."""
+    script = """
+import torch, batchnorm as bn
+from batchnorm.kernels import cpu
+assert cpu._lib is None, "loaded before the test"
+calls = []
+forward = cpu.train_forward_update
+cpu.train_forward_update = lambda *a, **k: calls.append(1) or forward(*a, **k)
+torch.compile(bn.BatchNorm2d(3), fullgraph=True)(torch.randn(4, 3, 5, 5))
+assert calls, "the graph holds torch ops, not the kernel"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -152,11 +152,28 @@ def library_path() -> Path | None:
 
 
 def _library() -> ctypes.CDLL | None:
-    global _lib, _why, _path, _tried
     if _tried:
         return _lib
-    if torch.compiler.is_compiling():  # no build inside a traced graph (Dynamo cannot take the lock)
+    if torch.compiler.is_compiling():  # not while Dynamo traces this code (it cannot take the lock): see below
         return None
+    return _build_once()
+
+
+def loaded_for_graphs() -> bool:
+    """`available()` for code torch.compile or torch.export trace (`cpu_ops.applies`): Dynamo calls
+    this as plain Python at trace time, so the kernel is built and loaded then, and records the
+    answer as a constant. (Otherwise a process whose first call is compiled finds no kernel
+    loaded, and its graphs keep torch ops.)"""
+    return _lib is not None if _tried else _build_once() is not None
+
+
+# What torch.compiler.assume_constant_result does (torch 2.13), without its import of
+# torch._dynamo (1 s, and Triton, which must not load before TRITON_INTERPRET is set).
+loaded_for_graphs._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _build_once() -> ctypes.CDLL | None:
+    global _lib, _why, _path, _tried
     with _lock:
         if not _tried:
             try:

@@ -57,9 +57,10 @@ def applies(
     statistics both None or both buffers the kernel updates.
 
     Pure reads of shapes and strides (not `cpu.layout`, whose memo dict would make Dynamo guard
-    on it and recompile whenever it grows); no build (not inside a traced graph).
+    on it and recompile whenever it grows); the kernel is loaded (built if need be) at trace time
+    (`cpu.loaded_for_graphs`).
     """
-    if cpu._lib is None or x.dtype not in cpu._DTYPES or not x.is_cpu or x.layout != torch.strided:
+    if not cpu.loaded_for_graphs() or x.dtype not in cpu._DTYPES or not x.is_cpu or x.layout != torch.strided:
         return False
     acb = cpu._layout(x, axis)
     if acb is None:
