@@ -126,20 +126,29 @@ def _(dy, x, weight, mean, invstd, axis):
     return cpu._empty_like(x), _vector(x, axis), _vector(x, axis)
 
 
+def wanted_grads(ctx, needs: tuple[bool, ...], dx: Tensor, dweight: Tensor, dbias: Tensor) -> tuple[Tensor | None, ...]:
+    """(dx, dweight, dbias), each None where autograd wants none (`needs`: x's, weight's, bias's
+    entries of ctx.needs_input_grad) or the parameter is None (ctx.has_weight, ctx.has_bias, which
+    the operator's setup stored): the autograd formulas' common tail."""
+    need_x, need_w, need_b = needs
+    return (
+        dx if need_x else None,
+        dweight if need_w and ctx.has_weight else None,
+        dbias if need_b and ctx.has_bias else None,
+    )
+
+
 def _train_setup(ctx, inputs, output) -> None:
     x, weight, bias, _, _, _, _, axis = inputs
     mean, invstd = output[1], output[2]
     ctx.save_for_backward(x, weight, mean, invstd)
-    ctx.axis, ctx.has_bias = axis, bias is not None
+    ctx.axis, ctx.has_weight, ctx.has_bias = axis, weight is not None, bias is not None
 
 
 def _train_backward(ctx, dy, *_):  # gradients of y only: the other outputs are statistics
     x, weight, mean, invstd = ctx.saved_tensors
     dx, s1, s2 = cpu_backward(dy, x, weight, mean, invstd, ctx.axis)
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dw = s2 * invstd if need_w and weight is not None else None
-    db = s1 if need_b and ctx.has_bias else None
-    return dx if need_x else None, dw, db, None, None, None, None, None
+    return *wanted_grads(ctx, ctx.needs_input_grad[:3], dx, s2 * invstd, s1), None, None, None, None, None
 
 
 cpu_train.register_autograd(_train_backward, setup_context=_train_setup)
@@ -185,16 +194,15 @@ def _(dy, x, mask, weight, mean, invstd, axis):
 def _masked_setup(ctx, inputs, output) -> None:
     x, mask, weight, bias, _, axis = inputs
     ctx.save_for_backward(x, mask, weight, output[1], output[3])
-    ctx.axis, ctx.has_bias = axis, bias is not None
+    ctx.axis, ctx.has_weight, ctx.has_bias = axis, weight is not None, bias is not None
 
 
 def _masked_backward(ctx, dy, *_):  # gradients of y only
     x, mask, weight, mean, invstd = ctx.saved_tensors
     dx, s1, s2 = cpu_masked_backward(dy, x, mask, weight, mean, invstd, ctx.axis)
     need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
-    dw = s2 * invstd if need_w and weight is not None else None
-    db = s1 if need_b and ctx.has_bias else None
-    return dx if need_x else None, None, dw, db, None, None
+    dx, dw, db = wanted_grads(ctx, (need_x, need_w, need_b), dx, s2 * invstd, s1)
+    return dx, None, dw, db, None, None
 
 
 cpu_masked_train.register_autograd(_masked_backward, setup_context=_masked_setup)
