@@ -348,6 +348,89 @@ def test_exported_variants_match_eager(make_layer, make_input):
     assert int(exported.num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_ghost_and_renorm_operators_pass_opcheck(dtype):
+    from batchnorm import _kernel_variants
+
+    x = torch.randn(10, 3, 4, 4).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    for k in (4, 5):  # ragged: a last ghost batch of 2, and even
+        torch.library.opcheck(cpu_ops.cpu_ghost_train, (x, w, b, 1e-5, 1, k))
+        grads = (x.clone().requires_grad_(), w.requires_grad_(), None)
+        torch.library.opcheck(cpu_ops.cpu_ghost_train, (*grads, 1e-5, 1, k))
+        w = w.detach()
+        G = -(-10 // k)
+        mean, invstd = torch.randn(G, 3), torch.rand(G, 3) + 0.5
+        torch.library.opcheck(cpu_ops.cpu_ghost_backward, (torch.randn_like(x), x, w, mean, invstd, 1, k))
+    limits = torch.tensor(1.5, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    args = (torch.randn(3) * 0.1, torch.rand(3) + 0.5, *limits, 1e-5, 1)
+    torch.library.opcheck(_kernel_variants._cpu_renorm_train, (x, w, b, *args))
+    grads = (x.clone().requires_grad_(), w.requires_grad_(), b)
+    torch.library.opcheck(_kernel_variants._cpu_renorm_train, (*grads, *args))
+
+
+KERNEL_VARIANTS = [  # (layer maker, x maker, the kernel functions the compiled layer must call)
+    pytest.param(
+        lambda: bn.BatchNorm2d(3, virtual_batch_size=4),
+        lambda: torch.randn(16, 3, 5, 5),
+        {"ghost_forward", "ghost_backward"},
+        id="ghost",
+    ),
+    pytest.param(
+        lambda: bn.BatchNorm2d(3, virtual_batch_size=5),
+        lambda: torch.randn(12, 3, 5, 5).contiguous(memory_format=CL),
+        {"ghost_forward", "ghost_backward"},
+        id="ghost-ragged-nhwc",
+    ),
+    pytest.param(
+        lambda: bn.BatchNorm1d(6, virtual_batch_size=8), lambda: torch.randn(32, 6), {"ghost_forward"}, id="ghost-2d"
+    ),
+    pytest.param(
+        lambda: bn.BatchNorm2d(3, renorm=bn.Renorm(1.5, 0.5, warmup_steps=1, r_max_steps=3, d_max_steps=3)),
+        lambda: torch.randn(16, 3, 5, 5),
+        {"statistics", "apply", "train_backward"},
+        id="renorm",
+    ),
+    pytest.param(
+        lambda: bn.BatchNorm(4, axis=-1, renorm=bn.Renorm.fixed(1.2, 0.3)),
+        lambda: torch.randn(6, 10, 4),
+        {"statistics", "apply", "train_backward"},
+        id="renorm-nlc",
+    ),
+]
+
+
+@pytest.mark.parametrize("make_layer,make_x,kernels", KERNEL_VARIANTS)
+def test_compiled_ghost_and_renorm_run_the_kernel(make_layer, make_x, kernels, monkeypatch):
+    """Ghost batches and batch renormalization alone, compiled: the graph calls the CPU kernel
+    through their operators (not the general path's torch ops) and gives our eager layer's
+    outputs and gradients bitwise, the buffers within rounding, over three steps (renorm's
+    limits move)."""
+    calls = []
+    for name in ("ghost_forward", "ghost_backward", "statistics", "apply", "train_backward"):
+        function = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _f=function, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    torch.manual_seed(0)
+    ours = make_layer()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+    eager = copy.deepcopy(ours)
+    torch.compiler.reset()
+    compiled = torch.compile(ours, fullgraph=True)
+    for _ in range(3):
+        x = make_x() * 2 + 1
+        g = torch.randn_like(x)
+        calls.clear()
+        got = _step(compiled, x, g)
+        assert kernels <= set(calls), calls
+        want = _step(eager, x, g)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        for name in BUFFERS:
+            torch.testing.assert_close(getattr(ours, name), getattr(eager, name), rtol=1e-6, atol=1e-7)
+
+
 def test_layout_traces_with_symbolic_strides():
     """`cpu._layout` (which `cpu_ops.applies` runs while a graph is recorded) on dense permutations
     whose strides are symbolic (dynamic shapes): a graph, no Dynamo "sort with non-constant keys"

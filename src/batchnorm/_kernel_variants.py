@@ -37,6 +37,10 @@ take (an empty one, another layout) still synchronizes with the others.
 
 The general path (`_general.py`) computes all of them with torch ops, 2-8x slower
 (benchmarks/variants_speed.py).
+
+While torch.compile or torch.export record a call (`traced`), ghost batches, renorm and masks
+run as the kernel's operators (`cpu_ops`, and `_cpu_renorm_train` here); SyncBN's collectives
+take the general path there.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._general import check_counts_no_single_value, check_shapes_no_single_value, gather_moments, no_double_backward
-from .kernels import cpu
+from .kernels import cpu, cpu_ops
 from .moments import Moments, merge_stacked
 
 __all__ = ["ghost_applies", "ghost_train", "masked_train", "renorm_train", "sync_train"]
@@ -76,35 +80,51 @@ class _GhostTrain(torch.autograd.Function):  # y, and the (G, C) mean and var of
 
 
 def ghost_train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, k: int
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, k: int, traced: bool = False
 ) -> tuple[Tensor, Moments]:
     """Training-mode BN over ghost batches of k samples on the CPU kernel (check `ghost_applies` first).
 
     Returns y and the moments (count, mean, M2) of all values, float64 (C,), for the running
-    statistics: the ghost batches' own, merged.
+    statistics: the ghost batches' own, merged. traced: torch.compile or torch.export records the
+    call (check `cpu_ops.applies` too): the kernel's operators.
     """
     N = x.shape[0]
     per = x.numel() // (N * x.shape[axis])  # values per (sample, channel)
     check_shapes_no_single_value(N, k, per)
-    y, mean, var = _GhostTrain.apply(x, weight, bias, eps, axis, k)
+    if traced:
+        y, mean, var, _ = torch.ops.batchnorm.cpu_ghost_train(x, weight, bias, eps, axis, k)
+    else:
+        y, mean, var = _GhostTrain.apply(x, weight, bias, eps, axis, k)
     count = torch.tensor([min(k, N - s) * per for s in range(0, N, k)], dtype=torch.float64)[:, None]
     mean, var = mean.double(), var.double()
     return y, merge_stacked(count, mean, var * count)
 
 
+def _renorm_forward(x, weight, bias, eps: float, axis: int, running_mean, running_var, r_max, d_max):
+    """y, the batch's float64 mean and var, and what the backward takes: float32 (C,) scale = w * r
+    (plain BN's weight there), mean, invstd, r and d. r_max, d_max: floats or 0-dim tensors."""
+    mean, _, invstd, mean64, var64 = cpu.statistics(x, eps, axis)
+    sigma = torch.sqrt(running_var.double() + eps)
+    r = (torch.sqrt(var64 + eps) / sigma).clamp(1.0 / r_max, r_max)
+    d = ((mean64 - running_mean.double()) / sigma).clamp(-d_max, d_max)
+    w = None if weight is None else weight.double()
+    scale, shift = (r, d) if w is None else (w * r, w * d)  # y = x_hat * scale + shift
+    if bias is not None:
+        shift = shift + bias.double()
+    y = cpu.apply(x, *cpu.centred(mean64, scale * torch.rsqrt(var64 + eps), shift), axis)
+    return y, mean64, var64, scale.float(), mean, invstd, r.float(), d.float()
+
+
+def _renorm_param_grads(s1: Tensor, s2: Tensor, invstd: Tensor, r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """(dweight, dbias) from plain BN's backward sums s1 = sum(dy), s2 = sum(dy * (x - mean))."""
+    return r * s2 * invstd + d * s1, s1
+
+
 class _RenormTrain(torch.autograd.Function):  # y, and the batch's mean and var, float64
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, axis: int, running_mean, running_var, r_max: float, d_max: float):
-        mean, _, invstd, mean64, var64 = cpu.statistics(x, eps, axis)
-        sigma = torch.sqrt(running_var.double() + eps)
-        r = (torch.sqrt(var64 + eps) / sigma).clamp(1.0 / r_max, r_max)
-        d = ((mean64 - running_mean.double()) / sigma).clamp(-d_max, d_max)
-        w = None if weight is None else weight.double()
-        scale, shift = (r, d) if w is None else (w * r, w * d)  # y = x_hat * scale + shift
-        if bias is not None:
-            shift = shift + bias.double()
-        y = cpu.apply(x, *cpu.centred(mean64, scale * torch.rsqrt(var64 + eps), shift), axis)
-        ctx.save_for_backward(x, scale.float(), mean, invstd, r.float(), d.float())
+        y, mean64, var64, *saved = _renorm_forward(x, weight, bias, eps, axis, running_mean, running_var, r_max, d_max)
+        ctx.save_for_backward(x, *saved)
         return _forward_done(ctx, axis, weight, bias, y, mean64, var64)
 
     @staticmethod
@@ -112,7 +132,49 @@ class _RenormTrain(torch.autograd.Function):  # y, and the batch's mean and var,
         no_double_backward()
         x, scale, mean, invstd, r, d = ctx.saved_tensors
         dx, s1, s2 = cpu.train_backward(dy, x, scale, mean, invstd, ctx.axis, ctx.needs_input_grad[0])
-        return (*_gradients(ctx, dx, r * s2 * invstd + d * s1, s1), None, None, None, None, None, None)
+        return (*_gradients(ctx, dx, *_renorm_param_grads(s1, s2, invstd, r, d)), None, None, None, None, None, None)
+
+
+@torch.library.custom_op("batchnorm::cpu_renorm_train", mutates_args=(), device_types="cpu")
+def _cpu_renorm_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    r_max: Tensor,
+    d_max: Tensor,
+    eps: float,
+    axis: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Batch renormalization's forward as an operator, for graphs torch.compile or torch.export
+    record: `_renorm_forward`'s outputs, y and the float64 (C,) mean and var first. Its r and d,
+    computed inside from the running statistics, are outputs the graph saves: never recomputed
+    after the same graph updated those buffers (see `_general._kept`)."""
+    return _renorm_forward(x, weight, bias, eps, axis, running_mean, running_var, r_max, d_max)
+
+
+@_cpu_renorm_train.register_fake
+def _(x, weight, bias, running_mean, running_var, r_max, d_max, eps, axis):
+    C = x.shape[axis]
+    f64 = (x.new_empty(C, dtype=torch.float64) for _ in range(2))
+    return cpu._empty_like(x), *f64, *(x.new_empty(C, dtype=torch.float32) for _ in range(5))
+
+
+def _renorm_op_setup(ctx, inputs, output) -> None:
+    x, weight, bias = inputs[:3]
+    ctx.save_for_backward(x, *output[3:])
+    ctx.axis, ctx.has_weight, ctx.has_bias = inputs[8], weight is not None, bias is not None
+
+
+def _renorm_op_backward(ctx, dy, *_):  # gradients of y only: the other outputs are statistics
+    x, scale, mean, invstd, r, d = ctx.saved_tensors
+    dx, s1, s2 = torch.ops.batchnorm.cpu_backward(dy, x, scale, mean, invstd, ctx.axis)
+    grads = cpu_ops.wanted_grads(ctx, ctx.needs_input_grad[:3], dx, *_renorm_param_grads(s1, s2, invstd, r, d))
+    return *grads, None, None, None, None, None, None
+
+
+_cpu_renorm_train.register_autograd(_renorm_op_backward, setup_context=_renorm_op_setup)
 
 
 def renorm_train(
@@ -123,16 +185,23 @@ def renorm_train(
     axis: int,
     running_mean: Tensor,
     running_var: Tensor,
-    renorm: tuple[float, float],
+    renorm: tuple[float, float] | tuple[Tensor, Tensor],
+    traced: bool = False,
 ) -> tuple[Tensor, Moments]:
     """Training-mode batch renormalization on the CPU kernel (x in a layout `cpu.layout` takes).
 
     Returns y and the moments (count, mean, M2) of the batch, float64, for the running
-    statistics (which r and d read before they are updated).
+    statistics (which r and d read before they are updated). traced: torch.compile or
+    torch.export records the call (check `cpu_ops.applies` too): its operator, and `renorm` may
+    be 0-dim tensors (a layer's schedule).
     """
     m = x.numel() // x.shape[axis]  # values per channel
     check_shapes_no_single_value(m, None, 1)
-    y, mean, var = _RenormTrain.apply(x, weight, bias, eps, axis, running_mean, running_var, *renorm)
+    if traced:
+        limits = (torch.as_tensor(v, dtype=torch.float64) for v in renorm)
+        y, mean, var, *_ = _cpu_renorm_train(x, weight, bias, running_mean, running_var, *limits, eps, axis)
+    else:
+        y, mean, var = _RenormTrain.apply(x, weight, bias, eps, axis, running_mean, running_var, *renorm)
     count = torch.tensor([m], dtype=torch.float64)
     return y, Moments(count, mean, var * count)
 
@@ -237,4 +306,3 @@ def _gradients(ctx, dx: Tensor | None, dw: Tensor, db: Tensor) -> tuple[Tensor |
         dw.to(ctx.weight_dtype) if need_w and ctx.weight_dtype is not None else None,
         db.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None,
     )
-

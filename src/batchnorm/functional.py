@@ -222,22 +222,21 @@ def batch_norm_with_status(
         # One variant alone, on an input the CPU kernel takes: the kernel paths
         alone = sum(v is not None for v in variants) == 1
         layout = _kernel_layout(input, axis) if alone else None
+        # the same as the kernel's operators, in a graph torch.compile or torch.export records
+        traced = alone and _compiling_kernel(input) and _cpu_ops.applies(input, axis, weight, bias)
+        if traced:
+            layout = _cpu._layout(input, axis)
         if virtual_batch_size is not None and _kernel_variants.ghost_applies(input, layout):
             # ghost batches: all of them in one CPU kernel call
-            y, total = _kernel_variants.ghost_train(input, weight, bias, eps, axis, virtual_batch_size)
+            y, total = _kernel_variants.ghost_train(input, weight, bias, eps, axis, virtual_batch_size, traced)
         elif renorm is not None and layout is not None:  # batch renormalization: two kernel calls
-            y, total = _kernel_variants.renorm_train(input, weight, bias, eps, axis, running_mean, running_var, renorm)
-        elif process_group is not None and layout is not None:  # SyncBN: local passes, global statistics
+            y, total = _kernel_variants.renorm_train(
+                input, weight, bias, eps, axis, running_mean, running_var, renorm, traced
+            )
+        elif process_group is not None and layout is not None and not traced:  # SyncBN: local passes, global stats
             y, total = _kernel_variants.sync_train(input, weight, bias, eps, axis, process_group)
         elif mask is not None and layout is not None and _cpu.masked_layout(input, axis, layout):  # planes or rows
-            y, total = _kernel_variants.masked_train(input, mask, weight, bias, eps, axis)
-        elif (
-            mask is not None
-            and alone
-            and _compiling_kernel(input)
-            and _cpu_ops.masked_applies(input, axis, weight, bias)
-        ):  # the same as operators, in a graph torch.compile or torch.export records
-            y, total = _kernel_variants.masked_train(input, mask, weight, bias, eps, axis, traced=True)
+            y, total = _kernel_variants.masked_train(input, mask, weight, bias, eps, axis, traced)
         else:
             y, total = general_train(
                 input,

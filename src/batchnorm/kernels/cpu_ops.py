@@ -22,6 +22,13 @@ formula, the kernel runs inside compiled and exported graphs:
     batchnorm::cpu_masked_eval(x, mask, mean, var, weight?, bias?, eps, axis) -> y
         The same over the real values of a mask (`cpu.masked_forward`): statistics and sums from
         them, 0 at the padding; no running statistics (the caller updates them from mean, var).
+    batchnorm::cpu_ghost_train(x, weight?, bias?, eps, axis, k) -> (y, mean, var, invstd)
+    batchnorm::cpu_ghost_backward(dy, x, weight?, mean, invstd, axis, k) -> (dx, s1, s2)
+        Ghost batches of k samples (`cpu.ghost_forward`): the statistics and sums (G, C), row g
+        for ghost batch g; no running statistics (the caller merges the ghost batches' moments).
+
+Batch renormalization's operator, `batchnorm::cpu_renorm_train`, is in `_kernel_variants`
+beside the eager form it shares its forward with.
 
 `functional` uses them only while torch.compile or torch.export traces, for inputs the kernel
 takes as they are (`applies`). In eager mode the C++ entry points are cheaper: an operator
@@ -41,11 +48,14 @@ __all__ = [
     "applies",
     "cpu_backward",
     "cpu_eval",
+    "cpu_ghost_backward",
+    "cpu_ghost_train",
     "cpu_masked_backward",
     "cpu_masked_eval",
     "cpu_masked_train",
     "cpu_train",
     "masked_applies",
+    "wanted_grads",
 ]
 
 
@@ -225,3 +235,47 @@ def cpu_masked_eval(
 @cpu_masked_eval.register_fake
 def _(x, mask, mean, var, weight, bias, eps, axis):
     return cpu._empty_like(x)
+
+
+def _ghost_stats(x: Tensor, axis: int, k: int) -> Tensor:
+    return x.new_empty((-(-x.shape[0] // k), x.shape[axis]), dtype=torch.float32)  # (G, C)
+
+
+@torch.library.custom_op("batchnorm::cpu_ghost_train", mutates_args=(), device_types="cpu")
+def cpu_ghost_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return cpu.ghost_forward(x, weight, bias, eps, axis, k)
+
+
+@cpu_ghost_train.register_fake
+def _(x, weight, bias, eps, axis, k):
+    return cpu._empty_like(x), _ghost_stats(x, axis, k), _ghost_stats(x, axis, k), _ghost_stats(x, axis, k)
+
+
+@torch.library.custom_op("batchnorm::cpu_ghost_backward", mutates_args=(), device_types="cpu")
+def cpu_ghost_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, axis: int, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, s1, s2 = cpu.ghost_backward(dy, x, weight, mean, invstd, axis, k, True)
+    return dx, s1, s2
+
+
+@cpu_ghost_backward.register_fake
+def _(dy, x, weight, mean, invstd, axis, k):
+    return cpu._empty_like(x), _ghost_stats(x, axis, k), _ghost_stats(x, axis, k)
+
+
+def _ghost_setup(ctx, inputs, output) -> None:
+    x, weight, bias, _, axis, k = inputs
+    ctx.save_for_backward(x, weight, output[1], output[3])
+    ctx.axis, ctx.k, ctx.has_weight, ctx.has_bias = axis, k, weight is not None, bias is not None
+
+
+def _ghost_backward(ctx, dy, *_):  # gradients of y only; the parameters' add up over the ghost batches
+    x, weight, mean, invstd = ctx.saved_tensors
+    dx, s1, s2 = cpu_ghost_backward(dy, x, weight, mean, invstd, ctx.axis, ctx.k)
+    return *wanted_grads(ctx, ctx.needs_input_grad[:3], dx, (s2 * invstd).sum(0), s1.sum(0)), None, None, None
+
+
+cpu_ghost_train.register_autograd(_ghost_backward, setup_context=_ghost_setup)
