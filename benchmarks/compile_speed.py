@@ -18,7 +18,6 @@ import time
 import torch
 
 import batchnorm as bn
-from batchnorm.kernels import cpu
 
 
 def main() -> None:
@@ -26,7 +25,6 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=4, default=[32, 64, 56, 56])
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    cpu.available()  # load the kernel before tracing: a graph never builds it
     C = args.shape[1]
     ours, theirs = bn.BatchNorm2d(C), torch.nn.BatchNorm2d(C)
     x = torch.randn(args.shape).requires_grad_()
