@@ -30,13 +30,23 @@ CL = torch.channels_last
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _pair():
+def _seeded(make_layer=lambda: bn.BatchNorm2d(3)):
+    """A layer with seeded random parameters, and an eager copy of it."""
     torch.manual_seed(0)
-    ours = bn.BatchNorm2d(3)
+    ours = make_layer()
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5)
         ours.bias.uniform_(-1, 1)
     return ours, copy.deepcopy(ours)
+
+
+def _spy_on(monkeypatch, *names: str) -> list[str]:
+    """A list that records the name of each call of these `cpu` functions."""
+    calls: list[str] = []
+    for name in names:
+        function = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _f=function, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    return calls
 
 
 def _step(layer, x, g):
@@ -50,7 +60,7 @@ def _step(layer, x, g):
 def test_compiled_layer_has_no_graph_break_and_matches_eager(shape):
     """fullgraph=True raises on any graph break; in training the results are our eager layer's,
     bitwise (the same kernel, as an operator)."""
-    ours, eager = _pair()
+    ours, eager = _seeded()
     theirs = torch.nn.BatchNorm2d(3)
     theirs.load_state_dict(ours.state_dict())
     torch.compiler.reset()
@@ -121,7 +131,7 @@ def test_compiled_layer_the_operators_do_not_take(training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_exported_layer_matches_eager(shape, training):
-    ours, eager = _pair()
+    ours, eager = _seeded()
     ours.train(training)
     eager.train(training)
     exported = torch.export.export(ours, (torch.randn(shape),)).module()
@@ -134,7 +144,7 @@ def test_exported_layer_matches_eager(shape, training):
 
 def test_compiled_layer_skips_a_nonfinite_batch():
     """The graph's own finite test: the running statistics stay, the batch is not counted."""
-    ours, _ = _pair()
+    ours, _ = _seeded()
     torch.compiler.reset()
     compiled = torch.compile(ours, fullgraph=True)
     with torch.no_grad():
@@ -245,12 +255,7 @@ def test_compiled_variants_match_eager(make_layer, make_input):
     once for every training step (the step count stays a tensor in the graph), and give our eager
     layer's outputs, gradients and buffers, training then eval. With renorm, the gradients need
     r and d from before the graph's own update of the buffers (`_general._kept`)."""
-    torch.manual_seed(0)
-    ours = make_layer()
-    with torch.no_grad():
-        ours.weight.uniform_(0.5, 1.5)
-        ours.bias.uniform_(-1, 1)
-    eager = copy.deepcopy(ours)
+    ours, eager = _seeded(make_layer)
     torch.compiler.reset()
     # (imported here: at collection it would load triton before test_triton_kernels sets TRITON_INTERPRET)
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -306,10 +311,7 @@ def test_compiled_mask_runs_the_kernel(layout, monkeypatch):
     """A mask over (N, C, L) planes or (N, L, C) rows: the compiled layer calls the masked kernel
     (through its operators) in training and in eval, and gives the eager layer's training results
     bitwise (the same kernel)."""
-    calls = []
-    for name in ("masked_forward", "masked_backward", "masked_eval"):
-        function = getattr(cpu, name)
-        monkeypatch.setattr(cpu, name, lambda *a, _f=function, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    calls = _spy_on(monkeypatch, "masked_forward", "masked_backward", "masked_eval")
     torch.manual_seed(0)
     ours = bn.BatchNorm1d(4) if layout == "ncl" else bn.BatchNorm(4, axis=-1)
     eager = copy.deepcopy(ours)
@@ -406,16 +408,8 @@ def test_compiled_ghost_and_renorm_run_the_kernel(make_layer, make_x, kernels, m
     through their operators (not the general path's torch ops) and gives our eager layer's
     outputs and gradients bitwise, the buffers within rounding, over three steps (renorm's
     limits move)."""
-    calls = []
-    for name in ("ghost_forward", "ghost_backward", "statistics", "apply", "train_backward"):
-        function = getattr(cpu, name)
-        monkeypatch.setattr(cpu, name, lambda *a, _f=function, _n=name, **k: calls.append(_n) or _f(*a, **k))
-    torch.manual_seed(0)
-    ours = make_layer()
-    with torch.no_grad():
-        ours.weight.uniform_(0.5, 1.5)
-        ours.bias.uniform_(-1, 1)
-    eager = copy.deepcopy(ours)
+    calls = _spy_on(monkeypatch, "ghost_forward", "ghost_backward", "statistics", "apply", "train_backward")
+    ours, eager = _seeded(make_layer)
     torch.compiler.reset()
     compiled = torch.compile(ours, fullgraph=True)
     for _ in range(3):
