@@ -162,9 +162,9 @@ def _(x, weight, bias, running_mean, running_var, r_max, d_max, eps, axis):
 
 
 def _renorm_op_setup(ctx, inputs, output) -> None:
-    x, weight, bias = inputs[:3]
-    ctx.save_for_backward(x, *output[3:])
-    ctx.axis, ctx.has_weight, ctx.has_bias = inputs[8], weight is not None, bias is not None
+    x, weight, bias, _, _, _, _, _, axis = inputs
+    ctx.save_for_backward(x, *output[3:])  # scale, mean, invstd, r, d
+    ctx.axis, ctx.has_weight, ctx.has_bias = axis, weight is not None, bias is not None
 
 
 def _renorm_op_backward(ctx, dy, *_):  # gradients of y only: the other outputs are statistics
