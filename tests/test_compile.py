@@ -114,18 +114,63 @@ def test_compiled_layer_on_other_layouts(make_layer, make_x):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_compiled_layer_the_operators_do_not_take(training):
-    """bfloat16 parameters: the operators decline (they take float32 vectors), and the kernels
-    give way to torch ops inside the graph instead of meeting fake tensors."""
+    """A float64 layer and input: the operators decline (the kernel takes float32 and bfloat16
+    inputs), and the kernels give way to torch ops inside the graph instead of meeting fake
+    tensors."""
     torch.manual_seed(0)
-    ours = bn.BatchNorm2d(3).bfloat16().train(training)
+    ours = bn.BatchNorm2d(3).double().train(training)
     eager = copy.deepcopy(ours)
-    x = torch.randn(8, 3, 10, 10).bfloat16()
+    x = torch.randn(8, 3, 10, 10).double()
     assert not cpu_ops.applies(x, 1, ours.weight, ours.bias)
     torch.compiler.reset()
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(ours, fullgraph=True)(x), eager(x), rtol=1.6e-2, atol=1.6e-2)
+        torch.testing.assert_close(torch.compile(ours, fullgraph=True)(x), eager(x))
     for name in BUFFERS:
+        torch.testing.assert_close(getattr(ours, name), getattr(eager, name))
+
+
+BF16_LAYERS = [  # (layer maker, input shape, the kernel functions training must call)
+    pytest.param(lambda: bn.BatchNorm2d(4), (8, 4, 10, 10), {"train_forward_update", "train_backward"}, id="plain"),
+    pytest.param(
+        lambda: bn.BatchNorm2d(4, virtual_batch_size=4), (8, 4, 10, 10), {"ghost_forward", "ghost_backward"}, id="ghost"
+    ),
+    pytest.param(
+        lambda: bn.BatchNorm2d(4, renorm=bn.Renorm.fixed(1.5, 0.5)),
+        (8, 4, 10, 10),
+        {"statistics", "apply", "train_backward"},
+        id="renorm",
+    ),
+]
+
+
+@pytest.mark.parametrize("make_layer,shape,kernels", BF16_LAYERS)
+def test_compiled_bfloat16_layer_runs_the_kernel(make_layer, shape, kernels, monkeypatch):
+    """A layer converted to bfloat16 (parameters and running statistics): the graph hands the
+    operators float32 copies, so the kernel runs, training then eval, and the results follow our
+    eager layer's within bfloat16 rounding, gradients and buffers in bfloat16."""
+    calls = _spy_on(monkeypatch, *sorted(kernels | {"eval_forward"}))
+    ours, eager = _seeded(lambda: make_layer().bfloat16())
+    torch.compiler.reset()
+    compiled = torch.compile(ours, fullgraph=True)
+    for _ in range(2):
+        x, g = torch.randn(shape).bfloat16() * 2 + 1, torch.randn(shape).bfloat16()
+        calls.clear()
+        got = _step(compiled, x, g)
+        assert kernels <= set(calls), calls
+        for a, b in zip(got, _step(eager, x, g)):
+            assert a.dtype == b.dtype == torch.bfloat16
+            torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1.6e-2)
+    for name in BUFFERS:
+        assert getattr(ours, name).dtype == getattr(eager, name).dtype
         torch.testing.assert_close(getattr(ours, name), getattr(eager, name), rtol=1.6e-2, atol=1.6e-2)
+    ours.eval()
+    eager.eval()
+    calls.clear()
+    with torch.no_grad():
+        x = torch.randn(shape).bfloat16()
+        y = compiled(x)
+        assert calls == ["eval_forward"]
+        torch.testing.assert_close(y, eager(x), rtol=1.6e-2, atol=1.6e-2)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -306,28 +351,32 @@ def test_compiled_mask_with_a_single_value_raises_and_keeps_the_statistics(layou
         make()(x, one)  # eager: the ValueError itself
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("layout", ["ncl", "nlc"])
-def test_compiled_mask_runs_the_kernel(layout, monkeypatch):
+def test_compiled_mask_runs_the_kernel(layout, dtype, monkeypatch):
     """A mask over (N, C, L) planes or (N, L, C) rows: the compiled layer calls the masked kernel
     (through its operators) in training and in eval, and gives the eager layer's training results
-    bitwise (the same kernel)."""
+    bitwise (the same kernel). A bfloat16 layer too: its operators take float32 copies."""
     calls = _spy_on(monkeypatch, "masked_forward", "masked_backward", "masked_eval")
     torch.manual_seed(0)
-    ours = bn.BatchNorm1d(4) if layout == "ncl" else bn.BatchNorm(4, axis=-1)
+    ours = (bn.BatchNorm1d(4) if layout == "ncl" else bn.BatchNorm(4, axis=-1)).to(dtype)
     eager = copy.deepcopy(ours)
     torch.compiler.reset()
     compiled = torch.compile(ours, fullgraph=True)
     shape = (5, 4, 33) if layout == "ncl" else (5, 33, 4)
-    x, g, mask = torch.randn(shape) * 2 + 1, torch.randn(shape), _lengths_mask([33, 20, 1, 0, 17], 33)
-    got, want = (_masked_step(layer, params, x, mask, g) for layer, params in ((compiled, ours), (eager, eager)))
+    x, g = (torch.randn(shape) * 2 + 1).to(dtype), torch.randn(shape).to(dtype)
+    mask = _lengths_mask([33, 20, 1, 0, 17], 33)
+    got = _masked_step(compiled, ours, x, mask, g)
     assert {"masked_forward", "masked_backward"} <= set(calls)
-    for a, b in zip(got, want):
+    for a, b in zip(got, _masked_step(eager, eager, x, mask, g)):
         assert torch.equal(a, b)
     ours.eval()
     calls.clear()
     with torch.no_grad():  # (the running statistics: the graph's update rounds in another order)
-        torch.testing.assert_close(compiled(x, mask), eager.eval()(x, mask), rtol=1e-5, atol=1e-6)
-    assert calls.count("masked_eval") == 2
+        y = compiled(x, mask)
+        assert calls == ["masked_eval"]
+        rtol, atol = (1e-5, 1e-6) if dtype is torch.float32 else (1.6e-2, 1.6e-2)
+        torch.testing.assert_close(y, eager.eval()(x, mask), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("make_layer,make_input", VARIANTS)
