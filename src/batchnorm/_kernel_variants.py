@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ._general import check_counts_no_single_value, check_shapes_no_single_value, gather_moments, no_double_backward
 from .kernels import cpu, cpu_ops
-from .moments import Moments, merge_stacked
+from .moments import Moments
 
 __all__ = ["ghost_applies", "ghost_train", "masked_train", "renorm_train", "sync_train"]
 
@@ -62,16 +62,16 @@ def ghost_applies(x: Tensor, layout: tuple[int, int, int] | None) -> bool:
     return layout is not None and x.dim() >= 2 and (x.shape[0] == 1 or x.stride(0) * x.shape[0] == x.numel())
 
 
-class _GhostTrain(torch.autograd.Function):  # y, and the (G, C) mean and var of the ghost batches
+class _GhostTrain(torch.autograd.Function):  # y, and the whole batch's mean and M2, float64 (C,)
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, k: int):
-        y, mean, var, invstd = cpu.ghost_forward(x, weight, bias, eps, axis, k)
+        y, mean, invstd, total_mean, total_m2 = cpu.ghost_forward(x, weight, bias, eps, axis, k)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.k = k
-        return _forward_done(ctx, axis, weight, bias, y, mean, var)
+        return _forward_done(ctx, axis, weight, bias, y, total_mean, total_m2)
 
     @staticmethod
-    def backward(ctx, dy: Tensor, _mean: Tensor, _var: Tensor):
+    def backward(ctx, dy: Tensor, _mean: Tensor, _m2: Tensor):
         no_double_backward()
         x, weight, mean, invstd = ctx.saved_tensors
         dx, s1, s2 = cpu.ghost_backward(dy, x, weight, mean, invstd, ctx.axis, ctx.k, ctx.needs_input_grad[0])
@@ -85,19 +85,17 @@ def ghost_train(
     """Training-mode BN over ghost batches of k samples on the CPU kernel (check `ghost_applies` first).
 
     Returns y and the moments (count, mean, M2) of all values, float64 (C,), for the running
-    statistics: the ghost batches' own, merged. traced: torch.compile or torch.export records the
-    call (check `cpu_ops.applies` too): the kernel's operators.
+    statistics: the ghost batches' own, merged (by the kernel). traced: torch.compile or
+    torch.export records the call (check `cpu_ops.applies` too): the kernel's operators.
     """
     N = x.shape[0]
     per = x.numel() // (N * x.shape[axis])  # values per (sample, channel)
     check_shapes_no_single_value(N, k, per)
     if traced:
-        y, mean, var, _ = torch.ops.batchnorm.cpu_ghost_train(x, weight, bias, eps, axis, k)
+        y, _, _, mean, m2 = torch.ops.batchnorm.cpu_ghost_train(x, weight, bias, eps, axis, k)
     else:
-        y, mean, var = _GhostTrain.apply(x, weight, bias, eps, axis, k)
-    count = torch.tensor([min(k, N - s) * per for s in range(0, N, k)], dtype=torch.float64)[:, None]
-    mean, var = mean.double(), var.double()
-    return y, merge_stacked(count, mean, var * count)
+        y, mean, m2 = _GhostTrain.apply(x, weight, bias, eps, axis, k)
+    return y, Moments(torch.tensor([N * per], dtype=torch.float64), mean, m2)
 
 
 def _renorm_forward(x, weight, bias, eps: float, axis: int, running_mean, running_var, r_max, d_max):

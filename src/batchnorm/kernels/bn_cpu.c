@@ -66,7 +66,7 @@
 #define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
 #endif
 
-#define BN_ABI_VERSION 9
+#define BN_ABI_VERSION 10
 #define LANES 32                    /* independent float accumulators per reduction */
 #define CHUNK_BYTES (16 << 10)      /* planes: statistics chunk, stays in L1 */
 #ifndef BLOCK_BYTES
@@ -1432,13 +1432,36 @@ static int ghost_forward_one(int dt, const void *x, void *y, int64_t A, int64_t 
                             var_out + g * C, invstd_out + g * C, NULL, NULL, 0.0, threads);
 }
 
+/* The whole batch's mean and M2 (the sum of squared deviations), float64 (C,), from the G
+ * ghost batches' mean and biased var (G, C), ghost batch g holding n_g of the A rows of B
+ * values: mean = sum n_g mean_g / (A B), M2 = sum n_g (var_g + (mean_g - mean)^2). */
+static void ghost_totals(int64_t A, int64_t C, int64_t B, int64_t Ag, const float *mean, const float *var,
+                         double *total_mean, double *total_m2) {
+    const int64_t G = (A + Ag - 1) / Ag;
+    for (int64_t c = 0; c < C; c++) total_mean[c] = total_m2[c] = 0.0;
+    for (int64_t g = 0; g < G; g++) {
+        const double n = (double)((A - g * Ag < Ag ? A - g * Ag : Ag) * B);
+        for (int64_t c = 0; c < C; c++) total_mean[c] += n * mean[g * C + c];
+    }
+    for (int64_t c = 0; c < C; c++) total_mean[c] /= (double)(A * B);
+    for (int64_t g = 0; g < G; g++) {
+        const double n = (double)((A - g * Ag < Ag ? A - g * Ag : Ag) * B);
+        for (int64_t c = 0; c < C; c++) {
+            const double d = mean[g * C + c] - total_mean[c];
+            total_m2[c] += n * (var[g * C + c] + d * d);
+        }
+    }
+}
+
 /* Ghost batches: the A rows of the (A, C, B) view in consecutive blocks of Ag rows (the last
  * may have fewer), each normalized with its own statistics: one bn_train_forward per block,
- * its mean, var and invstd in row g of the (G, C) outputs. The whole output is advised huge
- * pages first (each block alone may be below HUGE_MIN_BYTES). No running statistics: the
- * caller merges the blocks' moments. */
+ * its mean, var and invstd in row g of the (G, C) outputs, and the whole batch's mean and M2
+ * merged from them in total_mean, total_m2 (float64 (C,); for the caller's running statistics,
+ * which are not updated here). The whole output is advised huge pages first (each block alone
+ * may be below HUGE_MIN_BYTES). */
 int bn_ghost_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, int64_t Ag, const float *w,
-                     const float *b, double eps, float *mean_out, float *var_out, float *invstd_out, int nthreads) {
+                     const float *b, double eps, float *mean_out, float *var_out, float *invstd_out,
+                     double *total_mean, double *total_m2, int nthreads) {
     const int64_t G = (A + Ag - 1) / Ag, row = C * B * elem_size(dt);
     advise_huge(y, A * row);
     const int nt = threads_for(A * C * B, nthreads);
@@ -1449,10 +1472,11 @@ int bn_ghost_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64
             const int r = ghost_forward_one(dt, x, y, A, C, B, Ag, g, w, b, eps, mean_out, var_out, invstd_out, 1);
             rc = r > rc ? r : rc;
         }
-        return rc;
+    } else {
+        for (int64_t g = 0; g < G && !rc; g++)
+            rc = ghost_forward_one(dt, x, y, A, C, B, Ag, g, w, b, eps, mean_out, var_out, invstd_out, nthreads);
     }
-    for (int64_t g = 0; g < G && !rc; g++)
-        rc = ghost_forward_one(dt, x, y, A, C, B, Ag, g, w, b, eps, mean_out, var_out, invstd_out, nthreads);
+    if (!rc) ghost_totals(A, C, B, Ag, mean_out, var_out, total_mean, total_m2);
     return rc;
 }
 

@@ -110,7 +110,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("bn_cpu.c")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
-_ABI_VERSION = 9  # bn_abi_version() of a library built from the current bn_cpu.c
+_ABI_VERSION = 10  # bn_abi_version() of a library built from the current bn_cpu.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
 _COMPILE_TIMEOUT_S = 120
 # What batchnorm warns when a training batch's statistics are not finite and the running
@@ -352,7 +352,7 @@ def _load(lib_path: Path) -> ctypes.CDLL:
     lib.bn_update_running.argtypes = [i64, f64, f64, p, p, p, p, f64]
     lib.bn_update_running_unbiased.argtypes = [i32, i64, p, p, p, p, f64]
     lib.bn_statistics.argtypes = [i32, p, i64, i64, i64, f64, p, p, p, p, p, i32]
-    lib.bn_ghost_forward.argtypes = [i32, p, p, i64, i64, i64, i64, p, p, f64, p, p, p, i32]
+    lib.bn_ghost_forward.argtypes = [i32, p, p, i64, i64, i64, i64, p, p, f64, p, p, p, p, p, i32]
     lib.bn_ghost_backward.argtypes = [i32, p, p, p, i64, i64, i64, i64, p, p, p, p, p, i32]
     lib.bn_masked_forward.argtypes = [i32, p, p, p, i64, i64, i64, p, p, f64, p, p, p, i32]
     lib.bn_masked_backward.argtypes = [i32, p, p, p, p, i64, i64, i64, p, p, p, p, p, i32]
@@ -831,23 +831,27 @@ def _ghost_rows(x: Tensor, A: int, k: int) -> tuple[int, int]:
 
 def ghost_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, k: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`train_forward` of each ghost batch (k consecutive samples along axis 0, the last may have
-    fewer) with its own statistics, in one call: (y, mean, var, invstd), the last three float32
-    (G, C), row g for ghost batch g. x must have axis 0 outermost in memory (each ghost batch a
-    dense block); no running statistics.
+    fewer) with its own statistics, in one call: (y, mean, invstd, total_mean, total_m2), mean and
+    invstd float32 (G, C), row g for ghost batch g; total_mean and total_m2 (the sum of squared
+    deviations) float64 (C,) of the whole batch, merged from the ghost batches' moments, for the
+    running statistics, which are not updated here. x must have axis 0 outermost in memory (each
+    ghost batch a dense block).
     """
     lib, A, C, B = _prepare(x, axis)
     rows, G = _ghost_rows(x, A, k)
     w, b = _vector(weight, C, "weight"), _vector(bias, C, "bias")
     y = _empty_like(x)
     mean, var, invstd = (torch.empty(G, C, dtype=torch.float32) for _ in range(3))
+    total_mean, total_m2 = torch.empty(C, dtype=torch.float64), torch.empty(C, dtype=torch.float64)
     rc = lib.bn_ghost_forward(
         _DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), A, C, B, rows, _ptr(w), _ptr(b), float(eps),
-        mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), torch.get_num_threads(),
+        mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), total_mean.data_ptr(), total_m2.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     _check(rc, "the forward")
-    return y, mean, var, invstd
+    return y, mean, invstd, total_mean, total_m2
 
 
 def ghost_backward(

@@ -22,10 +22,11 @@ formula, the kernel runs inside compiled and exported graphs:
     batchnorm::cpu_masked_eval(x, mask, mean, var, weight?, bias?, eps, axis) -> y
         The same over the real values of a mask (`cpu.masked_forward`): statistics and sums from
         them, 0 at the padding; no running statistics (the caller updates them from mean, var).
-    batchnorm::cpu_ghost_train(x, weight?, bias?, eps, axis, k) -> (y, mean, var, invstd)
+    batchnorm::cpu_ghost_train(x, weight?, bias?, eps, axis, k) -> (y, mean, invstd, total_mean, total_m2)
     batchnorm::cpu_ghost_backward(dy, x, weight?, mean, invstd, axis, k) -> (dx, s1, s2)
         Ghost batches of k samples (`cpu.ghost_forward`): the statistics and sums (G, C), row g
-        for ghost batch g; no running statistics (the caller merges the ghost batches' moments).
+        for ghost batch g, and the whole batch's float64 mean and M2 (C,); no running statistics
+        (the caller updates them from the latter).
 
 Batch renormalization's operator, `batchnorm::cpu_renorm_train`, is in `_kernel_variants`
 beside the eager form it shares its forward with.
@@ -244,13 +245,14 @@ def _ghost_stats(x: Tensor, axis: int, k: int) -> Tensor:
 @torch.library.custom_op("batchnorm::cpu_ghost_train", mutates_args=(), device_types="cpu")
 def cpu_ghost_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int, k: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return cpu.ghost_forward(x, weight, bias, eps, axis, k)
 
 
 @cpu_ghost_train.register_fake
 def _(x, weight, bias, eps, axis, k):
-    return cpu._empty_like(x), _ghost_stats(x, axis, k), _ghost_stats(x, axis, k), _ghost_stats(x, axis, k)
+    totals = (x.new_empty(x.shape[axis], dtype=torch.float64) for _ in range(2))
+    return cpu._empty_like(x), _ghost_stats(x, axis, k), _ghost_stats(x, axis, k), *totals
 
 
 @torch.library.custom_op("batchnorm::cpu_ghost_backward", mutates_args=(), device_types="cpu")
@@ -268,7 +270,7 @@ def _(dy, x, weight, mean, invstd, axis, k):
 
 def _ghost_setup(ctx, inputs, output) -> None:
     x, weight, bias, _, axis, k = inputs
-    ctx.save_for_backward(x, weight, output[1], output[3])
+    ctx.save_for_backward(x, weight, output[1], output[2])  # mean, invstd
     ctx.axis, ctx.k, ctx.has_weight, ctx.has_bias = axis, k, weight is not None, bias is not None
 
 
