@@ -537,6 +537,41 @@ def test_renorm_on_the_kernel_equals_the_general_path(case, renorm, dtype, monke
     _assert_one_step_matches(layer, got, _step(oracle, x.double(), dy.double()), oracle, dtype)
 
 
+def _near_running_stats(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running statistics near the batch's: r = 0.82 or 1.29 and d = -+0.5 sigma_B / sigma, unclipped."""
+    dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=f64)[: mean.numel()]
+    return mean + 0.5 * sign * var.sqrt(), var * (1.0 + 0.5 * sign)
+
+
+@needs_kernel
+@pytest.mark.parametrize("offset", [1.0, 1e5], ids=["offset-1", "offset-1e5"])
+@pytest.mark.parametrize("case", list(KERNEL_RENORM_CASES))
+def test_unclipped_renorm_on_the_kernel_equals_the_general_path(case, offset, monkeypatch):
+    """Limits that never clip, running statistics near the batch's: r != 1 and d != 0 as computed
+    (d from the running sigma, not the batch's). Offset by 1e5, float32 y keeps its precision
+    only through the apply pass's centring (the float32 mean's rounding is up to 4e-3); there the
+    output alone is compared (the backward's sums carry that rounding, as plain BN's do)."""
+    make_layer, make_x = KERNEL_RENORM_CASES[case]
+    layer = _seeded_float_layer(lambda: make_layer(bn.Renorm.fixed(1e9, 1e9)))
+    x = make_x() * 2 + offset
+    with torch.no_grad():
+        rm, rv = _near_running_stats(x.double(), layer.axis)
+        layer.running_mean.copy_(rm)
+        layer.running_var.copy_(rv)
+    oracle = copy.deepcopy(layer).double()  # float64: the general path
+    dy = torch.randn(x.shape)
+    calls = _spy(monkeypatch, cpu_kernel, "statistics")
+    got = _step(layer, x, dy)
+    assert calls, "batch renormalization did not run on the kernel"
+    want = _step(oracle, x.double(), dy.double())
+    if offset == 1.0:
+        _assert_one_step_matches(layer, got, want, oracle, torch.float32)
+    else:
+        _close(got[0], want[0].float(), rtol=1e-4, atol=1e-4)
+
+
 def test_renorm_needs_running_stats():
     x = torch.randn(4, 3, dtype=f64)
     with pytest.raises(ValueError, match="running_mean/running_var are None"):
