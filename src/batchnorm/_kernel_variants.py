@@ -102,15 +102,10 @@ def _renorm_forward(x, weight, bias, eps: float, axis: int, running_mean, runnin
     """y, the batch's float64 mean and var, and what the backward takes: float32 (C,) scale = w * r
     (plain BN's weight there), mean, invstd, r and d. r_max, d_max: floats or 0-dim tensors."""
     mean, _, invstd, mean64, var64 = cpu.statistics(x, eps, axis)
-    sigma = torch.sqrt(running_var.double() + eps)
-    r = (torch.sqrt(var64 + eps) / sigma).clamp(1.0 / r_max, r_max)
-    d = ((mean64 - running_mean.double()) / sigma).clamp(-d_max, d_max)
-    w = None if weight is None else weight.double()
-    scale, shift = (r, d) if w is None else (w * r, w * d)  # y = x_hat * scale + shift
-    if bias is not None:
-        shift = shift + bias.double()
-    y = cpu.apply(x, *cpu.centred(mean64, scale * torch.rsqrt(var64 + eps), shift), axis)
-    return y, mean64, var64, scale.float(), mean, invstd, r.float(), d.float()
+    scale, r, d, *coefficients = cpu.renorm_coefficients(
+        mean64, var64, running_mean, running_var, weight, bias, eps, float(r_max), float(d_max)
+    )
+    return cpu.apply(x, *coefficients, axis), mean64, var64, scale, mean, invstd, r, d
 
 
 def _renorm_param_grads(s1: Tensor, s2: Tensor, invstd: Tensor, r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:

@@ -66,7 +66,7 @@
 #define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
 #endif
 
-#define BN_ABI_VERSION 10
+#define BN_ABI_VERSION 11
 #define LANES 32                    /* independent float accumulators per reduction */
 #define CHUNK_BYTES (16 << 10)      /* planes: statistics chunk, stays in L1 */
 #ifndef BLOCK_BYTES
@@ -1225,6 +1225,33 @@ int bn_update_running_unbiased(int f64, int64_t C, const void *mean, const void 
         running_var[c] = fmaf(mom, f64 ? (float)ud[c] : uf[c], v);
     }
     return 0;
+}
+
+INLINE double clip(double v, double lo, double hi) { return v < lo ? lo : v > hi ? hi : v; } /* NaN stays */
+
+/* Batch renormalization's per-channel coefficients (Ioffe 2017) from the batch's float64 mean
+ * and biased var and the running statistics: sigma = sqrt(running_var + eps), r = clip(sqrt(var
+ * + eps) / sigma, 1/r_max, r_max), d = clip((mean - running_mean) / sigma, -d_max, d_max). With w
+ * and b (NULL: 1 and 0), y = x_hat * (w r) + (w d + b), written for bn_apply as (x - centre) * a +
+ * shift: centre the float32 mean, a = w r / sqrt(var + eps), shift = w d + b - (mean - centre) a
+ * (float64, then rounded). Also w r (the backward's weight), r and d. Outputs float32 (C,). */
+void bn_renorm_coefficients(int64_t C, const double *mean, const double *var, const float *running_mean,
+                            const float *running_var, const float *w, const float *b, double eps, double r_max,
+                            double d_max, float *scale_out, float *r_out, float *d_out, float *centre_out,
+                            float *a_out, float *shift_out) {
+    for (int64_t c = 0; c < C; c++) {
+        const double sigma = sqrt((double)running_var[c] + eps), sd = sqrt(var[c] + eps);
+        const double r = clip(sd / sigma, 1.0 / r_max, r_max);
+        const double d = clip((mean[c] - (double)running_mean[c]) / sigma, -d_max, d_max);
+        const double wc = w ? (double)w[c] : 1.0, scale = wc * r, a = scale * (1.0 / sd);
+        const float centre = (float)mean[c];
+        scale_out[c] = (float)scale;
+        r_out[c] = (float)r;
+        d_out[c] = (float)d;
+        centre_out[c] = centre;
+        a_out[c] = (float)a;
+        shift_out[c] = (float)(wc * d + (b ? (double)b[c] : 0.0) - (mean[c] - (double)centre) * a);
+    }
 }
 
 /* bn_train_forward, and with mean64 / var64 not NULL also the float64 mean and biased variance. */

@@ -23,7 +23,8 @@ Per channel c over the m = numel / C values of every other axis:
                         (`masked_forward`, `masked_backward`, `masked_eval`; planes of a
                         contiguous x, or rows with the channels last: `masked_layout`)
     apply               y = (x - centre_c) * scale_c + shift_c with coefficients from elsewhere
-                        (`apply`, `centred`: SyncBN's global statistics)
+                        (`apply`, `centred`: SyncBN's global statistics; `renorm_coefficients`:
+                        batch renormalization's r and d folded in)
     input gradient      dx = k_c*dy + b_c*(x - centre_c) + c_c with given coefficients
                         (`input_grad`: SyncBN's global sums)
 
@@ -110,7 +111,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("bn_cpu.c")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
-_ABI_VERSION = 10  # bn_abi_version() of a library built from the current bn_cpu.c
+_ABI_VERSION = 11  # bn_abi_version() of a library built from the current bn_cpu.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
 _COMPILE_TIMEOUT_S = 120
 # What batchnorm warns when a training batch's statistics are not finite and the running
@@ -358,6 +359,8 @@ def _load(lib_path: Path) -> ctypes.CDLL:
     lib.bn_masked_backward.argtypes = [i32, p, p, p, p, i64, i64, i64, p, p, p, p, p, i32]
     lib.bn_masked_eval.argtypes = [i32, p, p, p, i64, i64, i64, p, p, p, p, f64, i32]
     lib.bn_apply.argtypes = [i32, p, p, i64, i64, i64, p, p, p, i32]
+    lib.bn_renorm_coefficients.argtypes = [i64, p, p, p, p, p, p, f64, f64, f64, p, p, p, p, p, p]
+    lib.bn_renorm_coefficients.restype = None
     lib.bn_input_grad.argtypes = [i32, p, p, p, i64, i64, i64, p, p, p, p, i32]
     for fn in (
         lib.bn_train_forward,
@@ -980,6 +983,34 @@ def apply(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, axis: int) ->
     )
     _check(rc, "the apply pass")
     return y
+
+
+def renorm_coefficients(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Batch renormalization's coefficients in one C call, from the batch's float64 mean and biased
+    var (C,) (`statistics`) and the running statistics: sigma = sqrt(running_var + eps),
+    r = clip(sqrt(var + eps) / sigma, 1/r_max, r_max), d = clip((mean - running_mean) / sigma,
+    -d_max, d_max). Returns float32 (C,) (w * r, r, d, centre, scale, shift): the first three for
+    the backward, the last three for `apply` (y = x_hat * w r + w d + b, centred as in `centred`).
+    The per-channel vectors are used as float32."""
+    C = mean.numel()
+    named = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
+    vectors = [_vector(v, C, name) for name, v in named]
+    outputs = [torch.empty(C, dtype=torch.float32) for _ in range(6)]
+    _library().bn_renorm_coefficients(
+        C, mean.data_ptr(), var.data_ptr(), *map(_ptr, vectors), float(eps), float(r_max), float(d_max),
+        *(t.data_ptr() for t in outputs),
+    )  # fmt: skip
+    return tuple(outputs)
 
 
 def centred(mean: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
