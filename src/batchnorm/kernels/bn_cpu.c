@@ -1450,11 +1450,14 @@ static int ghost_blocks_per_thread(int64_t G, int64_t block_bytes, int nt) {
     return nt > 1 && block_bytes <= GHOST_THREAD_BLOCK_BYTES && (G % nt == 0 || G >= 4 * nt);
 }
 
+/* The rows of ghost batch g: Ag, or what is left of the A rows for the last one. */
+INLINE int64_t ghost_rows(int64_t A, int64_t Ag, int64_t g) { return A - g * Ag < Ag ? A - g * Ag : Ag; }
+
 /* Ghost batch g of bn_ghost_forward's on `threads` threads. */
 static int ghost_forward_one(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, int64_t Ag, int64_t g,
                              const float *w, const float *b, double eps, float *mean_out, float *var_out,
                              float *invstd_out, int threads) {
-    const int64_t row = C * B * elem_size(dt), a = g * Ag, n = A - a < Ag ? A - a : Ag;
+    const int64_t row = C * B * elem_size(dt), a = g * Ag, n = ghost_rows(A, Ag, g);
     return bn_train_forward(dt, (const char *)x + a * row, (char *)y + a * row, n, C, B, w, b, eps, mean_out + g * C,
                             var_out + g * C, invstd_out + g * C, NULL, NULL, 0.0, threads);
 }
@@ -1467,12 +1470,12 @@ static void ghost_totals(int64_t A, int64_t C, int64_t B, int64_t Ag, const floa
     const int64_t G = (A + Ag - 1) / Ag;
     for (int64_t c = 0; c < C; c++) total_mean[c] = total_m2[c] = 0.0;
     for (int64_t g = 0; g < G; g++) {
-        const double n = (double)((A - g * Ag < Ag ? A - g * Ag : Ag) * B);
+        const double n = (double)(ghost_rows(A, Ag, g) * B);
         for (int64_t c = 0; c < C; c++) total_mean[c] += n * mean[g * C + c];
     }
     for (int64_t c = 0; c < C; c++) total_mean[c] /= (double)(A * B);
     for (int64_t g = 0; g < G; g++) {
-        const double n = (double)((A - g * Ag < Ag ? A - g * Ag : Ag) * B);
+        const double n = (double)(ghost_rows(A, Ag, g) * B);
         for (int64_t c = 0; c < C; c++) {
             const double d = mean[g * C + c] - total_mean[c];
             total_m2[c] += n * (var[g * C + c] + d * d);
@@ -1511,7 +1514,7 @@ int bn_ghost_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64
 static int ghost_backward_one(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B,
                               int64_t Ag, int64_t g, const float *w, const float *mean, const float *invstd,
                               float *s1_out, float *s2_out, int threads) {
-    const int64_t row = C * B * elem_size(dt), a = g * Ag, n = A - a < Ag ? A - a : Ag;
+    const int64_t row = C * B * elem_size(dt), a = g * Ag, n = ghost_rows(A, Ag, g);
     return bn_train_backward(dt, (const char *)dy + a * row, (const char *)x + a * row,
                              dx ? (char *)dx + a * row : NULL, n, C, B, w, mean + g * C, invstd + g * C,
                              s1_out + g * C, s2_out + g * C, threads);
