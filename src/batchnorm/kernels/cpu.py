@@ -168,8 +168,9 @@ def loaded_for_graphs() -> bool:
     return _lib is not None if _tried else _build_once() is not None
 
 
-# What torch.compiler.assume_constant_result does (torch 2.13), without its import of
-# torch._dynamo (1 s, and Triton, which must not load before TRITON_INTERPRET is set).
+# What torch.compiler.assume_constant_result does (it sets this attribute, which Dynamo reads; the
+# same from torch 2.0's torch._dynamo.assume_constant_result to 2.13), without importing
+# torch._dynamo here (1 s, and Triton, which must not load before TRITON_INTERPRET is set).
 loaded_for_graphs._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
