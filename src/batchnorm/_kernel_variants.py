@@ -86,7 +86,7 @@ def ghost_train(
 
     Returns y and the moments (count, mean, M2) of all values, float64 (C,), for the running
     statistics: the ghost batches' own, merged (by the kernel). traced: torch.compile or
-    torch.export records the call (check `cpu_ops.applies` too): the kernel's operators.
+    torch.export records the call (check `cpu_ops.operands` too): the kernel's operators.
     """
     N = x.shape[0]
     per = x.numel() // (N * x.shape[axis])  # values per (sample, channel)
@@ -185,7 +185,7 @@ def renorm_train(
 
     Returns y and the moments (count, mean, M2) of the batch, float64, for the running
     statistics (which r and d read before they are updated). traced: torch.compile or
-    torch.export records the call (check `cpu_ops.applies` too): its operator, and `renorm` may
+    torch.export records the call (check `cpu_ops.operands` too): its operator, and `renorm` may
     be 0-dim tensors (a layer's schedule).
     """
     m = x.numel() // x.shape[axis]  # values per channel
@@ -222,7 +222,7 @@ def masked_train(
 
     Returns y (0 at the padding) and the moments (count, mean, M2) of the real values, float64,
     for the running statistics. traced: torch.compile or torch.export records the call (check
-    `cpu_ops.masked_applies`): the kernel's operators, and the count a value of the graph, its
+    `cpu_ops.operands` with masked): the kernel's operators, and the count a value of the graph, its
     single-value test a runtime assert.
     """
     if traced:

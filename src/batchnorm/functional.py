@@ -206,10 +206,10 @@ def batch_norm_with_status(
             acb = _kernel_layout(input, axis)
             if acb is not None and _cpu.masked_layout(input, axis, acb):
                 return _cpu.masked_eval(input, mask, running_mean, running_var, weight, bias, eps, axis), True
-            if _compiling_kernel(input):
-                vectors = _float32(running_mean, running_var, weight, bias)
-                if _cpu_ops.masked_applies(input, axis, *vectors):
-                    return torch.ops.batchnorm.cpu_masked_eval(input, mask, *vectors, eps, axis), True
+            vectors = (running_mean, running_var, weight, bias)
+            vectors = _cpu_ops.operands(input, axis, *vectors, masked=True) if _compiling_kernel(input) else None
+            if vectors is not None:
+                return torch.ops.batchnorm.cpu_masked_eval(input, mask, *vectors, eps, axis), True
         if mask is not None:  # padding may hold NaN: keep it out of every gradient
             input = input.masked_fill(~mask.unsqueeze(axis), 0)
         y = _inference(input, running_mean, running_var, weight, bias, eps, axis, fast=True)
@@ -224,12 +224,10 @@ def batch_norm_with_status(
         alone = sum(v is not None for v in variants) == 1
         layout = _kernel_layout(input, axis) if alone else None
         # the same as the kernel's operators, in a graph torch.compile or torch.export records
-        traced = alone and _compiling_kernel(input)
+        parameters = _cpu_ops.operands(input, axis, weight, bias) if alone and _compiling_kernel(input) else None
+        traced = parameters is not None
         if traced:
-            w, b = _float32(weight, bias)
-            traced = _cpu_ops.applies(input, axis, w, b)
-            if traced:
-                weight, bias, layout = w, b, _cpu._layout(input, axis)
+            (weight, bias), layout = parameters, _cpu._layout(input, axis)
         if virtual_batch_size is not None and _kernel_variants.ghost_applies(input, layout):
             # ghost batches: all of them in one CPU kernel call
             y, total = _kernel_variants.ghost_train(input, weight, bias, eps, axis, virtual_batch_size, traced)
@@ -271,16 +269,13 @@ def batch_norm_with_status(
         stats = input.new_zeros(C, dtype=_acc_dtype(input.dtype))
         return _inference(input, stats, stats + 1, weight, bias, eps, axis), True
 
-    # torch.compile / torch.export: the kernel as an operator (kernels/cpu_ops.py), given float32
-    # copies of bfloat16 / float16 parameters and statistics. `counted` is then a 0-dim bool tensor:
-    # a graph has no Python bool of a value it computes. (momentum: a layer's cumulative average
-    # is a 0-dim tensor in graphs, which the operator does not take.)
+    # torch.compile / torch.export: the kernel as an operator (kernels/cpu_ops.py). `counted` is then
+    # a 0-dim bool tensor: a graph has no Python bool of a value it computes. (momentum: a layer's
+    # cumulative average is a 0-dim tensor in graphs, which the operator does not take.)
     if _compiling_kernel(input) and not isinstance(momentum, Tensor):
-        w, b, rm, rv = _float32(weight, bias, running_mean, running_var)
-        if _cpu_ops.applies(input, axis, w, b, running=(rm, rv)):
-            y, _, _, new_mean, new_var, counted = torch.ops.batchnorm.cpu_train(
-                input, w, b, rm, rv, eps, momentum, axis
-            )
+        ops = _cpu_ops.operands(input, axis, weight, bias, running=(running_mean, running_var))
+        if ops is not None:
+            y, _, _, new_mean, new_var, counted = torch.ops.batchnorm.cpu_train(input, *ops, eps, momentum, axis)
             if running_mean is not None:
                 with torch.no_grad():  # buffers, not part of the graph autograd differentiates
                     running_mean.copy_(new_mean)
@@ -421,17 +416,6 @@ def _compiling_kernel(input: Tensor) -> bool:
         and torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
     )
-
-
-def _float32(*vectors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """The per-channel vectors with bfloat16 and float16 ones cast to float32, for the kernel's
-    operators, which take float32 only. Inside a graph the cast is an op that autograd
-    differentiates: a bfloat16 weight gets its gradient in bfloat16. float64 ones stay (the
-    operators then decline: float32 running statistics would lose their precision)."""
-    return tuple(v.float() if v is not None and v.dtype in _HALVES else v for v in vectors)
-
-
-_HALVES = (torch.bfloat16, torch.float16)
 
 
 def _kernel_layout(input: Tensor, axis: int) -> tuple[int, int, int] | None:
@@ -645,10 +629,9 @@ def _inference(
     """
     path = None
     if fast and input.numel() and not _wants_grad(input, mean, var, weight, bias):
-        if _compiling_kernel(input):
-            vectors = _float32(mean, var, weight, bias)
-            if _cpu_ops.applies(input, axis, *vectors):
-                return torch.ops.batchnorm.cpu_eval(input, *vectors, eps, axis)
+        vectors = _cpu_ops.operands(input, axis, mean, var, weight, bias) if _compiling_kernel(input) else None
+        if vectors is not None:
+            return torch.ops.batchnorm.cpu_eval(input, *vectors, eps, axis)
         if _native_is_cheaper("eval", input, axis, mean, var, weight, bias):
             return _torch_eval(input, mean, var, weight, bias, eps, axis)
         acb = _kernel_layout(input, axis)

@@ -55,7 +55,7 @@ __all__ = [
     "cpu_masked_eval",
     "cpu_masked_train",
     "cpu_train",
-    "masked_applies",
+    "operands",
     "wanted_grads",
 ]
 
@@ -85,10 +85,33 @@ def applies(
     return rm is None or (cpu.can_update(rm, C) and cpu.can_update(rv, C))
 
 
-def masked_applies(x: Tensor, axis: int, *vectors: Tensor | None) -> bool:
-    """`applies` for the masked operators: also a layout whose order follows the mask's (planes of
-    a contiguous x, or rows with the channels last: `cpu.masked_layout`)."""
-    return applies(x, axis, *vectors) and cpu.masked_layout(x, axis, cpu._layout(x, axis))
+def operands(
+    x: Tensor,
+    axis: int,
+    *vectors: Tensor | None,
+    running: tuple[Tensor | None, Tensor | None] | None = None,
+    masked: bool = False,
+) -> tuple[Tensor | None, ...] | None:
+    """The per-channel vectors (then the running statistics, where `running` is given) as the
+    operators take them for x, or None where the operators do not take the call (`applies`; with
+    masked, also a layout whose order follows the mask's: `cpu.masked_layout`).
+
+    bfloat16 and float16 vectors are cast to float32 first: inside a graph the cast is an op that
+    autograd differentiates (a bfloat16 weight gets its gradient in bfloat16), and the caller
+    copies new running statistics back into its buffers. float64 ones stay, and decline: a
+    float32 update would lose their precision.
+    """
+    vectors = tuple(map(_float32, vectors))
+    stats = (None, None) if running is None else (_float32(running[0]), _float32(running[1]))
+    if not applies(x, axis, *vectors, running=stats):
+        return None
+    if masked and not cpu.masked_layout(x, axis, cpu._layout(x, axis)):
+        return None
+    return vectors if running is None else (*vectors, *stats)
+
+
+def _float32(v: Tensor | None) -> Tensor | None:
+    return v.float() if v is not None and v.dtype in (torch.bfloat16, torch.float16) else v
 
 
 def _vector(x: Tensor, axis: int) -> Tensor:
