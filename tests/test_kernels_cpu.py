@@ -275,6 +275,53 @@ def test_eval_forward_matches_float64(shape, fmt, axis, dtype, affine, nthreads,
         torch.testing.assert_close(y.double(), y_ref, **out_tol(dtype))
 
 
+# --------------------------------------------------------------------------- BN + ReLU in the apply pass
+
+
+@pytest.mark.parametrize("shape,fmt,axis,dtype,affine,nthreads,streaming", [p for p in GRID if p.values[4]])
+def test_relu_passes_equal_bn_then_add_then_relu(shape, fmt, axis, dtype, affine, nthreads, streaming, restore_threads):
+    """relu(BN(x) + residual) written by the apply pass (training and eval) on every layout, store
+    kind and thread count. float32: bitwise the separate passes (the same float32 operations in the
+    same order). bfloat16: bitwise too without a residual (rounding is monotone); with one, within
+    a rounding of float64 (the fused pass rounds once, the separate ones twice). NaN stays NaN,
+    -inf gives 0; the statistics are the plain forward's."""
+    set_threads(nthreads, streaming)
+    x = make(shape, fmt, dtype)
+    C = shape[axis]
+    w, b = params(C)
+    residual = make(shape, fmt, dtype, seed=3)
+    flat = residual.view(-1) if residual.is_contiguous() else residual.permute(0, *range(2, x.dim()), 1).view(-1)
+    flat[: min(3, flat.numel())] = torch.tensor([float("nan"), float("-inf"), float("inf")][: flat.numel()])
+    g = torch.Generator().manual_seed(6)
+    running = torch.randn(C, generator=g), torch.rand(C, generator=g) + 0.1
+    plain_train = cpu.train_forward_update(x, w, b, EPS, axis, None, None, 0.0)
+    plain_eval = cpu.eval_forward(x, *running, w, b, EPS, axis)
+    for r in (None, residual):
+        fused_train = cpu.train_forward_update(x, w, b, EPS, axis, None, None, 0.0, relu=True, residual=r)
+        for a, want in zip(fused_train[1:4], plain_train[1:4]):
+            assert torch.equal(a, want)
+        fused_eval = cpu.eval_forward(x, *running, w, b, EPS, axis, relu=True, residual=r)
+        train = (fused_train[0], plain_train[0], plain_train[1:3])
+        for fused, plain, (mean, var) in (train, (fused_eval, plain_eval, running)):
+            assert fused.dtype == dtype and same_layout(fused, x)
+            composite = torch.relu(plain if r is None else plain + r)
+            if dtype == torch.float32 or r is None:
+                torch.testing.assert_close(fused, composite, rtol=0, atol=0, equal_nan=True)
+            else:
+                exact = torch.relu(reference_apply(x, mean, var, w, b, axis) + r.double())
+                torch.testing.assert_close(fused.double(), exact, **out_tol(dtype), equal_nan=True)
+
+
+def test_relu_pass_copies_a_residual_of_another_layout():
+    x = make((4, 16, 6, 6), CL, torch.float32)
+    r = make((4, 16, 6, 6), None, torch.float32, seed=3)
+    y = cpu.train_forward_update(x, None, None, EPS, 1, None, None, 0.0, relu=True, residual=r)[0]
+    want = cpu.train_forward_update(x, None, None, EPS, 1, None, None, 0.0, relu=True, residual=r.to(memory_format=CL))
+    assert same_layout(y, x) and torch.equal(y, want[0])
+    with pytest.raises(ValueError, match=r"residual has shape \(4, 16, 6\)"):
+        cpu.eval_forward(x, torch.zeros(16), torch.ones(16), None, None, EPS, 1, relu=True, residual=r[..., 0])
+
+
 # --------------------------------------------------------------------------- running statistics
 
 
@@ -549,6 +596,14 @@ def test_concurrent_builds_of_the_portable_variant(tmp_path):
                 dx, s1, s2 = cpu.train_backward(dy, x, None, mean, invstd, 1)
                 torch.testing.assert_close(s1.double(), dy.double().sum(dims), rtol=1e-4, atol=1e-3)
                 assert dx.stride() == x.stride()
+                # relu(BN(x) + residual) in the apply pass, training and eval
+                fused = cpu.train_forward_update(x, None, None, 1e-5, 1, None, None, 0.0, relu=True, residual=dy)[0]
+                fused_eval = cpu.eval_forward(x, mean, var, None, None, 1e-5, 1, relu=True, residual=dy)
+                y_eval = cpu.eval_forward(x, mean, var, None, None, 1e-5, 1)
+                for got, plain in ((fused, y), (fused_eval, y_eval)):
+                    composite = torch.relu(plain.double() + dy.double())
+                    torch.testing.assert_close(got.double(), composite, rtol=tol, atol=tol)
+                    assert got.stride() == x.stride()
             # the masked kernels over (N, C, L) planes; padding NaN
             mask = torch.arange(50)[None] < torch.tensor([50, 20, 3, 37])[:, None]
             x = torch.randn(4, 3, 50).masked_fill(~mask[:, None], float("nan")).to(dtype)

@@ -35,6 +35,8 @@
  *     shift = beta - (mean - mean_hi) * scale: x - mean_hi is exact when x is near the mean, so
  *     data with a large offset (mean 1e4, std 1) keeps float32 precision in y. dx likewise:
  *     dx = k*dy + b*(x - mean) + c', c' = -k*s1/m (equal to k*dy + b*x + c, c = c' - b*mean).
+ *   - the apply pass may end in relu(y + residual) (bn_train_forward_relu, bn_eval_relu), in
+ *     float32 before the one rounding: the ResNet block tail for the traffic of BN alone.
  *
  * Memory traffic: training forward reads x twice and writes y once; backward reads x and dy
  * twice and writes dx once. Where a pass's tensors (inputs and output) do not fit in the
@@ -66,7 +68,7 @@
 #define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
 #endif
 
-#define BN_ABI_VERSION 11
+#define BN_ABI_VERSION 12
 #define LANES 32                    /* independent float accumulators per reduction */
 #define CHUNK_BYTES (16 << 10)      /* planes: statistics chunk, stays in L1 */
 #ifndef BLOCK_BYTES
@@ -531,20 +533,45 @@ static void planes_merge_stats(const double *r1, const double *r2, const double 
 }
 
 /* The elementwise passes, one expression each:
- *   APPLY: out = (x - m) * s + h             (training forward, inference with m = 0)
- *   DX:    out = k * dy + b * (x - m) + h    (training backward) */
-enum { OP_APPLY = 0, OP_DX = 1 };
+ *   APPLY:    out = (x - m) * s + h                  (training forward, inference with m = 0)
+ *   RELU:     out = relu((x - m) * s + h)            (BN + ReLU)
+ *   ADD_RELU: out = relu((x - m) * s + h + r)        (BN + residual add + ReLU; r read through dy)
+ *   DX:       out = k * dy + b * (x - m) + h         (training backward)
+ * The APPLY family differs only after the affine step (`act`), in float32, rounded once to the
+ * output's dtype. relu keeps NaN (as torch.relu) and sends -0 and below to 0 (max(0, v)). */
+enum { OP_APPLY = 0, OP_DX = 1, OP_RELU = 2, OP_ADD_RELU = 3 };
+
+INLINE float act1(int op, float v, const void *r, int64_t i, int dt) {
+    if (op == OP_ADD_RELU) v += LD(r, i, dt);
+    return (op == OP_RELU || op == OP_ADD_RELU) && v <= 0.f ? 0.f : v;
+}
 
 INLINE float op1(int op, const void *x, const void *dy, int64_t i, float m, float s, float b, float h, int dt) {
-    return op == OP_APPLY ? (LD(x, i, dt) - m) * s + h : s * LD(dy, i, dt) + b * (LD(x, i, dt) - m) + h;
+    if (op == OP_DX) return s * LD(dy, i, dt) + b * (LD(x, i, dt) - m) + h;
+    return act1(op, (LD(x, i, dt) - m) * s + h, dy, i, dt);
 }
 
 #if HAVE_AVX512
+/* `act1` on 16 values; rv: r's 16 values (read only for ADD_RELU). max_ps returns its second
+ * operand where either is NaN, so max(0, v) keeps a NaN v. */
+INLINE __m512 actv(int op, __m512 v, __m512 rv) {
+    if (op == OP_ADD_RELU) v = _mm512_add_ps(v, rv);
+    return op == OP_RELU || op == OP_ADD_RELU ? _mm512_max_ps(_mm512_setzero_ps(), v) : v;
+}
+
 INLINE __m512 opv(int op, const void *x, const void *dy, int64_t i, __m512 m, __m512 s, __m512 b, __m512 h,
                   int dt) {
     __m512 xm = _mm512_sub_ps(VLD(x, i, dt), m);
-    if (op == OP_APPLY) return _mm512_fmadd_ps(xm, s, h);
-    return _mm512_fmadd_ps(s, VLD(dy, i, dt), _mm512_fmadd_ps(b, xm, h));
+    if (op == OP_DX) return _mm512_fmadd_ps(s, VLD(dy, i, dt), _mm512_fmadd_ps(b, xm, h));
+    return actv(op, _mm512_fmadd_ps(xm, s, h), op == OP_ADD_RELU ? VLD(dy, i, dt) : xm);
+}
+
+/* opv on the lanes in k (a partial vector: the other lanes are 0 and not stored). */
+INLINE __m512 opv_masked(int op, const void *x, const void *dy, int64_t i, __mmask16 k, __m512 m, __m512 s,
+                         __m512 b, __m512 h, int dt) {
+    const __m512 xm = _mm512_maskz_sub_ps(k, VLDM(x, i, k, dt), m);
+    if (op == OP_DX) return _mm512_fmadd_ps(s, VLDM(dy, i, k, dt), _mm512_fmadd_ps(b, xm, h));
+    return actv(op, _mm512_fmadd_ps(xm, s, h), op == OP_ADD_RELU ? VLDM(dy, i, k, dt) : xm);
 }
 #endif
 
@@ -627,10 +654,7 @@ INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out,
                 VSTORE(out, i, v, dt);
         } else {
             const __mmask16 k = first_lanes(hi - i);
-            const __m512 xv = _mm512_maskz_sub_ps(k, VLDM(x, i, k, dt), cm);
-            const __m512 v = op == OP_APPLY ? _mm512_fmadd_ps(xv, cs, ch)
-                                            : _mm512_fmadd_ps(cs, VLDM(dy, i, k, dt), _mm512_fmadd_ps(cb, xv, ch));
-            VSTORE_MASKED(out, i, v, k, dt);
+            VSTORE_MASKED(out, i, opv_masked(op, x, dy, i, k, cm, cs, cb, ch, dt), k, dt);
         }
         i += VEC;
     }
@@ -880,16 +904,19 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
  * inlined): streaming stores, which need W % 16 == 0. */
 INLINE void rows_wide(int op, const void *x, const void *dy, void *y, int64_t W, int64_t lo, int64_t hi,
                       const float *mw, const float *sw, const float *bw, const float *hw, const int st, int dt) {
-    if (dt == DT_F32) { /* APPLY only */
+    if (dt == DT_F32) { /* the APPLY family only (dy: the residual of ADD_RELU) */
         const __mmask8 last = (__mmask8)((1u << (W % 8)) - 1u);
+        const int relu = op == OP_RELU || op == OP_ADD_RELU;
         for (int64_t r = lo; r < hi; r++) {
-            const float *xr = (const float *)x + r * W;
+            const float *xr = (const float *)x + r * W, *rr = (const float *)dy + r * W;
             float *yr = (float *)y + r * W;
             int64_t j = 0;
             for (; j + 8 <= W; j += 8) {
                 __m256 xv = _mm256_loadu_ps(xr + j);
                 if (mw) xv = _mm256_sub_ps(xv, _mm256_loadu_ps(mw + j));
-                const __m256 v = _mm256_fmadd_ps(xv, _mm256_loadu_ps(sw + j), _mm256_loadu_ps(hw + j));
+                __m256 v = _mm256_fmadd_ps(xv, _mm256_loadu_ps(sw + j), _mm256_loadu_ps(hw + j));
+                if (op == OP_ADD_RELU) v = _mm256_add_ps(v, _mm256_loadu_ps(rr + j));
+                if (relu) v = _mm256_max_ps(_mm256_setzero_ps(), v);
                 if (st)
                     _mm256_stream_ps(yr + j, v);
                 else
@@ -898,8 +925,10 @@ INLINE void rows_wide(int op, const void *x, const void *dy, void *y, int64_t W,
             if (j < W) {
                 __m256 xv = _mm256_maskz_loadu_ps(last, xr + j);
                 if (mw) xv = _mm256_sub_ps(xv, _mm256_maskz_loadu_ps(last, mw + j));
-                const __m256 v =
+                __m256 v =
                     _mm256_fmadd_ps(xv, _mm256_maskz_loadu_ps(last, sw + j), _mm256_maskz_loadu_ps(last, hw + j));
+                if (op == OP_ADD_RELU) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(last, rr + j));
+                if (relu) v = _mm256_max_ps(_mm256_setzero_ps(), v);
                 _mm256_mask_storeu_ps(yr + j, last, v);
             }
         }
@@ -920,10 +949,8 @@ INLINE void rows_wide(int op, const void *x, const void *dy, void *y, int64_t W,
         }
         if (j < W) {
             const __m512 m = mw ? _mm512_maskz_loadu_ps(last, mw + j) : zero, sc = _mm512_maskz_loadu_ps(last, sw + j);
-            const __m512 xm = _mm512_sub_ps(VLDM(x, o + j, last, DT_BF16), m), h = _mm512_maskz_loadu_ps(last, hw + j);
-            const __m512 v = op == OP_APPLY ? _mm512_fmadd_ps(xm, sc, h)
-                                            : _mm512_fmadd_ps(sc, VLDM(dy, o + j, last, DT_BF16),
-                                                              _mm512_fmadd_ps(_mm512_maskz_loadu_ps(last, bw + j), xm, h));
+            const __m512 b = op == OP_DX ? _mm512_maskz_loadu_ps(last, bw + j) : sc;
+            const __m512 v = opv_masked(op, x, dy, o + j, last, m, sc, b, _mm512_maskz_loadu_ps(last, hw + j), DT_BF16);
             VSTORE_MASKED(y, o + j, v, last, DT_BF16);
         }
     }
@@ -966,7 +993,7 @@ INLINE void rows_avx512(int op, const void *x, const void *dy, void *out, int64_
                         const float *mw, const float *sw, const float *bw, const float *hw, const int st, int dt) {
     const int nv = op == OP_DX ? TILE / 2 : TILE;
     const __mmask16 last = W % VEC ? first_lanes(W % VEC) : (__mmask16)0xFFFF;
-    if (W > nv * VEC && (op == OP_APPLY || dt == DT_BF16)) {
+    if (W > nv * VEC && (op != OP_DX || dt == DT_BF16)) {
         rows_wide(op, x, dy, out, W, lo, hi, mw, sw, bw, hw, st, dt);
         return;
     }
@@ -981,13 +1008,8 @@ INLINE void rows_avx512(int op, const void *x, const void *dy, void *out, int64_
             const __m512 sc = _mm512_maskz_loadu_ps(last, sw + j);
             const __m512 h = _mm512_maskz_loadu_ps(last, hw + j);
             const __m512 bb = op == OP_DX ? _mm512_maskz_loadu_ps(last, bw + j) : sc;
-            for (int64_t r = r0; r < r1; r++) {
-                const int64_t o = r * W + j;
-                const __m512 xv = _mm512_sub_ps(VLDM(x, o, last, dt), m);
-                const __m512 v = op == OP_APPLY ? _mm512_fmadd_ps(xv, sc, h)
-                                                : _mm512_fmadd_ps(sc, VLDM(dy, o, last, dt), _mm512_fmadd_ps(bb, xv, h));
-                VSTORE_MASKED(out, o, v, last, dt);
-            }
+            for (int64_t r = r0; r < r1; r++)
+                VSTORE_MASKED(out, r * W + j, opv_masked(op, x, dy, r * W + j, last, m, sc, bb, h, dt), last, dt);
         }
     }
 }
@@ -1100,9 +1122,15 @@ INLINE void chan(double *na, double *ma, double *qa, double nb, double mb, doubl
 
 /* ------------------------------------------------------------------ training forward */
 
-INLINE void fwd_planes_body(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *w,
-                            const float *b, double eps, float *mean_out, float *var_out, double *r1,
-                            double *r2, double *cmean, double *cm2, float *coef, int stream) {
+/* fn(op, ...) for op (a variable) in the APPLY family, with op a constant in each call: one
+ * specialized copy of an inlined pass per op, and none of what runs before it. */
+#define BY_APPLY_OP(op, fn, ...)                                                                          \
+    ((op) == OP_RELU ? fn(OP_RELU, __VA_ARGS__)                                                           \
+                     : (op) == OP_ADD_RELU ? fn(OP_ADD_RELU, __VA_ARGS__) : fn(OP_APPLY, __VA_ARGS__))
+
+INLINE void fwd_planes_body(int dt, int op, const void *x, const void *res, void *y, int64_t A, int64_t C,
+                            int64_t B, const float *w, const float *b, double eps, float *mean_out, float *var_out,
+                            double *r1, double *r2, double *cmean, double *cm2, float *coef, int stream) {
     int t = omp_get_thread_num(), T = omp_get_num_threads();
     int64_t nch, L, c0, c1;
     plane_chunks(B, dt, &nch, &L);
@@ -1113,15 +1141,15 @@ INLINE void fwd_planes_body(int dt, const void *x, void *y, int64_t A, int64_t C
     fwd_coeffs(c0, c1, cmean, cm2, (double)(A * B), w, b, eps, mean_out, var_out, coef, coef + C, coef + 2 * C);
     if (!y) return; /* the statistics only */
 #pragma omp barrier
-    planes_elementwise(OP_APPLY, x, NULL, y, A * C, C, B, coef, coef + C, NULL, coef + 2 * C, stream, dt, t, T);
+    BY_APPLY_OP(op, planes_elementwise, x, res, y, A * C, C, B, coef, coef + C, NULL, coef + 2 * C, stream, dt, t, T);
 #if HAVE_AVX512
     if (stream) _mm_sfence();
 #endif
 }
 
-INLINE void fwd_rows_body(int dt, const void *x, void *y, rows_shape s, const float *w, const float *b,
-                          double eps, float *mean_out, float *var_out, float *fscr, double *dscr, double *an,
-                          double *cmean, double *cm2, float *coef, float *coefw, int stream) {
+INLINE void fwd_rows_body(int dt, int op, const void *x, const void *res, void *y, rows_shape s, const float *w,
+                          const float *b, double eps, float *mean_out, float *var_out, float *fscr, double *dscr,
+                          double *an, double *cmean, double *cm2, float *coef, float *coefw, int stream) {
     int t = omp_get_thread_num(), T = omp_get_num_threads();
     int64_t Wp = pad16(s.W), C = s.C, B = s.B, c0, c1;
     float *x0 = fscr + 3 * Wp * t, *sm = x0 + Wp, *q = sm + Wp;
@@ -1160,7 +1188,7 @@ INLINE void fwd_rows_body(int dt, const void *x, void *y, rows_shape s, const fl
     part(s.W, t, T, &c0, &c1);
     for (int i = 0; i < 3; i++) expand(s, coef + i * C, coefw + i * s.W, c0, c1);
 #pragma omp barrier
-    rows_elementwise(OP_APPLY, x, NULL, y, s, coefw, coefw + s.W, NULL, coefw + 2 * s.W, stream, dt, t, T);
+    BY_APPLY_OP(op, rows_elementwise, x, res, y, s, coefw, coefw + s.W, NULL, coefw + 2 * s.W, stream, dt, t, T);
 }
 
 /* After the forward: invstd = (var + eps)^-1/2 and, when running_mean is not NULL, PyTorch's
@@ -1254,13 +1282,14 @@ void bn_renorm_coefficients(int64_t C, const double *mean, const double *var, co
     }
 }
 
-/* bn_train_forward, and with mean64 / var64 not NULL also the float64 mean and biased variance. */
-static int train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *w,
-                         const float *b, double eps, float *mean_out, float *var_out, float *invstd_out,
-                         float *running_mean, float *running_var, double momentum, int nthreads, double *mean64,
-                         double *var64) {
+/* bn_train_forward with the apply pass `op` (APPLY, RELU, or ADD_RELU with the residual res), and
+ * with mean64 / var64 not NULL also the float64 mean and biased variance. */
+static int train_forward(int op, int dt, const void *x, const void *res, void *y, int64_t A, int64_t C, int64_t B,
+                         const float *w, const float *b, double eps, float *mean_out, float *var_out,
+                         float *invstd_out, float *running_mean, float *running_var, double momentum, int nthreads,
+                         double *mean64, double *var64) {
     int64_t E = A * C * B;
-    int nt = threads_for(E, nthreads), stream = use_stream(y, E * elem_size(dt), 2);
+    int nt = threads_for(E, nthreads), stream = use_stream(y, E * elem_size(dt), op == OP_ADD_RELU ? 3 : 2);
     advise_huge(y, E * elem_size(dt));
     if (!use_rows(A, C, B, dt)) {
         int64_t nch, L;
@@ -1272,10 +1301,10 @@ static int train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, i
 #pragma omp parallel num_threads(nt)
         {
             if (dt == DT_F32)
-                fwd_planes_body(DT_F32, x, y, A, C, B, w, b, eps, mean_out, var_out, r, r + U, r + 2 * U,
+                fwd_planes_body(DT_F32, op, x, res, y, A, C, B, w, b, eps, mean_out, var_out, r, r + U, r + 2 * U,
                                 r + 2 * U + C, coef, stream);
             else
-                fwd_planes_body(DT_BF16, x, y, A, C, B, w, b, eps, mean_out, var_out, r, r + U, r + 2 * U,
+                fwd_planes_body(DT_BF16, op, x, res, y, A, C, B, w, b, eps, mean_out, var_out, r, r + U, r + 2 * U,
                                 r + 2 * U + C, coef, stream);
         }
         copy_moments(C, (double)(A * B), r + 2 * U, r + 2 * U + C, mean64, var64);
@@ -1292,11 +1321,11 @@ static int train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, i
 #pragma omp parallel num_threads(nt)
         {
             if (dt == DT_F32)
-                fwd_rows_body(DT_F32, x, y, s, w, b, eps, mean_out, var_out, fscr, dscr, an, cmean, cm2, coef, coefw,
-                              stream);
+                fwd_rows_body(DT_F32, op, x, res, y, s, w, b, eps, mean_out, var_out, fscr, dscr, an, cmean, cm2, coef,
+                              coefw, stream);
             else
-                fwd_rows_body(DT_BF16, x, y, s, w, b, eps, mean_out, var_out, fscr, dscr, an, cmean, cm2, coef, coefw,
-                              stream);
+                fwd_rows_body(DT_BF16, op, x, res, y, s, w, b, eps, mean_out, var_out, fscr, dscr, an, cmean, cm2,
+                              coef, coefw, stream);
         }
         copy_moments(C, (double)(A * B), cmean, cm2, mean64, var64);
         free(fscr);
@@ -1312,16 +1341,27 @@ static int train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, i
 int bn_train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *w,
                      const float *b, double eps, float *mean_out, float *var_out, float *invstd_out,
                      float *running_mean, float *running_var, double momentum, int nthreads) {
-    return train_forward(dt, x, y, A, C, B, w, b, eps, mean_out, var_out, invstd_out, running_mean,
+    return train_forward(OP_APPLY, dt, x, NULL, y, A, C, B, w, b, eps, mean_out, var_out, invstd_out, running_mean,
                          running_var, momentum, nthreads, NULL, NULL);
+}
+
+/* bn_train_forward followed by relu in the same pass: y = relu(BN(x) + res), res NULL: no
+ * residual, else a tensor of x's dtype and layout. The statistics and running update are
+ * bn_train_forward's; y is computed in float32 and rounded once. */
+int bn_train_forward_relu(int dt, const void *x, const void *res, void *y, int64_t A, int64_t C, int64_t B,
+                          const float *w, const float *b, double eps, float *mean_out, float *var_out,
+                          float *invstd_out, float *running_mean, float *running_var, double momentum,
+                          int nthreads) {
+    return train_forward(res ? OP_ADD_RELU : OP_RELU, dt, x, res, y, A, C, B, w, b, eps, mean_out, var_out,
+                         invstd_out, running_mean, running_var, momentum, nthreads, NULL, NULL);
 }
 
 /* The statistics alone (x read once) as bn_train_forward computes them, and also in float64:
  * mean64 and var64 (biased), the values its y is centred with before they are rounded. */
 int bn_statistics(int dt, const void *x, int64_t A, int64_t C, int64_t B, double eps, float *mean_out,
                   float *var_out, float *invstd_out, double *mean64, double *var64, int nthreads) {
-    return train_forward(dt, x, NULL, A, C, B, NULL, NULL, eps, mean_out, var_out, invstd_out, NULL, NULL, 0.0,
-                         nthreads, mean64, var64);
+    return train_forward(OP_APPLY, dt, x, NULL, NULL, A, C, B, NULL, NULL, eps, mean_out, var_out, invstd_out, NULL,
+                         NULL, 0.0, nthreads, mean64, var64);
 }
 
 /* ------------------------------------------------------------------ training backward */
@@ -1544,10 +1584,8 @@ int bn_ghost_backward(int dt, const void *dy, const void *x, void *dx, int64_t A
 
 /* ------------------------------------------------------------------ inference */
 
-int bn_inference(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *scale,
-                 const float *shift, int nthreads);
-int bn_apply(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *centre,
-             const float *scale, const float *shift, int nthreads);
+static int elementwise_pass(int op, int dt, const void *x, const void *dy, void *out, int64_t A, int64_t C, int64_t B,
+                            const float *m, const float *s, const float *b, const float *h, int nthreads);
 
 
 /* Eval-mode BN from the running statistics (float32 (C,); w, b may be NULL):
@@ -1563,28 +1601,59 @@ INLINE void eval_coeffs(int64_t C, const float *restrict mean, const float *rest
     }
 }
 
-int bn_eval(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *mean, const float *var,
-            const float *w, const float *b, double eps, int nthreads) {
+static int eval_pass(int op, int dt, const void *x, const void *res, void *y, int64_t A, int64_t C, int64_t B,
+                     const float *mean, const float *var, const float *w, const float *b, double eps, int nthreads) {
     float *coef = malloc(sizeof(float) * 2 * (size_t)C);
     if (!coef) return 1;
     BY_WEIGHT_BIAS(w, b, eval_coeffs, C, mean, var, w, b, eps, coef, coef + C);
-    int rc = bn_inference(dt, x, y, A, C, B, coef, coef + C, nthreads);
+    int rc = elementwise_pass(op, dt, x, res, y, A, C, B, NULL, coef, NULL, coef + C, nthreads);
     free(coef);
     return rc;
+}
+
+int bn_eval(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *mean, const float *var,
+            const float *w, const float *b, double eps, int nthreads) {
+    return eval_pass(OP_APPLY, dt, x, NULL, y, A, C, B, mean, var, w, b, eps, nthreads);
+}
+
+/* y = relu(eval BN(x) + res) in one pass (res NULL: no residual, else of x's dtype and layout). */
+int bn_eval_relu(int dt, const void *x, const void *res, void *y, int64_t A, int64_t C, int64_t B, const float *mean,
+                 const float *var, const float *w, const float *b, double eps, int nthreads) {
+    return eval_pass(res ? OP_ADD_RELU : OP_RELU, dt, x, res, y, A, C, B, mean, var, w, b, eps, nthreads);
 }
 
 /* y = x * scale + shift per channel (scale, shift float32 (C,)). */
 int bn_inference(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *scale,
                  const float *shift, int nthreads) {
-    return bn_apply(dt, x, y, A, C, B, NULL, scale, shift, nthreads);
+    return elementwise_pass(OP_APPLY, dt, x, NULL, y, A, C, B, NULL, scale, NULL, shift, nthreads);
 }
 
 /* One elementwise pass with per-channel coefficients (float32 (C,)), in the planes or rows path:
- * APPLY out = (x - m) * s + h (m NULL: 0), DX out = s * dy + b * (x - m) + h. */
+ * APPLY out = (x - m) * s + h (m NULL: 0), DX out = s * dy + b * (x - m) + h; RELU and ADD_RELU
+ * (dy: the residual) as APPLY, then the activation. */
+/* planes_elementwise / rows_elementwise with op (a variable) a constant in each call. */
+INLINE void planes_by_op(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C, int64_t B,
+                         const float *m, const float *s, const float *b, const float *h, int stream, int dt, int t,
+                         int T) {
+    if (op == OP_DX)
+        planes_elementwise(OP_DX, x, dy, out, P, C, B, m, s, b, h, stream, dt, t, T);
+    else
+        BY_APPLY_OP(op, planes_elementwise, x, dy, out, P, C, B, m, s, b, h, stream, dt, t, T);
+}
+
+INLINE void rows_by_op(int op, const void *x, const void *dy, void *out, rows_shape r, const float *mw,
+                       const float *sw, const float *bw, const float *hw, int stream, int dt, int t, int T) {
+    if (op == OP_DX)
+        rows_elementwise(OP_DX, x, dy, out, r, mw, sw, bw, hw, stream, dt, t, T);
+    else
+        BY_APPLY_OP(op, rows_elementwise, x, dy, out, r, mw, sw, bw, hw, stream, dt, t, T);
+}
+
 static int elementwise_pass(int op, int dt, const void *x, const void *dy, void *out, int64_t A, int64_t C, int64_t B,
                             const float *m, const float *s, const float *b, const float *h, int nthreads) {
     int64_t E = A * C * B;
-    int nt = threads_for(E, nthreads), stream = use_stream(out, E * elem_size(dt), op == OP_DX ? 3 : 2);
+    int nt = threads_for(E, nthreads);
+    int stream = use_stream(out, E * elem_size(dt), op == OP_DX || op == OP_ADD_RELU ? 3 : 2);
     advise_huge(out, E * elem_size(dt));
     if (!use_rows(A, C, B, dt)) {
         float *zero = m ? NULL : calloc((size_t)C, sizeof(float));
@@ -1594,9 +1663,9 @@ static int elementwise_pass(int op, int dt, const void *x, const void *dy, void 
         {
             int t = omp_get_thread_num(), T = omp_get_num_threads();
             if (dt == DT_F32)
-                planes_elementwise(op, x, dy, out, A * C, C, B, mm, s, b, h, stream, DT_F32, t, T);
+                planes_by_op(op, x, dy, out, A * C, C, B, mm, s, b, h, stream, DT_F32, t, T);
             else
-                planes_elementwise(op, x, dy, out, A * C, C, B, mm, s, b, h, stream, DT_BF16, t, T);
+                planes_by_op(op, x, dy, out, A * C, C, B, mm, s, b, h, stream, DT_BF16, t, T);
 #if HAVE_AVX512
             if (stream) _mm_sfence();
 #endif
@@ -1615,9 +1684,9 @@ static int elementwise_pass(int op, int dt, const void *x, const void *dy, void 
         {
             int t = omp_get_thread_num(), T = omp_get_num_threads();
             if (dt == DT_F32)
-                rows_elementwise(op, x, dy, out, r, mw, sw, op == OP_DX ? bw : NULL, hw, stream, DT_F32, t, T);
+                rows_by_op(op, x, dy, out, r, mw, sw, op == OP_DX ? bw : NULL, hw, stream, DT_F32, t, T);
             else
-                rows_elementwise(op, x, dy, out, r, mw, sw, op == OP_DX ? bw : NULL, hw, stream, DT_BF16, t, T);
+                rows_by_op(op, x, dy, out, r, mw, sw, op == OP_DX ? bw : NULL, hw, stream, DT_BF16, t, T);
         }
         free(coefw);
     }

@@ -27,6 +27,9 @@ Per channel c over the m = numel / C values of every other axis:
                         batch renormalization's r and d folded in)
     input gradient      dx = k_c*dy + b_c*(x - centre_c) + c_c with given coefficients
                         (`input_grad`: SyncBN's global sums)
+    BN + ReLU           y = relu(BN(x) + residual) (residual optional) from the apply pass of
+                        the training forward or eval (`train_forward_update`, `eval_forward`
+                        with relu=True): the ResNet block tail in the passes of BN alone
 
 Layouts: every tensor the kernel accepts is a dense array that, read in memory order, is a
 contiguous (A, C, B) block with C the channel axis: NCHW is (N, C, H*W), channels_last and
@@ -72,6 +75,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import math
@@ -111,7 +115,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("bn_cpu.c")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
-_ABI_VERSION = 11  # bn_abi_version() of a library built from the current bn_cpu.c
+_ABI_VERSION = 12  # bn_abi_version() of a library built from the current bn_cpu.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
 _COMPILE_TIMEOUT_S = 120
 # What batchnorm warns when a training batch's statistics are not finite and the running
@@ -348,9 +352,11 @@ def _load(lib_path: Path) -> ctypes.CDLL:
         raise _UnavailableError(f"{lib_path} has ABI version {version}, expected {_ABI_VERSION}; delete it")
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     lib.bn_train_forward.argtypes = [i32, p, p, i64, i64, i64, p, p, f64, p, p, p, p, p, f64, i32]
+    lib.bn_train_forward_relu.argtypes = [i32, p, p, p, i64, i64, i64, p, p, f64, p, p, p, p, p, f64, i32]
     lib.bn_train_backward.argtypes = [i32, p, p, p, i64, i64, i64, p, p, p, p, p, i32]
     lib.bn_inference.argtypes = [i32, p, p, i64, i64, i64, p, p, i32]
     lib.bn_eval.argtypes = [i32, p, p, i64, i64, i64, p, p, p, p, f64, i32]
+    lib.bn_eval_relu.argtypes = [i32, p, p, p, i64, i64, i64, p, p, p, p, f64, i32]
     lib.bn_update_running.argtypes = [i64, f64, f64, p, p, p, p, f64]
     lib.bn_update_running_unbiased.argtypes = [i32, i64, p, p, p, p, f64]
     lib.bn_statistics.argtypes = [i32, p, i64, i64, i64, f64, p, p, p, p, p, i32]
@@ -365,9 +371,11 @@ def _load(lib_path: Path) -> ctypes.CDLL:
     lib.bn_input_grad.argtypes = [i32, p, p, p, i64, i64, i64, p, p, p, p, i32]
     for fn in (
         lib.bn_train_forward,
+        lib.bn_train_forward_relu,
         lib.bn_train_backward,
         lib.bn_inference,
         lib.bn_eval,
+        lib.bn_eval_relu,
         lib.bn_update_running,
         lib.bn_update_running_unbiased,
         lib.bn_statistics,
@@ -687,6 +695,8 @@ def train_forward_update(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     momentum: float,
+    relu: bool = False,
+    residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, bool | None]:
     """`train_forward` that also returns invstd and updates the running statistics in place.
 
@@ -696,8 +706,12 @@ def train_forward_update(
     var * m / (m - 1); `updated` is True, or False if some channel's statistics were not
     finite (then nothing is written). Otherwise (None, or another dtype or layout) the
     buffers are not touched and `updated` is None: the caller updates them.
+
+    relu: y = relu(BN(x) + residual) (residual None: relu(BN(x))) in the same apply pass, in
+    float32 and rounded once; the residual is first copied into x's dtype and memory order if
+    it differs (`in_layout_of`).
     """
-    ext = None if torch.compiler.is_compiling() else extension()
+    ext = None if relu or torch.compiler.is_compiling() else extension()
     if ext is not None:  # the same call in C++, unless it declines (then as below)
         r = ext.train(x, weight, bias, running_mean, running_var, eps, momentum, axis)
         if r is not None:
@@ -708,10 +722,15 @@ def train_forward_update(
     w, b = _vector(weight, C, "weight"), _vector(bias, C, "bias")
     y = _empty_like(x)
     mean, var, invstd = (torch.empty(C, dtype=torch.float32) for _ in range(3))
-    rc = lib.bn_train_forward(
-        _DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), A, C, B, _ptr(w), _ptr(b), float(eps),
-        mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), _ptr(running_mean) if fused else None,
-        _ptr(running_var) if fused else None, float(momentum), torch.get_num_threads(),
+    if relu:
+        r = None if residual is None else in_layout_of(residual, x, "residual")
+        call = functools.partial(lib.bn_train_forward_relu, _DTYPES[x.dtype], x.data_ptr(), _ptr(r))
+    else:
+        call = functools.partial(lib.bn_train_forward, _DTYPES[x.dtype], x.data_ptr())
+    rc = call(
+        y.data_ptr(), A, C, B, _ptr(w), _ptr(b), float(eps), mean.data_ptr(), var.data_ptr(), invstd.data_ptr(),
+        _ptr(running_mean) if fused else None, _ptr(running_var) if fused else None, float(momentum),
+        torch.get_num_threads(),
     )  # fmt: skip
     if rc == 1:
         _check(rc, "the forward")
@@ -819,10 +838,10 @@ def train_backward(
     return dx, s1, s2
 
 
-def in_layout_of(dy: Tensor, x: Tensor) -> Tensor:
+def in_layout_of(dy: Tensor, x: Tensor, name: str = "dy") -> Tensor:
     """dy as the kernel reads it beside x: x's dtype and memory order, copied into it if needed."""
     if dy.shape != x.shape:
-        raise ValueError(f"dy has shape {tuple(dy.shape)} but x has {tuple(x.shape)}")
+        raise ValueError(f"{name} has shape {tuple(dy.shape)} but x has {tuple(x.shape)}")
     same = dy.dtype == x.dtype and dy.is_cpu and ((dy.is_contiguous() and x.is_contiguous()) or _same_layout(dy, x))
     return dy if same else _empty_like(x).copy_(dy)  # the documented copy into x's layout
 
@@ -1063,12 +1082,15 @@ def eval_forward(
     eps: float,
     axis: int,
     acb: tuple[int, int, int] | None = None,
+    relu: bool = False,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """Eval-mode BN in one call: y = x * scale + shift, scale = w * (var + eps)**-1/2, shift = b - mean * scale.
 
     mean, var (the running statistics), weight and bias: (C,) of any float dtype (used as float32;
     weight, bias may be None). The coefficients are computed in float64 inside the kernel.
-    acb: `layout(x, axis)` if the caller has it (saves the lookup).
+    acb: `layout(x, axis)` if the caller has it (saves the lookup). relu: y = relu(BN(x) +
+    residual) in the same pass, as in `train_forward_update`.
     """
     if acb is None:
         lib, A, C, B = _prepare(x, axis)
@@ -1077,9 +1099,11 @@ def eval_forward(
     mu, v = _vector(mean, C, "mean"), _vector(var, C, "var")
     w, b = _vector(weight, C, "weight"), _vector(bias, C, "bias")
     y = _empty_like(x)
-    rc = lib.bn_eval(
-        _DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), A, C, B, _ptr(mu), _ptr(v), _ptr(w), _ptr(b), float(eps),
-        torch.get_num_threads(),
-    )  # fmt: skip
+    if relu:
+        r = None if residual is None else in_layout_of(residual, x, "residual")
+        call = functools.partial(lib.bn_eval_relu, _DTYPES[x.dtype], x.data_ptr(), _ptr(r))
+    else:
+        call = functools.partial(lib.bn_eval, _DTYPES[x.dtype], x.data_ptr())
+    rc = call(y.data_ptr(), A, C, B, _ptr(mu), _ptr(v), _ptr(w), _ptr(b), float(eps), torch.get_num_threads())
     _check(rc, "eval")
     return y
