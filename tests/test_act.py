@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import batchnorm as bn
+from batchnorm.kernels import cpu
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -36,6 +39,151 @@ def test_act_layer_equals_composite(residual, channels_last):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(fused.running_var, plain.running_var)
     assert list(fused.state_dict()) == list(plain.state_dict())
+
+
+def _pair(make_layer, dtype=torch.float32):
+    """A fused layer with seeded parameters and its composite twin: our plain layer of the same class
+    and state (relu(BN(x) + residual) in three steps)."""
+    torch.manual_seed(0)
+    fused = make_layer()
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5)
+        fused.bias.uniform_(-0.5, 0.5)
+    fused = fused.to(dtype)
+    plain = copy.deepcopy(fused)
+    plain.__class__ = fused.__class__.__mro__[2]  # BatchNormAct2d -> BatchNorm2d (ours)
+    return fused, plain
+
+
+def _composite(plain, x, residual):
+    y = plain(x)
+    return torch.relu(y if residual is None else y + residual)
+
+
+def _spy(monkeypatch) -> list[str]:
+    """Records which fused CPU entry each call of the layer took."""
+    calls: list[str] = []
+
+    def spy(function, name):
+        def call(*args, **kwargs):
+            if kwargs.get("relu"):
+                calls.append(name)
+            return function(*args, **kwargs)
+
+        return call
+
+    for name in ("train_forward_update", "eval_forward"):
+        monkeypatch.setattr(cpu, name, spy(getattr(cpu, name), name))
+    return calls
+
+
+CPU_CASES = [
+    pytest.param(lambda: bn.BatchNormAct2d(6), (4, 6, 5, 5), None, id="nchw"),
+    pytest.param(lambda: bn.BatchNormAct2d(6), (4, 6, 5, 5), torch.channels_last, id="nhwc"),
+    pytest.param(lambda: bn.BatchNormAct2d(16), (8, 16, 7, 7), None, id="nchw-7x7"),
+    pytest.param(lambda: bn.BatchNormAct1d(40), (64, 40), None, id="2d"),
+    pytest.param(lambda: bn.BatchNormAct1d(8), (4, 8, 30), None, id="ncl"),
+    pytest.param(lambda: bn.BatchNormAct3d(4), (2, 4, 3, 5, 6), torch.channels_last_3d, id="ndhwc"),
+    pytest.param(lambda: bn.BatchNormActNd(12, axis=-1), (4, 10, 12), None, id="nlc-axis-1"),
+]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add-relu"])
+@pytest.mark.parametrize("make_layer,shape,fmt", CPU_CASES)
+def test_cpu_act_layer_is_fused_and_equals_the_composite_bitwise(make_layer, shape, fmt, residual, monkeypatch):
+    """float32 on the CPU kernel: three training steps then eval under no_grad, against our plain
+    layer + add + relu. Outputs, every gradient (x, weight, bias, residual), the running statistics
+    and the step count are bitwise the same: the fused pass does the same float32 operations; the
+    backward is torch's ReLU backward then the same kernel. torch's layer agrees within float32."""
+    fused, plain = _pair(make_layer)
+    theirs = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}.get(len(shape) - 2)
+    calls = _spy(monkeypatch)
+    for _ in range(3):
+        x = torch.randn(shape).contiguous(memory_format=fmt or torch.contiguous_format) * 2 + 1
+        r = torch.randn(shape) if residual else None
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ra, rb = (r.clone().requires_grad_(), r.clone().requires_grad_()) if residual else (None, None)
+        ya, yb = fused(xa, residual=ra), _composite(plain, xb, rb)
+        assert torch.equal(ya, yb) and ya.stride() == x.stride()
+        g = torch.randn(shape)
+        wrt_a = [xa, fused.weight, fused.bias] + ([ra] if residual else [])
+        wrt_b = [xb, plain.weight, plain.bias] + ([rb] if residual else [])
+        for a, b in zip(torch.autograd.grad(ya, wrt_a, g), torch.autograd.grad(yb, wrt_b, g)):
+            assert torch.equal(a, b)
+        for name, buffer in plain.named_buffers():
+            assert torch.equal(getattr(fused, name), buffer), name
+    assert fused.num_batches_tracked == 3 and calls == ["train_forward_update"] * 3
+    fused.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(x, residual=r), _composite(plain, x, r))
+    assert calls[-1] == "eval_forward"
+    if theirs is not None and fused.axis == 1:
+        torch_layer = theirs(shape[1])
+        torch_layer.load_state_dict(plain.state_dict())
+        torch_layer.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x, residual=r), _composite(torch_layer, x, r))
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add-relu"])
+def test_cpu_act_layer_in_bfloat16(residual, monkeypatch):
+    """A bfloat16 layer (bfloat16 parameters and buffers, which the kernel leaves to the caller to
+    update): fused, within bfloat16 rounding of the composite, gradients and buffers bfloat16."""
+    fused, plain = _pair(lambda: bn.BatchNormAct2d(8), torch.bfloat16)
+    calls = _spy(monkeypatch)
+    x = torch.randn(4, 8, 6, 6).to(torch.bfloat16).requires_grad_()
+    r = torch.randn(4, 8, 6, 6).to(torch.bfloat16).requires_grad_() if residual else None
+    ya, yb = fused(x, residual=r), _composite(plain, x, r)
+    assert calls == ["train_forward_update"] and ya.dtype == torch.bfloat16
+    torch.testing.assert_close(ya, yb, rtol=1.6e-2, atol=1.6e-2)
+    g = torch.randn_like(ya)
+    wrt = [x, fused.weight] + ([r] if residual else [])
+    wrt_plain = [x, plain.weight] + ([r] if residual else [])
+    for a, b in zip(torch.autograd.grad(ya, wrt, g), torch.autograd.grad(yb, wrt_plain, g)):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+    assert fused.running_var.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.running_var, plain.running_var)
+    assert fused.num_batches_tracked == 1
+
+
+def test_cpu_act_layer_keeps_its_state_on_a_nonfinite_batch():
+    fused, _ = _pair(lambda: bn.BatchNormAct2d(3))
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    x = torch.randn(4, 3, 5, 5)
+    x[0, 1, 2, 2] = float("inf")
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        fused(x)
+    for k, v in fused.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    fused.momentum = None  # the cumulative average counts the batches it took
+    fused(torch.randn(4, 3, 5, 5))
+    fused(torch.randn(4, 3, 5, 5))
+    assert fused.num_batches_tracked == 2
+
+
+def test_cpu_act_layer_gives_way_where_it_must(monkeypatch):
+    """The composite runs (with its errors and promotions) where the fused pass would differ: one
+    value per channel, a residual of another dtype, a mask, eval with gradients wanted, the torch backend."""
+    fused, _ = _pair(lambda: bn.BatchNormAct1d(3))
+    calls = _spy(monkeypatch)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fused(torch.randn(1, 3))
+    x = torch.randn(4, 3, 6)
+    y = fused(x, residual=torch.randn(4, 3, 6, dtype=torch.float64))
+    assert y.dtype == torch.float64  # as relu(BN(x) + residual) promotes
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    fused(x, mask=mask)
+    fused.eval()
+    fused(x)  # weight requires grad: the composite keeps it differentiable
+    with bn.functional.use_backend("torch"):
+        fused.train()
+        fused(x)
+    assert calls == []
+    with torch.no_grad():
+        fused.eval()
+        fused(x)
+    assert calls == ["eval_forward"]
 
 
 def test_act_layer_checks_the_residual():

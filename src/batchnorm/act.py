@@ -4,8 +4,10 @@
 
 On CUDA with Triton the training forward is one fused pass after the
 statistics and the backward recomputes the ReLU mask from x and the saved
-statistics instead of storing it (`kernels.triton_bn.train_forward_act`);
-everywhere else, and with masks, ghost batches, renorm or SyncBN, it is the
+statistics instead of storing it (`kernels.triton_bn.train_forward_act`).
+On the CPU kernel the add and the ReLU ride in BN's apply pass, in training
+and in inference (`_CpuAct`, `kernels.cpu.eval_forward(relu=True)`).
+Everywhere else, and with masks, ghost batches, renorm or SyncBN, it is the
 composite relu(BN(x) + residual) with the same numbers. PyTorch eager has no
 such fused layer (it never calls cuDNN's fused BN-add-activation).
 """
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .functional import _pick_path
-from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _Forward
+from .functional import _check_training, _pick_path, _update_running_stats, _wants_grad, _warn_not_finite
+from .kernels import cpu
+from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _check_num_features, _Forward
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "BatchNormActNd"]
 
@@ -46,22 +50,76 @@ class _FusedAct(torch.autograd.Function):
         return dx, dw, db, dres if ctx.needs_input_grad[3] else None, None, None, None, None, None
 
 
+class _CpuAct(torch.autograd.Function):
+    """Training relu(BN(x) + residual) on the CPU kernel.
+
+    Forward: the statistics pass, then one pass that writes relu((x - mean) * scale + shift +
+    residual): x read twice and the residual once, y written once; the composite makes two
+    more passes over tensors of x's size for the ReLU, three more for the add. Backward: g =
+    dy where y > 0 (torch's ReLU backward, from the saved output: no mask is stored), then
+    BN's backward on the kernel with g; the residual's gradient is g. Returns y; the batch's
+    (mean, var, updated) are appended to `status` (see `cpu.train_forward_update`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, axis, running_mean, running_var, momentum, status: list):
+        y, mean, var, invstd, updated = cpu.train_forward_update(
+            x, weight, bias, eps, axis, running_mean, running_var, momentum, relu=True, residual=residual
+        )
+        ctx.save_for_backward(x, weight, mean, invstd, y)
+        ctx.axis, ctx.bias_dtype = axis, None if bias is None else bias.dtype
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        status += (mean, var, updated)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, invstd, y = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        g = torch.ops.aten.threshold_backward(dy, y, 0)
+        dx, s1, s2 = cpu.train_backward(g, x, weight, mean, invstd, ctx.axis, need_x)
+        dw = (s2 * invstd).to(weight.dtype) if need_w and weight is not None else None
+        db = s1.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+        dr = g.to(ctx.residual_dtype) if need_r else None
+        return dx, dw, db, dr, None, None, None, None, None, None
+
+
 class _ActMixin:
     """forward(x, residual=None, mask=None) = relu(BN(x) + residual)."""
 
     def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         if residual is not None and residual.shape != input.shape:
             raise ValueError(f"residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
-        if self._fusable(input, mask):
+        path = self._fused_path(input, residual, mask)
+        if path is not None:
             self._check_input_dim(input)
+            _check_num_features(self, input)
+        if path == "cpu-eval":
+            rm, rv, w, b = self.running_mean, self.running_var, self.weight, self.bias
+            return cpu.eval_forward(input, rm, rv, w, b, self.eps, self.axis, relu=True, residual=residual)
+        if path is not None:
             factor = self.momentum
             if self.momentum is None:
                 factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
-            y = _FusedAct.apply(
-                input, self.weight, self.bias, residual, self.eps, self.axis % input.dim(),
-                self.running_mean, self.running_var, factor,
-            )  # fmt: skip
-            self.num_batches_tracked.add_(1)
+            axis = self.axis % input.dim()
+            args = (input, self.weight, self.bias, residual, self.eps, axis)
+            args += (self.running_mean, self.running_var, factor)
+            if path == "triton":
+                y = _FusedAct.apply(*args)
+                self.num_batches_tracked.add_(1)
+                return y
+            _check_training(input, axis, factor, self.eps)
+            status: list = []
+            y = _CpuAct.apply(*args, status)
+            mean, var, updated = status
+            if updated is None:  # buffers the kernel does not update itself (another dtype)
+                m = input.numel() // input.shape[axis]
+                updated = _update_running_stats(self.running_mean, self.running_var, mean, var * (m / (m - 1)), factor)
+            elif not updated:
+                _warn_not_finite(stacklevel=5)  # the caller of the layer
+            if updated:
+                self.num_batches_tracked.add_(1)
             return y
         y = _Forward.forward(self, input, mask)
         if residual is not None:
@@ -69,6 +127,24 @@ class _ActMixin:
         return torch.relu(y)
 
     def _fusable(self, input: Tensor, mask: Tensor | None) -> bool:
+        """Whether the training forward takes a fused path (Triton, or the CPU kernel)."""
+        return self._fused_path(input, None, mask) in ("triton", "cpu-train")
+
+    def _fused_path(self, input: Tensor, residual: Tensor | None, mask: Tensor | None) -> str | None:
+        """Which fused path runs: "triton" or "cpu-train" (training, plain BN), "cpu-eval" (the
+        running statistics, no gradient wanted), or None (the composite)."""
+        if mask is not None or not isinstance(input, Tensor) or input.dim() < 2:
+            return None
+        if residual is not None and not (
+            isinstance(residual, Tensor) and residual.device == input.device and residual.dtype == input.dtype
+        ):  # (y + residual would promote, or fail)
+            return None
+        axis = self.axis % input.dim()
+        if not self.training or self.frozen:
+            stats = self.running_mean is not None and self.running_var is not None
+            if not stats or _wants_grad(input, residual, self.weight, self.bias) or not input.is_cpu:
+                return None
+            return "cpu-eval" if _pick_path(input, axis) == "cpu" else None
         plain = (
             self.training
             and self.track_running_stats
@@ -78,7 +154,12 @@ class _ActMixin:
             and self.renorm is None
             and self._sync_group(input) is None
         )
-        return plain and input.is_cuda and _pick_path(input, self.axis % input.dim()) == "triton"
+        if not plain or input.numel() == 0:
+            return None
+        path = _pick_path(input, axis)
+        if input.is_cuda and path == "triton":
+            return "triton"
+        return "cpu-train" if input.is_cpu and path == "cpu" else None
 
 
 class BatchNormAct1d(_ActMixin, BatchNorm1d):
