@@ -61,19 +61,24 @@ def _composite(plain, x, residual):
 
 
 def _spy(monkeypatch) -> list[str]:
-    """Records which fused CPU entry each call of the layer took."""
+    """Records the fused CPU entries the layer called: the forward, the gated backward, eval."""
     calls: list[str] = []
 
-    def spy(function, name):
+    def spy(function, name, fused):
         def call(*args, **kwargs):
-            if kwargs.get("relu"):
+            if fused(kwargs):
                 calls.append(name)
             return function(*args, **kwargs)
 
         return call
 
-    for name in ("train_forward_update", "eval_forward"):
-        monkeypatch.setattr(cpu, name, spy(getattr(cpu, name), name))
+    entries = (
+        ("train_forward_relu", lambda kwargs: True),
+        ("train_backward", lambda kwargs: kwargs.get("relu_gate") is not None),
+        ("eval_forward", lambda kwargs: kwargs.get("relu")),
+    )
+    for name, fused in entries:
+        monkeypatch.setattr(cpu, name, spy(getattr(cpu, name), name, fused))
     return calls
 
 
@@ -112,7 +117,8 @@ def test_cpu_act_layer_is_fused_and_equals_the_composite_bitwise(make_layer, sha
             assert torch.equal(a, b)
         for name, buffer in plain.named_buffers():
             assert torch.equal(getattr(fused, name), buffer), name
-    assert fused.num_batches_tracked == 3 and calls == ["train_forward_update"] * 3
+    steps = ["train_forward_relu"] if residual else ["train_forward_relu", "train_backward"]
+    assert fused.num_batches_tracked == 3 and calls == steps * 3
     fused.eval(), plain.eval()
     with torch.no_grad():
         assert torch.equal(fused(x, residual=r), _composite(plain, x, r))
@@ -134,7 +140,7 @@ def test_cpu_act_layer_in_bfloat16(residual, monkeypatch):
     x = torch.randn(4, 8, 6, 6).to(torch.bfloat16).requires_grad_()
     r = torch.randn(4, 8, 6, 6).to(torch.bfloat16).requires_grad_() if residual else None
     ya, yb = fused(x, residual=r), _composite(plain, x, r)
-    assert calls == ["train_forward_update"] and ya.dtype == torch.bfloat16
+    assert calls == ["train_forward_relu"] and ya.dtype == torch.bfloat16
     torch.testing.assert_close(ya, yb, rtol=1.6e-2, atol=1.6e-2)
     g = torch.randn_like(ya)
     wrt = [x, fused.weight] + ([r] if residual else [])

@@ -297,7 +297,7 @@ def test_relu_passes_equal_bn_then_add_then_relu(shape, fmt, axis, dtype, affine
     plain_train = cpu.train_forward_update(x, w, b, EPS, axis, None, None, 0.0)
     plain_eval = cpu.eval_forward(x, *running, w, b, EPS, axis)
     for r in (None, residual):
-        fused_train = cpu.train_forward_update(x, w, b, EPS, axis, None, None, 0.0, relu=True, residual=r)
+        fused_train = cpu.train_forward_relu(x, r, w, b, EPS, axis)
         for a, want in zip(fused_train[1:4], plain_train[1:4]):
             assert torch.equal(a, want)
         fused_eval = cpu.eval_forward(x, *running, w, b, EPS, axis, relu=True, residual=r)
@@ -312,11 +312,38 @@ def test_relu_passes_equal_bn_then_add_then_relu(shape, fmt, axis, dtype, affine
                 torch.testing.assert_close(fused.double(), exact, **out_tol(dtype), equal_nan=True)
 
 
+@pytest.mark.parametrize("shape,fmt,axis,dtype,affine,nthreads,streaming", GRID)
+def test_relu_backward_equals_relus_then_bns(shape, fmt, axis, dtype, affine, nthreads, streaming, restore_threads):
+    """BN + ReLU's backward with the ReLU test recomputed from x and the forward's (scale, shift), in
+    both passes, equals torch's ReLU backward (dy where y > 0) followed by BN's backward, bitwise:
+    the same values are summed in the same order. Every layout, store kind, thread count and dtype."""
+    set_threads(nthreads, streaming)
+    x = make(shape, fmt, dtype)
+    dy = make(shape, fmt, dtype, seed=2)
+    C = shape[axis]
+    w, b = params(C) if affine else (None, None)
+    y, mean, _, invstd, _, gate = cpu.train_forward_relu(x, None, w, b, EPS, axis)
+    assert gate.shape == (2, C) and gate.dtype == torch.float32
+    got = cpu.train_backward(dy, x, w, mean, invstd, axis, relu_gate=gate)
+    want = cpu.train_backward(torch.ops.aten.threshold_backward(dy, y, 0), x, w, mean, invstd, axis)
+    assert same_layout(got[0], x)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert cpu.train_backward(dy, x, w, mean, invstd, axis, need_dx=False, relu_gate=gate)[0] is None
+
+
+def test_relu_backward_checks_its_gate():
+    x = make((4, 3, 5, 5), None, torch.float32)
+    _, mean, _, invstd, _, gate = cpu.train_forward_relu(x, None, None, None, EPS, 1)
+    with pytest.raises(ValueError, match=r"relu_gate must be train_forward_relu's float32 \(2, 3\)"):
+        cpu.train_backward(x, x, None, mean, invstd, 1, relu_gate=gate[0])
+
+
 def test_relu_pass_copies_a_residual_of_another_layout():
     x = make((4, 16, 6, 6), CL, torch.float32)
     r = make((4, 16, 6, 6), None, torch.float32, seed=3)
-    y = cpu.train_forward_update(x, None, None, EPS, 1, None, None, 0.0, relu=True, residual=r)[0]
-    want = cpu.train_forward_update(x, None, None, EPS, 1, None, None, 0.0, relu=True, residual=r.to(memory_format=CL))
+    y = cpu.train_forward_relu(x, r, None, None, EPS, 1)[0]
+    want = cpu.train_forward_relu(x, r.to(memory_format=CL), None, None, EPS, 1)
     assert same_layout(y, x) and torch.equal(y, want[0])
     with pytest.raises(ValueError, match=r"residual has shape \(4, 16, 6\)"):
         cpu.eval_forward(x, torch.zeros(16), torch.ones(16), None, None, EPS, 1, relu=True, residual=r[..., 0])
@@ -597,13 +624,20 @@ def test_concurrent_builds_of_the_portable_variant(tmp_path):
                 torch.testing.assert_close(s1.double(), dy.double().sum(dims), rtol=1e-4, atol=1e-3)
                 assert dx.stride() == x.stride()
                 # relu(BN(x) + residual) in the apply pass, training and eval
-                fused = cpu.train_forward_update(x, None, None, 1e-5, 1, None, None, 0.0, relu=True, residual=dy)[0]
+                fused = cpu.train_forward_relu(x, dy, None, None, 1e-5, 1)[0]
                 fused_eval = cpu.eval_forward(x, mean, var, None, None, 1e-5, 1, relu=True, residual=dy)
                 y_eval = cpu.eval_forward(x, mean, var, None, None, 1e-5, 1)
                 for got, plain in ((fused, y), (fused_eval, y_eval)):
                     composite = torch.relu(plain.double() + dy.double())
                     torch.testing.assert_close(got.double(), composite, rtol=tol, atol=tol)
                     assert got.stride() == x.stride()
+                # relu(BN(x))'s backward with the ReLU test recomputed from x
+                y_relu, _, _, _, _, gate = cpu.train_forward_relu(x, None, None, None, 1e-5, 1)
+                gated = cpu.train_backward(dy, x, None, mean, invstd, 1, relu_gate=gate)
+                g = torch.ops.aten.threshold_backward(dy, y_relu, 0)
+                composite = cpu.train_backward(g, x, None, mean, invstd, 1)
+                for a, e in zip(gated, composite):
+                    torch.testing.assert_close(a, e, rtol=0, atol=0)
             # the masked kernels over (N, C, L) planes; padding NaN
             mask = torch.arange(50)[None] < torch.tensor([50, 20, 3, 37])[:, None]
             x = torch.randn(4, 3, 50).masked_fill(~mask[:, None], float("nan")).to(dtype)

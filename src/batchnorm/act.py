@@ -51,22 +51,25 @@ class _FusedAct(torch.autograd.Function):
 
 
 class _CpuAct(torch.autograd.Function):
-    """Training relu(BN(x) + residual) on the CPU kernel.
+    """Training relu(BN(x) + residual) on the CPU kernel (`cpu.train_forward_relu`).
 
     Forward: the statistics pass, then one pass that writes relu((x - mean) * scale + shift +
     residual): x read twice and the residual once, y written once; the composite makes two
-    more passes over tensors of x's size for the ReLU, three more for the add. Backward: g =
-    dy where y > 0 (torch's ReLU backward, from the saved output: no mask is stored), then
-    BN's backward on the kernel with g; the residual's gradient is g. Returns y; the batch's
-    (mean, var, updated) are appended to `status` (see `cpu.train_forward_update`).
+    more passes over tensors of x's size for the ReLU, three more for the add.
+    Backward without a residual: BN's backward with dy gated by the forward's ReLU test,
+    recomputed from x and the saved (scale, shift) in both of its passes (no mask or output
+    stored; BN's passes alone, where the composite adds three for the ReLU's backward). With
+    a residual: g = dy where y > 0 (torch's ReLU backward, from the saved output), the
+    residual's gradient, then BN's backward with g.
+    Returns y; the batch's (mean, var, updated) are appended to `status`.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps, axis, running_mean, running_var, momentum, status: list):
-        y, mean, var, invstd, updated = cpu.train_forward_update(
-            x, weight, bias, eps, axis, running_mean, running_var, momentum, relu=True, residual=residual
+        y, mean, var, invstd, updated, gate = cpu.train_forward_relu(
+            x, residual, weight, bias, eps, axis, running_mean, running_var, momentum
         )
-        ctx.save_for_backward(x, weight, mean, invstd, y)
+        ctx.save_for_backward(x, weight, mean, invstd, gate if residual is None else y)
         ctx.axis, ctx.bias_dtype = axis, None if bias is None else bias.dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
         status += (mean, var, updated)
@@ -75,10 +78,14 @@ class _CpuAct(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd, y = ctx.saved_tensors
+        x, weight, mean, invstd, gate_or_y = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        g = torch.ops.aten.threshold_backward(dy, y, 0)
-        dx, s1, s2 = cpu.train_backward(g, x, weight, mean, invstd, ctx.axis, need_x)
+        if ctx.residual_dtype is None:
+            g = None
+            dx, s1, s2 = cpu.train_backward(dy, x, weight, mean, invstd, ctx.axis, need_x, relu_gate=gate_or_y)
+        else:
+            g = torch.ops.aten.threshold_backward(dy, gate_or_y, 0)
+            dx, s1, s2 = cpu.train_backward(g, x, weight, mean, invstd, ctx.axis, need_x)
         dw = (s2 * invstd).to(weight.dtype) if need_w and weight is not None else None
         db = s1.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
         dr = g.to(ctx.residual_dtype) if need_r else None

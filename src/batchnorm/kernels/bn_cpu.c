@@ -68,7 +68,7 @@
 #define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
 #endif
 
-#define BN_ABI_VERSION 12
+#define BN_ABI_VERSION 13
 #define LANES 32                    /* independent float accumulators per reduction */
 #define CHUNK_BYTES (16 << 10)      /* planes: statistics chunk, stays in L1 */
 #ifndef BLOCK_BYTES
@@ -145,6 +145,15 @@ INLINE void ST(void *p, int64_t i, float v, int dt) {
 }
 
 INLINE int64_t elem_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
+/* The apply pass for one value, xm = x - m: the one expression of the scalar code, so that BN +
+ * ReLU's backward (gate1) tests what the forward (op1) computed, in the same operations. */
+INLINE float affine1(float xm, float s, float h) { return xm * s + h; }
+
+/* dy where the ReLU after BN passed it (gated, a constant where inlined): affine1 > 0 (NaN fails). */
+INLINE float gate1(const int gated, float g, float xm, float gs, float gh) {
+    return gated && !(affine1(xm, gs, gh) > 0.f) ? 0.f : g;
+}
 
 #if HAVE_AVX512
 INLINE __m512 VLD(const void *p, int64_t i, int dt) {
@@ -353,44 +362,60 @@ INLINE void planes16_stats(const void *x, int64_t p0, int64_t B, int dt, double 
     store16_pd(r2 + p0, reduce16(v));
 }
 
-/* sum(dy) and sum(dy * (x - m)) over n contiguous values at off, as vectors (masked lanes load dy = 0). */
-INLINE void seg_grad_acc(const void *dy, const void *x, int64_t off, int64_t n, __m512 m, int dt, __m512 *s1,
-                         __m512 *s2) {
+/* dy where the ReLU after BN passed it: (x - m) * gs + gh > 0 with xm = x - m, the forward's apply
+ * pass before relu, in the same float32 operations (bitwise its test). NaN fails the test. */
+INLINE __m512 gatev(__m512 g, __m512 xm, __m512 gs, __m512 gh) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_fmadd_ps(xm, gs, gh), _mm512_setzero_ps(), _CMP_GT_OQ), g);
+}
+
+/* sum(dy) and sum(dy * (x - m)) over n contiguous values at off, as vectors (masked lanes load dy = 0);
+ * gated (a constant where inlined): dy through gatev first (BN + ReLU). */
+INLINE void seg_grad_acc(const void *dy, const void *x, int64_t off, int64_t n, __m512 m, const int gated,
+                         __m512 gs, __m512 gh, int dt, __m512 *s1, __m512 *s2) {
     __m512 a1 = _mm512_setzero_ps(), b1 = a1, a2 = a1, b2 = a1;
     int64_t i = 0;
     for (; i + 2 * VEC <= n; i += 2 * VEC) {
         __m512 g0 = VLD(dy, off + i, dt), g1 = VLD(dy, off + i + VEC, dt);
+        const __m512 xm0 = _mm512_sub_ps(VLD(x, off + i, dt), m), xm1 = _mm512_sub_ps(VLD(x, off + i + VEC, dt), m);
+        if (gated) {
+            g0 = gatev(g0, xm0, gs, gh);
+            g1 = gatev(g1, xm1, gs, gh);
+        }
         a1 = _mm512_add_ps(a1, g0);
         b1 = _mm512_add_ps(b1, g1);
-        a2 = _mm512_fmadd_ps(g0, _mm512_sub_ps(VLD(x, off + i, dt), m), a2);
-        b2 = _mm512_fmadd_ps(g1, _mm512_sub_ps(VLD(x, off + i + VEC, dt), m), b2);
+        a2 = _mm512_fmadd_ps(g0, xm0, a2);
+        b2 = _mm512_fmadd_ps(g1, xm1, b2);
     }
     for (; i < n; i += VEC) {
         __mmask16 k = n - i >= VEC ? (__mmask16)0xFFFF : first_lanes(n - i);
         __m512 g = VLDM(dy, off + i, k, dt);
+        const __m512 xm = _mm512_sub_ps(VLDM(x, off + i, k, dt), m);
+        if (gated) g = gatev(g, xm, gs, gh);
         a1 = _mm512_add_ps(a1, g);
-        a2 = _mm512_fmadd_ps(g, _mm512_sub_ps(VLDM(x, off + i, k, dt), m), a2);
+        a2 = _mm512_fmadd_ps(g, xm, a2);
     }
     *s1 = _mm512_add_ps(a1, b1);
     *s2 = _mm512_add_ps(a2, b2);
 }
 
-/* sum(dy) and sum(dy * (x - mu)) over n contiguous values at off. */
-INLINE void seg_grad_sums(const void *dy, const void *x, int64_t off, int64_t n, float mu, int dt,
-                          double *s1, double *s2) {
+/* sum(dy) and sum(dy * (x - mu)) over n contiguous values at off (gated: as seg_grad_acc). */
+INLINE void seg_grad_sums(const void *dy, const void *x, int64_t off, int64_t n, float mu, const int gated, float gs,
+                          float gh, int dt, double *s1, double *s2) {
     __m512 v1, v2;
-    seg_grad_acc(dy, x, off, n, _mm512_set1_ps(mu), dt, &v1, &v2);
+    seg_grad_acc(dy, x, off, n, _mm512_set1_ps(mu), gated, _mm512_set1_ps(gs), _mm512_set1_ps(gh), dt, &v1, &v2);
     *s1 = (double)_mm512_reduce_add_ps(v1);
     *s2 = (double)_mm512_reduce_add_ps(v2);
 }
 
 /* seg_grad_sums of the 16 whole planes p0 .. p0+15 (channel of plane p: p % C), into
  * r1/r2[p0 ..], the horizontal sums 16 at a time (see planes16_stats). */
-INLINE void planes16_grad(const void *dy, const void *x, const float *mu, int64_t p0, int64_t C, int64_t B, int dt,
-                          double *r1, double *r2) {
+INLINE void planes16_grad(const void *dy, const void *x, const float *mu, const int gated, const float *gs,
+                          const float *gh, int64_t p0, int64_t C, int64_t B, int dt, double *r1, double *r2) {
     __m512 v1[16], v2[16];
     for (int64_t j = 0, c = p0 % C; j < 16; j++) {
-        seg_grad_acc(dy, x, (p0 + j) * B, B, _mm512_set1_ps(mu[c]), dt, &v1[j], &v2[j]);
+        const __m512 vs = gated ? _mm512_set1_ps(gs[c]) : _mm512_setzero_ps();
+        const __m512 vh = gated ? _mm512_set1_ps(gh[c]) : vs;
+        seg_grad_acc(dy, x, (p0 + j) * B, B, _mm512_set1_ps(mu[c]), gated, vs, vh, dt, &v1[j], &v2[j]);
         if (++c == C) c = 0;
     }
     store16_pd(r1 + p0, reduce16(v1));
@@ -426,23 +451,23 @@ INLINE void seg_stats(const void *x, int64_t off, int64_t n, int dt, double *mea
     *m2 = (double)lanes_sum(acc);
 }
 
-/* sum(dy) and sum(dy * (x - mu)) over n contiguous values at off. */
-INLINE void seg_grad_sums(const void *dy, const void *x, int64_t off, int64_t n, float mu, int dt,
-                          double *s1, double *s2) {
+/* sum(dy) and sum(dy * (x - mu)) over n contiguous values at off (gated: dy through gate1). */
+INLINE void seg_grad_sums(const void *dy, const void *x, int64_t off, int64_t n, float mu, const int gated, float gs,
+                          float gh, int dt, double *s1, double *s2) {
     float a1[LANES], a2[LANES];
     int64_t i;
     for (int j = 0; j < LANES; j++) a1[j] = a2[j] = 0.f;
     for (i = 0; i + LANES <= n; i += LANES)
         for (int j = 0; j < LANES; j++) {
-            float g = LD(dy, off + i + j, dt);
+            const float xm = LD(x, off + i + j, dt) - mu, g = gate1(gated, LD(dy, off + i + j, dt), xm, gs, gh);
             a1[j] += g;
-            a2[j] += g * (LD(x, off + i + j, dt) - mu);
+            a2[j] += g * xm;
         }
     for (int j = 0; j < LANES; j++)
         if (i + j < n) {
-            float g = LD(dy, off + i + j, dt);
+            const float xm = LD(x, off + i + j, dt) - mu, g = gate1(gated, LD(dy, off + i + j, dt), xm, gs, gh);
             a1[j] += g;
-            a2[j] += g * (LD(x, off + i + j, dt) - mu);
+            a2[j] += g * xm;
         }
     *s1 = (double)lanes_sum(a1);
     *s2 = (double)lanes_sum(a2);
@@ -459,9 +484,11 @@ INLINE void plane_chunks(int64_t B, int dt, int64_t *nch, int64_t *L) {
 
 /* Unit u = ((a * C) + c) * nch + k: chunk k of plane (a, c). Results go to
  * r1/r2[(a * nch + k) * C + c] so that the per-channel merge reads along c.
- * grad = 0: (mean, M2) of x; grad = 1: (sum dy, sum dy * (x - mu[c])). */
-INLINE void planes_units(const void *x, const void *dy, const float *mu, int64_t A, int64_t C, int64_t B,
-                         int grad, int dt, double *r1, double *r2, int t, int T) {
+ * grad = 0: (mean, M2) of x; grad = 1: (sum dy, sum dy * (x - mu[c])); grad = 2: the same with
+ * dy gated by the ReLU of the apply pass (x - mu[c]) * gs[c] + gh[c] (BN + ReLU's backward). */
+INLINE void planes_units(const void *x, const void *dy, const float *mu, const float *gs, const float *gh, int64_t A,
+                         int64_t C, int64_t B, const int grad, int dt, double *r1, double *r2, int t, int T) {
+    const int gated = grad == 2;
     int64_t nch, L, lo, hi;
     plane_chunks(B, dt, &nch, &L);
     part(A * C * nch, t, T, &lo, &hi);
@@ -471,12 +498,13 @@ INLINE void planes_units(const void *x, const void *dy, const float *mu, int64_t
         int64_t p = lo;
         for (; p + 16 <= hi; p += 16)
             if (grad)
-                planes16_grad(dy, x, mu, p, C, B, dt, r1, r2);
+                planes16_grad(dy, x, mu, gated, gs, gh, p, C, B, dt, r1, r2);
             else
                 planes16_stats(x, p, B, dt, r1, r2);
         for (; p < hi; p++)
             if (grad)
-                seg_grad_sums(dy, x, p * B, B, mu[p % C], dt, &r1[p], &r2[p]);
+                seg_grad_sums(dy, x, p * B, B, mu[p % C], gated, gated ? gs[p % C] : 0.f, gated ? gh[p % C] : 0.f, dt,
+                              &r1[p], &r2[p]);
             else
                 seg_stats(x, p * B, B, dt, &r1[p], &r2[p]);
         return;
@@ -487,7 +515,8 @@ INLINE void planes_units(const void *x, const void *dy, const float *mu, int64_t
         int64_t start = k * L, n = (B - start) < L ? (B - start) : L;
         int64_t slot = (a * nch + k) * C + c;
         if (grad)
-            seg_grad_sums(dy, x, p * B + start, n, mu[c], dt, &r1[slot], &r2[slot]);
+            seg_grad_sums(dy, x, p * B + start, n, mu[c], gated, gated ? gs[c] : 0.f, gated ? gh[c] : 0.f, dt,
+                          &r1[slot], &r2[slot]);
         else
             seg_stats(x, p * B + start, n, dt, &r1[slot], &r2[slot]);
         if (++k == nch) {
@@ -537,18 +566,29 @@ static void planes_merge_stats(const double *r1, const double *r2, const double 
  *   RELU:     out = relu((x - m) * s + h)            (BN + ReLU)
  *   ADD_RELU: out = relu((x - m) * s + h + r)        (BN + residual add + ReLU; r read through dy)
  *   DX:       out = k * dy + b * (x - m) + h         (training backward)
+ *   DX_RELU:  DX with dy where (x - m) * gs + gh > 0 (BN + ReLU's backward, the mask recomputed)
  * The APPLY family differs only after the affine step (`act`), in float32, rounded once to the
  * output's dtype. relu keeps NaN (as torch.relu) and sends -0 and below to 0 (max(0, v)). */
-enum { OP_APPLY = 0, OP_DX = 1, OP_RELU = 2, OP_ADD_RELU = 3 };
+enum { OP_APPLY = 0, OP_DX = 1, OP_RELU = 2, OP_ADD_RELU = 3, OP_DX_RELU = 4 };
+
+/* DX and DX_RELU (BN + ReLU's backward: DX with dy gated by the forward's ReLU, recomputed from x
+ * and the apply pass's coefficients gs, gh; see gatev) take the b coefficient. */
+INLINE int is_dx(int op) { return op == OP_DX || op == OP_DX_RELU; }
 
 INLINE float act1(int op, float v, const void *r, int64_t i, int dt) {
     if (op == OP_ADD_RELU) v += LD(r, i, dt);
     return (op == OP_RELU || op == OP_ADD_RELU) && v <= 0.f ? 0.f : v;
 }
 
+INLINE float op1_g(int op, const void *x, const void *dy, int64_t i, float m, float s, float b, float h, float gs,
+                   float gh, int dt) {
+    const float xm = LD(x, i, dt) - m;
+    if (is_dx(op)) return s * gate1(op == OP_DX_RELU, LD(dy, i, dt), xm, gs, gh) + b * xm + h;
+    return act1(op, affine1(xm, s, h), dy, i, dt);
+}
+
 INLINE float op1(int op, const void *x, const void *dy, int64_t i, float m, float s, float b, float h, int dt) {
-    if (op == OP_DX) return s * LD(dy, i, dt) + b * (LD(x, i, dt) - m) + h;
-    return act1(op, (LD(x, i, dt) - m) * s + h, dy, i, dt);
+    return op1_g(op, x, dy, i, m, s, b, h, s, h, dt);
 }
 
 #if HAVE_AVX512
@@ -559,17 +599,25 @@ INLINE __m512 actv(int op, __m512 v, __m512 rv) {
     return op == OP_RELU || op == OP_ADD_RELU ? _mm512_max_ps(_mm512_setzero_ps(), v) : v;
 }
 
-INLINE __m512 opv(int op, const void *x, const void *dy, int64_t i, __m512 m, __m512 s, __m512 b, __m512 h,
-                  int dt) {
-    __m512 xm = _mm512_sub_ps(VLD(x, i, dt), m);
+/* One op on 16 values at i; gs, gh: DX_RELU's gate (unused by the other ops). */
+INLINE __m512 opv_g(int op, const void *x, const void *dy, int64_t i, __m512 m, __m512 s, __m512 b, __m512 h,
+                    __m512 gs, __m512 gh, int dt) {
+    const __m512 xm = _mm512_sub_ps(VLD(x, i, dt), m);
+    if (op == OP_DX_RELU) return _mm512_fmadd_ps(s, gatev(VLD(dy, i, dt), xm, gs, gh), _mm512_fmadd_ps(b, xm, h));
     if (op == OP_DX) return _mm512_fmadd_ps(s, VLD(dy, i, dt), _mm512_fmadd_ps(b, xm, h));
     return actv(op, _mm512_fmadd_ps(xm, s, h), op == OP_ADD_RELU ? VLD(dy, i, dt) : xm);
 }
 
-/* opv on the lanes in k (a partial vector: the other lanes are 0 and not stored). */
+INLINE __m512 opv(int op, const void *x, const void *dy, int64_t i, __m512 m, __m512 s, __m512 b, __m512 h,
+                  int dt) {
+    return opv_g(op, x, dy, i, m, s, b, h, s, h, dt);
+}
+
+/* opv_g on the lanes in k (a partial vector: the other lanes are 0 and not stored). */
 INLINE __m512 opv_masked(int op, const void *x, const void *dy, int64_t i, __mmask16 k, __m512 m, __m512 s,
-                         __m512 b, __m512 h, int dt) {
+                         __m512 b, __m512 h, __m512 gs, __m512 gh, int dt) {
     const __m512 xm = _mm512_maskz_sub_ps(k, VLDM(x, i, k, dt), m);
+    if (op == OP_DX_RELU) return _mm512_fmadd_ps(s, gatev(VLDM(dy, i, k, dt), xm, gs, gh), _mm512_fmadd_ps(b, xm, h));
     if (op == OP_DX) return _mm512_fmadd_ps(s, VLDM(dy, i, k, dt), _mm512_fmadd_ps(b, xm, h));
     return actv(op, _mm512_fmadd_ps(xm, s, h), op == OP_ADD_RELU ? VLDM(dy, i, k, dt) : xm);
 }
@@ -587,15 +635,17 @@ INLINE __m512 opv_masked(int op, const void *x, const void *dy, int64_t i, __mma
  * (perf annotate: loop control, not arithmetic). Threads take whole planes. */
 INLINE void planes_elementwise_cached(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C,
                                       int64_t B, const float *m, const float *s, const float *b, const float *h,
-                                      int dt, int t, int T) {
+                                      const float *gs, const float *gh, int dt, int t, int T) {
     int64_t lo, hi;
     part(P, t, T, &lo, &hi);
     for (int64_t p = lo, c = lo % C; p < hi; p++) {
         const __m512 vm = _mm512_set1_ps(m[c]), vs = _mm512_set1_ps(s[c]), vh = _mm512_set1_ps(h[c]);
-        const __m512 vb = op == OP_DX ? _mm512_set1_ps(b[c]) : vs;
+        const __m512 vb = is_dx(op) ? _mm512_set1_ps(b[c]) : vs;
+        const __m512 ggs = op == OP_DX_RELU ? _mm512_set1_ps(gs[c]) : vs;
+        const __m512 ggh = op == OP_DX_RELU ? _mm512_set1_ps(gh[c]) : vh;
         const int64_t o = p * B, last = o + B - VEC;
-        for (int64_t i = o; i < last; i += VEC) VSTORE(out, i, opv(op, x, dy, i, vm, vs, vb, vh, dt), dt);
-        VSTORE(out, last, opv(op, x, dy, last, vm, vs, vb, vh, dt), dt);
+        for (int64_t i = o; i < last; i += VEC) VSTORE(out, i, opv_g(op, x, dy, i, vm, vs, vb, vh, ggs, ggh, dt), dt);
+        VSTORE(out, last, opv_g(op, x, dy, last, vm, vs, vb, vh, ggs, ggh, dt), dt);
         if (++c == C) c = 0;
     }
 }
@@ -609,52 +659,60 @@ INLINE void planes_elementwise_cached(int op, const void *x, const void *dy, voi
  * PLANE_LOOP_MAX: planes_elementwise_cached. */
 INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C,
                                int64_t B, const float *m, const float *s, const float *b, const float *h,
-                               int stream, int dt, int t, int T) {
+                               const float *gs, const float *gh, int stream, int dt, int t, int T) {
     if (!stream && B >= VEC && B <= PLANE_LOOP_MAX) {
-        planes_elementwise_cached(op, x, dy, out, P, C, B, m, s, b, h, dt, t, T);
+        planes_elementwise_cached(op, x, dy, out, P, C, B, m, s, b, h, gs, gh, dt, t, T);
         return;
     }
+    const int gated = op == OP_DX_RELU;
     int64_t lo, hi;
     part_elems(P * B, t, T, &lo, &hi);
     if (lo >= hi) return;
     int64_t p = lo / B, c = p % C, pend = (p + 1) * B;
     __m512 vm = _mm512_set1_ps(m[c]), vs = _mm512_set1_ps(s[c]), vh = _mm512_set1_ps(h[c]);
-    __m512 vb = op == OP_DX ? _mm512_set1_ps(b[c]) : vs;
+    __m512 vb = is_dx(op) ? _mm512_set1_ps(b[c]) : vs;
+    __m512 vgs = gated ? _mm512_set1_ps(gs[c]) : vs, vgh = gated ? _mm512_set1_ps(gh[c]) : vh;
     for (int64_t i = lo; i < hi;) {
         /* whole vectors inside the current plane: no checks */
         const int64_t run = i + ((pend < hi ? pend : hi) - i) / VEC * VEC;
         if (stream) {
 #pragma GCC unroll 4
-            for (; i < run; i += VEC) VSTREAM(out, i, opv(op, x, dy, i, vm, vs, vb, vh, dt), dt);
+            for (; i < run; i += VEC) VSTREAM(out, i, opv_g(op, x, dy, i, vm, vs, vb, vh, vgs, vgh, dt), dt);
         } else {
 #pragma GCC unroll 4
-            for (; i < run; i += VEC) VSTORE(out, i, opv(op, x, dy, i, vm, vs, vb, vh, dt), dt);
+            for (; i < run; i += VEC) VSTORE(out, i, opv_g(op, x, dy, i, vm, vs, vb, vh, vgs, vgh, dt), dt);
         }
         if (i >= hi) break;
         /* the vector holding the next plane start(s), or the tensor's partial last vector */
-        __m512 cm = vm, cs = vs, cb = vb, ch = vh;
+        __m512 cm = vm, cs = vs, cb = vb, ch = vh, cgs = vgs, cgh = vgh;
         while (pend < i + VEC && pend < hi) { /* a plane starts at lane pend - i */
             if (++c == C) c = 0;
             const __mmask16 next = (__mmask16)~((1u << (pend - i)) - 1u);
             vm = _mm512_set1_ps(m[c]);
             vs = _mm512_set1_ps(s[c]);
             vh = _mm512_set1_ps(h[c]);
-            vb = op == OP_DX ? _mm512_set1_ps(b[c]) : vs;
+            vb = is_dx(op) ? _mm512_set1_ps(b[c]) : vs;
             cm = _mm512_mask_mov_ps(cm, next, vm);
             cs = _mm512_mask_mov_ps(cs, next, vs);
             cb = _mm512_mask_mov_ps(cb, next, vb);
             ch = _mm512_mask_mov_ps(ch, next, vh);
+            if (gated) {
+                vgs = _mm512_set1_ps(gs[c]);
+                vgh = _mm512_set1_ps(gh[c]);
+                cgs = _mm512_mask_mov_ps(cgs, next, vgs);
+                cgh = _mm512_mask_mov_ps(cgh, next, vgh);
+            }
             pend += B;
         }
         if (i + VEC <= hi) {
-            const __m512 v = opv(op, x, dy, i, cm, cs, cb, ch, dt);
+            const __m512 v = opv_g(op, x, dy, i, cm, cs, cb, ch, cgs, cgh, dt);
             if (stream)
                 VSTREAM(out, i, v, dt);
             else
                 VSTORE(out, i, v, dt);
         } else {
             const __mmask16 k = first_lanes(hi - i);
-            VSTORE_MASKED(out, i, opv_masked(op, x, dy, i, k, cm, cs, cb, ch, dt), k, dt);
+            VSTORE_MASKED(out, i, opv_masked(op, x, dy, i, k, cm, cs, cb, ch, cgs, cgh, dt), k, dt);
         }
         i += VEC;
     }
@@ -662,15 +720,15 @@ INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out,
 #else
 /* out[i:end] = op(...) with one channel's coefficients (portable variant). */
 INLINE void span(int op, const void *x, const void *dy, void *out, int64_t i, int64_t end, float m, float s,
-                 float b, float h, int dt) {
+                 float b, float h, float gs, float gh, int dt) {
 #pragma omp simd
-    for (int64_t j = i; j < end; j++) ST(out, j, op1(op, x, dy, j, m, s, b, h, dt), dt);
+    for (int64_t j = i; j < end; j++) ST(out, j, op1_g(op, x, dy, j, m, s, b, h, gs, gh, dt), dt);
 }
 
 /* The elementwise pass over this thread's share of the P planes of B values. */
 INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C,
                                int64_t B, const float *m, const float *s, const float *b, const float *h,
-                               int stream, int dt, int t, int T) {
+                               const float *gs, const float *gh, int stream, int dt, int t, int T) {
     int64_t lo, hi;
     (void)stream; /* regular stores only */
     part_elems(P * B, t, T, &lo, &hi);
@@ -678,7 +736,9 @@ INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out,
     int64_t p = lo / B, c = p % C;
     for (int64_t i = lo; i < hi; p++) {
         int64_t end = (p + 1) * B < hi ? (p + 1) * B : hi;
-        span(op, x, dy, out, i, end, m[c], s[c], op == OP_DX ? b[c] : 0.f, h[c], dt);
+        const int gated = op == OP_DX_RELU;
+        span(op, x, dy, out, i, end, m[c], s[c], is_dx(op) ? b[c] : 0.f, h[c], gated ? gs[c] : 0.f,
+             gated ? gh[c] : 0.f, dt);
         i = end;
         if (++c == C) c = 0;
     }
@@ -826,22 +886,26 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
 
 #if HAVE_AVX512
 /* Columns [j, j + 16*nv) of the block's nr rows at base: sum(dy) and sum(dy * (x - mu)) in
- * registers, then added in float64 to a1, a2. As rows_tile_stats for nv, masked, last. */
-INLINE void rows_tile_grad(const void *dy, const void *x, const float *muw, int dt, int64_t base, int64_t W,
-                           int64_t nr, int64_t j, const int nv, const int masked, __mmask16 last, double *a1,
-                           double *a2) {
-    __m512 mu[TILE], g1[TILE], g2[TILE];
+ * registers, then added in float64 to a1, a2. As rows_tile_stats for nv, masked, last; gated
+ * (a constant): dy through gatev with the per-column gsw, ghw (nv <= TILE / 2: registers). */
+INLINE void rows_tile_grad(const void *dy, const void *x, const float *muw, const int gated, const float *gsw,
+                           const float *ghw, int dt, int64_t base, int64_t W, int64_t nr, int64_t j, const int nv,
+                           const int masked, __mmask16 last, double *a1, double *a2) {
+    __m512 mu[TILE], g1[TILE], g2[TILE], gs[TILE], gh[TILE];
     for (int v = 0; v < nv; v++) {
         mu[v] = _mm512_loadu_ps(muw + j + VEC * v); /* more scratch follows muw: whole vectors stay inside */
+        gs[v] = gated ? (masked ? _mm512_maskz_loadu_ps(last, gsw + j) : _mm512_loadu_ps(gsw + j + VEC * v)) : mu[v];
+        gh[v] = gated ? (masked ? _mm512_maskz_loadu_ps(last, ghw + j) : _mm512_loadu_ps(ghw + j + VEC * v)) : mu[v];
         g1[v] = g2[v] = _mm512_setzero_ps();
     }
     for (int64_t r = 0; r < nr; r++) {
         const int64_t o = base + r * W + j;
         for (int v = 0; v < nv; v++) {
-            const __m512 g = masked ? VLDM(dy, o, last, dt) : VLD(dy, o + VEC * v, dt);
-            const __m512 xv = masked ? VLDM(x, o, last, dt) : VLD(x, o + VEC * v, dt);
+            __m512 g = masked ? VLDM(dy, o, last, dt) : VLD(dy, o + VEC * v, dt);
+            const __m512 xm = _mm512_sub_ps(masked ? VLDM(x, o, last, dt) : VLD(x, o + VEC * v, dt), mu[v]);
+            if (gated) g = gatev(g, xm, gs[v], gh[v]);
             g1[v] = _mm512_add_ps(g1[v], g);
-            g2[v] = _mm512_fmadd_ps(g, _mm512_sub_ps(xv, mu[v]), g2[v]);
+            g2[v] = _mm512_fmadd_ps(g, xm, g2[v]);
         }
     }
     float f1[TILE * VEC], f2[TILE * VEC];
@@ -858,9 +922,10 @@ INLINE void rows_tile_grad(const void *dy, const void *x, const float *muw, int 
 #endif
 
 /* Thread t: sum(dy) and sum(dy * (x - mu)) per column of its wide rows; float within a
- * block, float64 across blocks. */
-INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const float *muw, int dt,
-                             float *b1, float *b2, double *a1, double *a2, int t, int T) {
+ * block, float64 across blocks. gsw NULL, or dy gated by the ReLU of the apply pass with the
+ * per-column gsw, ghw (BN + ReLU's backward). */
+INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const float *muw, const float *gsw,
+                             const float *ghw, int dt, float *b1, float *b2, double *a1, double *a2, int t, int T) {
     int64_t lo, hi, W = s.W, R = rows_block(W, dt);
     part(s.Ms, t, T, &lo, &hi);
     for (int64_t j = 0; j < W; j++) a1[j] = a2[j] = 0.0;
@@ -870,18 +935,29 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
         (void)b1;
         (void)b2;
         int64_t j = 0;
-        for (; j + TILE * VEC <= W; j += TILE * VEC) rows_tile_grad(dy, x, muw, dt, base, W, nr, j, TILE, 0, 0, a1, a2);
-        for (; j + VEC <= W; j += VEC) rows_tile_grad(dy, x, muw, dt, base, W, nr, j, 1, 0, 0, a1, a2);
-        if (j < W) rows_tile_grad(dy, x, muw, dt, base, W, nr, j, 1, 1, first_lanes(W - j), a1, a2);
+        if (gsw) {
+            const int nv = TILE / 2;
+            for (; j + nv * VEC <= W; j += nv * VEC)
+                rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, nv, 0, 0, a1, a2);
+            for (; j + VEC <= W; j += VEC) rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, 1, 0, 0, a1, a2);
+            if (j < W) rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, 1, 1, first_lanes(W - j), a1, a2);
+            continue;
+        }
+        for (; j + TILE * VEC <= W; j += TILE * VEC)
+            rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, TILE, 0, 0, a1, a2);
+        for (; j + VEC <= W; j += VEC) rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, 1, 0, 0, a1, a2);
+        if (j < W) rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, 1, 1, first_lanes(W - j), a1, a2);
 #else
         int64_t r;
         for (int64_t j = 0; j < W; j++) b1[j] = b2[j] = 0.f;
         for (r = 0; r < nr; r++)
 #pragma omp simd
             for (int64_t j = 0; j < W; j++) {
-                float g = LD(dy, base + r * W + j, dt);
+                const float xm = LD(x, base + r * W + j, dt) - muw[j];
+                const float g = gate1(gsw != NULL, LD(dy, base + r * W + j, dt), xm, gsw ? gsw[j] : 0.f,
+                                      gsw ? ghw[j] : 0.f);
                 b1[j] += g;
-                b2[j] += g * (LD(x, base + r * W + j, dt) - muw[j]);
+                b2[j] += g * xm;
             }
 #pragma omp simd
         for (int64_t j = 0; j < W; j++) {
@@ -903,7 +979,8 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
  * float32 DX gained nothing (within noise, either width) and keeps the tiles. st (a constant where
  * inlined): streaming stores, which need W % 16 == 0. */
 INLINE void rows_wide(int op, const void *x, const void *dy, void *y, int64_t W, int64_t lo, int64_t hi,
-                      const float *mw, const float *sw, const float *bw, const float *hw, const int st, int dt) {
+                      const float *mw, const float *sw, const float *bw, const float *hw, const float *gsw,
+                      const float *ghw, const int st, int dt) {
     if (dt == DT_F32) { /* the APPLY family only (dy: the residual of ADD_RELU) */
         const __mmask8 last = (__mmask8)((1u << (W % 8)) - 1u);
         const int relu = op == OP_RELU || op == OP_ADD_RELU;
@@ -940,8 +1017,10 @@ INLINE void rows_wide(int op, const void *x, const void *dy, void *y, int64_t W,
         int64_t j = 0;
         for (; j + VEC <= W; j += VEC) {
             const __m512 m = mw ? _mm512_loadu_ps(mw + j) : zero, sc = _mm512_loadu_ps(sw + j);
-            const __m512 b = op == OP_DX ? _mm512_loadu_ps(bw + j) : sc;
-            const __m512 v = opv(op, x, dy, o + j, m, sc, b, _mm512_loadu_ps(hw + j), DT_BF16);
+            const __m512 b = is_dx(op) ? _mm512_loadu_ps(bw + j) : sc;
+            const __m512 gs = op == OP_DX_RELU ? _mm512_loadu_ps(gsw + j) : sc;
+            const __m512 gh = op == OP_DX_RELU ? _mm512_loadu_ps(ghw + j) : sc;
+            const __m512 v = opv_g(op, x, dy, o + j, m, sc, b, _mm512_loadu_ps(hw + j), gs, gh, DT_BF16);
             if (st)
                 VSTREAM(y, o + j, v, DT_BF16);
             else
@@ -949,8 +1028,11 @@ INLINE void rows_wide(int op, const void *x, const void *dy, void *y, int64_t W,
         }
         if (j < W) {
             const __m512 m = mw ? _mm512_maskz_loadu_ps(last, mw + j) : zero, sc = _mm512_maskz_loadu_ps(last, sw + j);
-            const __m512 b = op == OP_DX ? _mm512_maskz_loadu_ps(last, bw + j) : sc;
-            const __m512 v = opv_masked(op, x, dy, o + j, last, m, sc, b, _mm512_maskz_loadu_ps(last, hw + j), DT_BF16);
+            const __m512 b = is_dx(op) ? _mm512_maskz_loadu_ps(last, bw + j) : sc;
+            const __m512 gs = op == OP_DX_RELU ? _mm512_maskz_loadu_ps(last, gsw + j) : sc;
+            const __m512 gh = op == OP_DX_RELU ? _mm512_maskz_loadu_ps(last, ghw + j) : sc;
+            const __m512 h = _mm512_maskz_loadu_ps(last, hw + j);
+            const __m512 v = opv_masked(op, x, dy, o + j, last, m, sc, b, h, gs, gh, DT_BF16);
             VSTORE_MASKED(y, o + j, v, last, DT_BF16);
         }
     }
@@ -965,18 +1047,20 @@ INLINE void rows_wide(int op, const void *x, const void *dy, void *y, int64_t W,
  * of also reloading three or four coefficient vectors from L1 for every row. */
 INLINE void rows_tile_apply(int op, const void *x, const void *dy, void *out, int64_t W, int64_t r0, int64_t r1,
                             int64_t j, const int nv, const float *mw, const float *sw, const float *bw,
-                            const float *hw, const int st, int dt) {
-    __m512 m[TILE], sc[TILE], b[TILE], h[TILE];
+                            const float *hw, const float *gsw, const float *ghw, const int st, int dt) {
+    __m512 m[TILE], sc[TILE], b[TILE], h[TILE], gs[TILE], gh[TILE];
     for (int v = 0; v < nv; v++) {
         m[v] = mw ? _mm512_loadu_ps(mw + j + VEC * v) : _mm512_setzero_ps();
         sc[v] = _mm512_loadu_ps(sw + j + VEC * v);
-        b[v] = op == OP_DX ? _mm512_loadu_ps(bw + j + VEC * v) : sc[v];
+        b[v] = is_dx(op) ? _mm512_loadu_ps(bw + j + VEC * v) : sc[v];
         h[v] = _mm512_loadu_ps(hw + j + VEC * v);
+        gs[v] = op == OP_DX_RELU ? _mm512_loadu_ps(gsw + j + VEC * v) : sc[v];
+        gh[v] = op == OP_DX_RELU ? _mm512_loadu_ps(ghw + j + VEC * v) : h[v];
     }
     for (int64_t r = r0; r < r1; r++) {
         const int64_t o = r * W + j;
         for (int v = 0; v < nv; v++) {
-            const __m512 y = opv(op, x, dy, o + VEC * v, m[v], sc[v], b[v], h[v], dt);
+            const __m512 y = opv_g(op, x, dy, o + VEC * v, m[v], sc[v], b[v], h[v], gs[v], gh[v], dt);
             if (st)
                 VSTREAM(out, o + VEC * v, y, dt);
             else
@@ -985,42 +1069,56 @@ INLINE void rows_tile_apply(int op, const void *x, const void *dy, void *out, in
     }
 }
 
-/* Rows [lo, hi) of width W: column tiles of 128 columns (apply) or 64 (dx, which keeps four
- * coefficient vectors per column), over blocks of APPLY_ROWS rows (all rows at once when one
- * tile spans the row); the last vector of a row masked when W % 16 != 0. st (a constant where
- * inlined): streaming stores, which need W % 16 == 0. */
+/* Rows [lo, hi) of width W: column tiles of 128 columns (apply), 64 (dx, which keeps four
+ * coefficient vectors per column) or 32 (DX_RELU: six), over blocks of APPLY_ROWS rows (all rows
+ * at once when one tile spans the row); the last vector of a row masked when W % 16 != 0. st (a
+ * constant where inlined): streaming stores, which need W % 16 == 0. */
 INLINE void rows_avx512(int op, const void *x, const void *dy, void *out, int64_t W, int64_t lo, int64_t hi,
-                        const float *mw, const float *sw, const float *bw, const float *hw, const int st, int dt) {
-    const int nv = op == OP_DX ? TILE / 2 : TILE;
+                        const float *mw, const float *sw, const float *bw, const float *hw, const float *gsw,
+                        const float *ghw, const int st, int dt) {
+    const int nv = op == OP_DX_RELU ? TILE / 4 : op == OP_DX ? TILE / 2 : TILE;
     const __mmask16 last = W % VEC ? first_lanes(W % VEC) : (__mmask16)0xFFFF;
-    if (W > nv * VEC && (op != OP_DX || dt == DT_BF16)) {
-        rows_wide(op, x, dy, out, W, lo, hi, mw, sw, bw, hw, st, dt);
+    if (W > nv * VEC && (!is_dx(op) || dt == DT_BF16)) {
+        rows_wide(op, x, dy, out, W, lo, hi, mw, sw, bw, hw, gsw, ghw, st, dt);
         return;
     }
     const int64_t rb = W <= nv * VEC ? hi - lo : APPLY_ROWS;
     for (int64_t r0 = lo; r0 < hi; r0 += rb) {
         const int64_t r1 = hi - r0 < rb ? hi : r0 + rb;
         int64_t j = 0;
-        for (; j + nv * VEC <= W; j += nv * VEC) rows_tile_apply(op, x, dy, out, W, r0, r1, j, nv, mw, sw, bw, hw, st, dt);
-        for (; j + VEC <= W; j += VEC) rows_tile_apply(op, x, dy, out, W, r0, r1, j, 1, mw, sw, bw, hw, st, dt);
+        for (; j + nv * VEC <= W; j += nv * VEC)
+            rows_tile_apply(op, x, dy, out, W, r0, r1, j, nv, mw, sw, bw, hw, gsw, ghw, st, dt);
+        for (; j + VEC <= W; j += VEC) rows_tile_apply(op, x, dy, out, W, r0, r1, j, 1, mw, sw, bw, hw, gsw, ghw, st, dt);
         if (j < W) {
             const __m512 m = mw ? _mm512_maskz_loadu_ps(last, mw + j) : _mm512_setzero_ps();
             const __m512 sc = _mm512_maskz_loadu_ps(last, sw + j);
             const __m512 h = _mm512_maskz_loadu_ps(last, hw + j);
-            const __m512 bb = op == OP_DX ? _mm512_maskz_loadu_ps(last, bw + j) : sc;
-            for (int64_t r = r0; r < r1; r++)
-                VSTORE_MASKED(out, r * W + j, opv_masked(op, x, dy, r * W + j, last, m, sc, bb, h, dt), last, dt);
+            const __m512 bb = is_dx(op) ? _mm512_maskz_loadu_ps(last, bw + j) : sc;
+            const __m512 gs = op == OP_DX_RELU ? _mm512_maskz_loadu_ps(last, gsw + j) : sc;
+            const __m512 gh = op == OP_DX_RELU ? _mm512_maskz_loadu_ps(last, ghw + j) : h;
+            for (int64_t r = r0; r < r1; r++) {
+                const __m512 v = opv_masked(op, x, dy, r * W + j, last, m, sc, bb, h, gs, gh, dt);
+                VSTORE_MASKED(out, r * W + j, v, last, dt);
+            }
         }
     }
 }
 #endif
 
+/* op1_g at element i of column j (per-column coefficient vectors; mw NULL: no centre). */
+INLINE float rows_op1(int op, const void *x, const void *dy, int64_t i, int64_t j, const float *mw, const float *sw,
+                      const float *bw, const float *hw, const float *gsw, const float *ghw, int dt) {
+    const int gated = op == OP_DX_RELU;
+    return op1_g(op, x, dy, i, mw ? mw[j] : 0.f, sw[j], is_dx(op) ? bw[j] : 0.f, hw[j], gated ? gsw[j] : 0.f,
+                 gated ? ghw[j] : 0.f, dt);
+}
+
 /* The elementwise pass over this thread's wide rows, with per-column coefficient vectors of
  * width W (the first Wc of them serve the tail rows); mw NULL: no centre (inference).
  * Streaming needs W % VEC == 0. */
 INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, rows_shape s, const float *mw,
-                             const float *sw, const float *bw, const float *hw, int stream, int dt, int t,
-                             int T) {
+                             const float *sw, const float *bw, const float *hw, const float *gsw, const float *ghw,
+                             int stream, int dt, int t, int T) {
     int64_t lo, hi, W = s.W, r = 0;
     part(s.Ms, t, T, &lo, &hi);
     r = lo;
@@ -1028,24 +1126,22 @@ INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, r
     /* whole rows in vectors of 16, the last one of a row masked when W % 16 != 0; streaming
      * stores only when every row starts on a vector boundary */
     if (stream && W % VEC == 0)
-        rows_avx512(op, x, dy, out, W, lo, hi, mw, sw, bw, hw, 1, dt);
+        rows_avx512(op, x, dy, out, W, lo, hi, mw, sw, bw, hw, gsw, ghw, 1, dt);
     else
-        rows_avx512(op, x, dy, out, W, lo, hi, mw, sw, bw, hw, 0, dt);
+        rows_avx512(op, x, dy, out, W, lo, hi, mw, sw, bw, hw, gsw, ghw, 0, dt);
 #else
     (void)stream; /* regular stores only */
     for (; r < hi; r++) {
         const int64_t o = r * W;
 #pragma omp simd
         for (int64_t j = 0; j < W; j++)
-            ST(out, o + j, op1(op, x, dy, o + j, mw ? mw[j] : 0.f, sw[j], op == OP_DX ? bw[j] : 0.f, hw[j], dt), dt);
+            ST(out, o + j, rows_op1(op, x, dy, o + j, j, mw, sw, bw, hw, gsw, ghw, dt), dt);
     }
 #endif
     if (t == T - 1)
         for (r = 0; r < s.tail; r++) {
             const int64_t o = s.Ms * W + r * s.Wc;
-            for (int64_t j = 0; j < s.Wc; j++)
-                ST(out, o + j, op1(op, x, dy, o + j, mw ? mw[j] : 0.f, sw[j], op == OP_DX ? bw[j] : 0.f, hw[j], dt),
-                   dt);
+            for (int64_t j = 0; j < s.Wc; j++) ST(out, o + j, rows_op1(op, x, dy, o + j, j, mw, sw, bw, hw, gsw, ghw, dt), dt);
         }
 #if HAVE_AVX512
     if (stream) _mm_sfence();
@@ -1134,14 +1230,15 @@ INLINE void fwd_planes_body(int dt, int op, const void *x, const void *res, void
     int t = omp_get_thread_num(), T = omp_get_num_threads();
     int64_t nch, L, c0, c1;
     plane_chunks(B, dt, &nch, &L);
-    planes_units(x, NULL, NULL, A, C, B, 0, dt, r1, r2, t, T);
+    planes_units(x, NULL, NULL, NULL, NULL, A, C, B, 0, dt, r1, r2, t, T);
 #pragma omp barrier
     part(C, t, T, &c0, &c1);
     planes_merge_stats(r1, r2, NULL, A, C, B, nch, L, c0, c1, cmean, cm2);
     fwd_coeffs(c0, c1, cmean, cm2, (double)(A * B), w, b, eps, mean_out, var_out, coef, coef + C, coef + 2 * C);
     if (!y) return; /* the statistics only */
 #pragma omp barrier
-    BY_APPLY_OP(op, planes_elementwise, x, res, y, A * C, C, B, coef, coef + C, NULL, coef + 2 * C, stream, dt, t, T);
+    BY_APPLY_OP(op, planes_elementwise, x, res, y, A * C, C, B, coef, coef + C, NULL, coef + 2 * C, NULL, NULL, stream,
+                dt, t, T);
 #if HAVE_AVX512
     if (stream) _mm_sfence();
 #endif
@@ -1188,7 +1285,8 @@ INLINE void fwd_rows_body(int dt, int op, const void *x, const void *res, void *
     part(s.W, t, T, &c0, &c1);
     for (int i = 0; i < 3; i++) expand(s, coef + i * C, coefw + i * s.W, c0, c1);
 #pragma omp barrier
-    BY_APPLY_OP(op, rows_elementwise, x, res, y, s, coefw, coefw + s.W, NULL, coefw + 2 * s.W, stream, dt, t, T);
+    BY_APPLY_OP(op, rows_elementwise, x, res, y, s, coefw, coefw + s.W, NULL, coefw + 2 * s.W, NULL, NULL, stream, dt,
+                t, T);
 }
 
 /* After the forward: invstd = (var + eps)^-1/2 and, when running_mean is not NULL, PyTorch's
@@ -1282,12 +1380,13 @@ void bn_renorm_coefficients(int64_t C, const double *mean, const double *var, co
     }
 }
 
-/* bn_train_forward with the apply pass `op` (APPLY, RELU, or ADD_RELU with the residual res), and
- * with mean64 / var64 not NULL also the float64 mean and biased variance. */
+/* bn_train_forward with the apply pass `op` (APPLY, RELU, or ADD_RELU with the residual res);
+ * with mean64 / var64 not NULL also the float64 mean and biased variance, and with coef_out (2 * C
+ * floats) the apply pass's scale and shift: y = (x - mean) * scale + shift before the ReLU. */
 static int train_forward(int op, int dt, const void *x, const void *res, void *y, int64_t A, int64_t C, int64_t B,
                          const float *w, const float *b, double eps, float *mean_out, float *var_out,
                          float *invstd_out, float *running_mean, float *running_var, double momentum, int nthreads,
-                         double *mean64, double *var64) {
+                         double *mean64, double *var64, float *coef_out) {
     int64_t E = A * C * B;
     int nt = threads_for(E, nthreads), stream = use_stream(y, E * elem_size(dt), op == OP_ADD_RELU ? 3 : 2);
     advise_huge(y, E * elem_size(dt));
@@ -1308,6 +1407,7 @@ static int train_forward(int op, int dt, const void *x, const void *res, void *y
                                 r + 2 * U + C, coef, stream);
         }
         copy_moments(C, (double)(A * B), r + 2 * U, r + 2 * U + C, mean64, var64);
+        if (coef_out) memcpy(coef_out, coef + C, sizeof(float) * 2 * (size_t)C);
         free(r);
         free(coef);
     } else {
@@ -1328,6 +1428,7 @@ static int train_forward(int op, int dt, const void *x, const void *res, void *y
                               coef, coefw, stream);
         }
         copy_moments(C, (double)(A * B), cmean, cm2, mean64, var64);
+        if (coef_out) memcpy(coef_out, coef + C, sizeof(float) * 2 * (size_t)C);
         free(fscr);
         free(dscr);
     }
@@ -1342,18 +1443,19 @@ int bn_train_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64
                      const float *b, double eps, float *mean_out, float *var_out, float *invstd_out,
                      float *running_mean, float *running_var, double momentum, int nthreads) {
     return train_forward(OP_APPLY, dt, x, NULL, y, A, C, B, w, b, eps, mean_out, var_out, invstd_out, running_mean,
-                         running_var, momentum, nthreads, NULL, NULL);
+                         running_var, momentum, nthreads, NULL, NULL, NULL);
 }
 
 /* bn_train_forward followed by relu in the same pass: y = relu(BN(x) + res), res NULL: no
  * residual, else a tensor of x's dtype and layout. The statistics and running update are
- * bn_train_forward's; y is computed in float32 and rounded once. */
+ * bn_train_forward's; y is computed in float32 and rounded once. scale_shift (2 * C floats, or
+ * NULL): the apply pass's scale and shift, for bn_train_backward_relu. */
 int bn_train_forward_relu(int dt, const void *x, const void *res, void *y, int64_t A, int64_t C, int64_t B,
                           const float *w, const float *b, double eps, float *mean_out, float *var_out,
                           float *invstd_out, float *running_mean, float *running_var, double momentum,
-                          int nthreads) {
+                          float *scale_shift, int nthreads) {
     return train_forward(res ? OP_ADD_RELU : OP_RELU, dt, x, res, y, A, C, B, w, b, eps, mean_out, var_out,
-                         invstd_out, running_mean, running_var, momentum, nthreads, NULL, NULL);
+                         invstd_out, running_mean, running_var, momentum, nthreads, NULL, NULL, scale_shift);
 }
 
 /* The statistics alone (x read once) as bn_train_forward computes them, and also in float64:
@@ -1361,18 +1463,20 @@ int bn_train_forward_relu(int dt, const void *x, const void *res, void *y, int64
 int bn_statistics(int dt, const void *x, int64_t A, int64_t C, int64_t B, double eps, float *mean_out,
                   float *var_out, float *invstd_out, double *mean64, double *var64, int nthreads) {
     return train_forward(OP_APPLY, dt, x, NULL, NULL, A, C, B, NULL, NULL, eps, mean_out, var_out, invstd_out, NULL,
-                         NULL, 0.0, nthreads, mean64, var64);
+                         NULL, 0.0, nthreads, mean64, var64, NULL);
 }
 
 /* ------------------------------------------------------------------ training backward */
 
-INLINE void bwd_planes_body(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B,
-                            const float *w, const float *mean, const float *invstd, float *s1_out,
-                            float *s2_out, double *r1, double *r2, float *coef, int stream) {
+/* The backward's bodies; gated (a constant): BN + ReLU's, dy gated by (x - mean) * gs + gh > 0. */
+INLINE void bwd_planes_body(int dt, const int gated, const void *dy, const void *x, void *dx, int64_t A, int64_t C,
+                            int64_t B, const float *w, const float *mean, const float *invstd, const float *gs,
+                            const float *gh, float *s1_out, float *s2_out, double *r1, double *r2, float *coef,
+                            int stream) {
     int t = omp_get_thread_num(), T = omp_get_num_threads();
     int64_t nch, L, c0, c1;
     plane_chunks(B, dt, &nch, &L);
-    planes_units(x, dy, mean, A, C, B, 1, dt, r1, r2, t, T);
+    planes_units(x, dy, mean, gs, gh, A, C, B, gated ? 2 : 1, dt, r1, r2, t, T);
 #pragma omp barrier
     part(C, t, T, &c0, &c1);
     for (int64_t c = c0; c < c1; c++) {
@@ -1386,22 +1490,29 @@ INLINE void bwd_planes_body(int dt, const void *dy, const void *x, void *dx, int
     }
     if (!dx) return;
 #pragma omp barrier
-    planes_elementwise(OP_DX, x, dy, dx, A * C, C, B, mean, coef, coef + C, coef + 2 * C, stream, dt, t, T);
+    planes_elementwise(gated ? OP_DX_RELU : OP_DX, x, dy, dx, A * C, C, B, mean, coef, coef + C, coef + 2 * C, gs, gh,
+                       stream, dt, t, T);
 #if HAVE_AVX512
     if (stream) _mm_sfence();
 #endif
 }
 
-INLINE void bwd_rows_body(int dt, const void *dy, const void *x, void *dx, rows_shape s, const float *w,
-                          const float *mean, const float *invstd, float *s1_out, float *s2_out, float *fscr,
-                          double *dscr, float *coef, float *coefw, int stream) {
+INLINE void bwd_rows_body(int dt, const int gated, const void *dy, const void *x, void *dx, rows_shape s,
+                          const float *w, const float *mean, const float *invstd, const float *gs, const float *gh,
+                          float *s1_out, float *s2_out, float *fscr, double *dscr, float *coef, float *coefw,
+                          int stream) {
     int t = omp_get_thread_num(), T = omp_get_num_threads();
     int64_t Wp = pad16(s.W), C = s.C, B = s.B, c0, c1;
     float *muw = coefw, *kw = coefw + s.W, *bw = coefw + 2 * s.W, *cw = coefw + 3 * s.W;
+    float *gsw = gated ? coefw + 4 * s.W : NULL, *ghw = gated ? coefw + 5 * s.W : NULL;
     part(s.W, t, T, &c0, &c1);
     expand(s, mean, muw, c0, c1);
+    if (gated) {
+        expand(s, gs, gsw, c0, c1);
+        expand(s, gh, ghw, c0, c1);
+    }
 #pragma omp barrier
-    rows_grad_thread(dy, x, s, muw, dt, fscr + 2 * Wp * t, fscr + 2 * Wp * t + Wp, dscr + 2 * Wp * t,
+    rows_grad_thread(dy, x, s, muw, gsw, ghw, dt, fscr + 2 * Wp * t, fscr + 2 * Wp * t + Wp, dscr + 2 * Wp * t,
                      dscr + 2 * Wp * t + Wp, t, T);
 #pragma omp barrier
     part(C, t, T, &c0, &c1);
@@ -1419,6 +1530,7 @@ INLINE void bwd_rows_body(int dt, const void *dy, const void *x, void *dx, rows_
             for (int64_t e = 0; e < B; e++) {
                 int64_t i = tail0 + r * s.Wc + c * B + e;
                 double g = (double)LD(dy, i, dt);
+                if (gated) g = gate1(1, (float)g, LD(x, i, dt) - mean[c], gs[c], gh[c]);
                 s1 += g;
                 s2 += g * ((double)LD(x, i, dt) - (double)mean[c]);
             }
@@ -1429,14 +1541,18 @@ INLINE void bwd_rows_body(int dt, const void *dy, const void *x, void *dx, rows_
     part(s.W, t, T, &c0, &c1);
     for (int i = 0; i < 3; i++) expand(s, coef + i * C, coefw + (i + 1) * s.W, c0, c1);
 #pragma omp barrier
-    rows_elementwise(OP_DX, x, dy, dx, s, muw, kw, bw, cw, stream, dt, t, T);
+    rows_elementwise(gated ? OP_DX_RELU : OP_DX, x, dy, dx, s, muw, kw, bw, cw, gsw, ghw, stream, dt, t, T);
 }
 
-/* s1 = sum(dy), s2 = sum(dy * (x - mean)) per channel (float32); if dx is not NULL also
- * dx = k*dy + b*(x - mean) + c' (see bwd_coeffs). dy, x, dx share the (A, C, B) layout. */
-int bn_train_backward(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B,
-                      const float *w, const float *mean, const float *invstd, float *s1_out, float *s2_out,
-                      int nthreads) {
+/* fn(dt, gated, ...) with both constants. */
+#define BY_DT_GATED(dt, gated, fn, ...)                                                                  \
+    ((gated) ? ((dt) == DT_F32 ? fn(DT_F32, 1, __VA_ARGS__) : fn(DT_BF16, 1, __VA_ARGS__))               \
+             : ((dt) == DT_F32 ? fn(DT_F32, 0, __VA_ARGS__) : fn(DT_BF16, 0, __VA_ARGS__)))
+
+/* bn_train_backward; gs not NULL: BN + ReLU's (bn_train_backward_relu). */
+static int train_backward(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B,
+                          const float *w, const float *mean, const float *invstd, const float *gs, const float *gh,
+                          float *s1_out, float *s2_out, int nthreads) {
     int64_t E = A * C * B;
     int nt = threads_for(E, nthreads), stream = use_stream(dx, E * elem_size(dt), 3);
     advise_huge(dx, E * elem_size(dt));
@@ -1448,32 +1564,41 @@ int bn_train_backward(int dt, const void *dy, const void *x, void *dx, int64_t A
         float *coef = malloc(sizeof(float) * 3 * C);
         if (!r || !coef) { free(r); free(coef); return 1; }
 #pragma omp parallel num_threads(nt)
-        {
-            if (dt == DT_F32)
-                bwd_planes_body(DT_F32, dy, x, dx, A, C, B, w, mean, invstd, s1_out, s2_out, r, r + U, coef, stream);
-            else
-                bwd_planes_body(DT_BF16, dy, x, dx, A, C, B, w, mean, invstd, s1_out, s2_out, r, r + U, coef, stream);
-        }
+        BY_DT_GATED(dt, gs != NULL, bwd_planes_body, dy, x, dx, A, C, B, w, mean, invstd, gs, gh, s1_out, s2_out, r,
+                    r + U, coef, stream);
         free(r);
         free(coef);
     } else {
         rows_shape s = rows_layout(A, C, B);
         int64_t Wp = pad16(s.W);
-        float *fscr = malloc(sizeof(float) * (2 * Wp * nt + 3 * C + 4 * s.W));
+        float *fscr = malloc(sizeof(float) * (2 * Wp * nt + 3 * C + 6 * s.W)); /* coefw: 4 (6 gated) per column */
         double *dscr = malloc(sizeof(double) * 2 * Wp * nt);
         if (!fscr || !dscr) { free(fscr); free(dscr); return 1; }
         float *coef = fscr + 2 * Wp * nt, *coefw = coef + 3 * C;
 #pragma omp parallel num_threads(nt)
-        {
-            if (dt == DT_F32)
-                bwd_rows_body(DT_F32, dy, x, dx, s, w, mean, invstd, s1_out, s2_out, fscr, dscr, coef, coefw, stream);
-            else
-                bwd_rows_body(DT_BF16, dy, x, dx, s, w, mean, invstd, s1_out, s2_out, fscr, dscr, coef, coefw, stream);
-        }
+        BY_DT_GATED(dt, gs != NULL, bwd_rows_body, dy, x, dx, s, w, mean, invstd, gs, gh, s1_out, s2_out, fscr, dscr,
+                    coef, coefw, stream);
         free(fscr);
         free(dscr);
     }
     return 0;
+}
+
+/* s1 = sum(dy), s2 = sum(dy * (x - mean)) per channel (float32); if dx is not NULL also
+ * dx = k*dy + b*(x - mean) + c' (see bwd_coeffs). dy, x, dx share the (A, C, B) layout. */
+int bn_train_backward(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B,
+                      const float *w, const float *mean, const float *invstd, float *s1_out, float *s2_out,
+                      int nthreads) {
+    return train_backward(dt, dy, x, dx, A, C, B, w, mean, invstd, NULL, NULL, s1_out, s2_out, nthreads);
+}
+
+/* The backward of y = relu(BN(x)) without a stored mask: bn_train_backward with dy counted where
+ * (x - mean) * scale + shift > 0, the forward's apply pass recomputed from x (scale, shift:
+ * bn_train_forward_relu's outputs, so the test is bitwise the forward's). */
+int bn_train_backward_relu(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B,
+                           const float *w, const float *mean, const float *invstd, const float *scale,
+                           const float *shift, float *s1_out, float *s2_out, int nthreads) {
+    return train_backward(dt, dy, x, dx, A, C, B, w, mean, invstd, scale, shift, s1_out, s2_out, nthreads);
 }
 
 /* ------------------------------------------------------------------ ghost batches */
@@ -1636,17 +1761,17 @@ INLINE void planes_by_op(int op, const void *x, const void *dy, void *out, int64
                          const float *m, const float *s, const float *b, const float *h, int stream, int dt, int t,
                          int T) {
     if (op == OP_DX)
-        planes_elementwise(OP_DX, x, dy, out, P, C, B, m, s, b, h, stream, dt, t, T);
+        planes_elementwise(OP_DX, x, dy, out, P, C, B, m, s, b, h, NULL, NULL, stream, dt, t, T);
     else
-        BY_APPLY_OP(op, planes_elementwise, x, dy, out, P, C, B, m, s, b, h, stream, dt, t, T);
+        BY_APPLY_OP(op, planes_elementwise, x, dy, out, P, C, B, m, s, b, h, NULL, NULL, stream, dt, t, T);
 }
 
 INLINE void rows_by_op(int op, const void *x, const void *dy, void *out, rows_shape r, const float *mw,
                        const float *sw, const float *bw, const float *hw, int stream, int dt, int t, int T) {
     if (op == OP_DX)
-        rows_elementwise(OP_DX, x, dy, out, r, mw, sw, bw, hw, stream, dt, t, T);
+        rows_elementwise(OP_DX, x, dy, out, r, mw, sw, bw, hw, NULL, NULL, stream, dt, t, T);
     else
-        BY_APPLY_OP(op, rows_elementwise, x, dy, out, r, mw, sw, bw, hw, stream, dt, t, T);
+        BY_APPLY_OP(op, rows_elementwise, x, dy, out, r, mw, sw, bw, hw, NULL, NULL, stream, dt, t, T);
 }
 
 static int elementwise_pass(int op, int dt, const void *x, const void *dy, void *out, int64_t A, int64_t C, int64_t B,

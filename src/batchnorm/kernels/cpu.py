@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import hashlib
 import importlib.util
 import math
@@ -115,7 +114,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("bn_cpu.c")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
-_ABI_VERSION = 12  # bn_abi_version() of a library built from the current bn_cpu.c
+_ABI_VERSION = 13  # bn_abi_version() of a library built from the current bn_cpu.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
 _COMPILE_TIMEOUT_S = 120
 # What batchnorm warns when a training batch's statistics are not finite and the running
@@ -352,8 +351,9 @@ def _load(lib_path: Path) -> ctypes.CDLL:
         raise _UnavailableError(f"{lib_path} has ABI version {version}, expected {_ABI_VERSION}; delete it")
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     lib.bn_train_forward.argtypes = [i32, p, p, i64, i64, i64, p, p, f64, p, p, p, p, p, f64, i32]
-    lib.bn_train_forward_relu.argtypes = [i32, p, p, p, i64, i64, i64, p, p, f64, p, p, p, p, p, f64, i32]
+    lib.bn_train_forward_relu.argtypes = [i32, p, p, p, i64, i64, i64, p, p, f64, p, p, p, p, p, f64, p, i32]
     lib.bn_train_backward.argtypes = [i32, p, p, p, i64, i64, i64, p, p, p, p, p, i32]
+    lib.bn_train_backward_relu.argtypes = [i32, p, p, p, i64, i64, i64, p, p, p, p, p, p, p, i32]
     lib.bn_inference.argtypes = [i32, p, p, i64, i64, i64, p, p, i32]
     lib.bn_eval.argtypes = [i32, p, p, i64, i64, i64, p, p, p, p, f64, i32]
     lib.bn_eval_relu.argtypes = [i32, p, p, p, i64, i64, i64, p, p, p, p, f64, i32]
@@ -373,6 +373,7 @@ def _load(lib_path: Path) -> ctypes.CDLL:
         lib.bn_train_forward,
         lib.bn_train_forward_relu,
         lib.bn_train_backward,
+        lib.bn_train_backward_relu,
         lib.bn_inference,
         lib.bn_eval,
         lib.bn_eval_relu,
@@ -695,8 +696,6 @@ def train_forward_update(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     momentum: float,
-    relu: bool = False,
-    residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, bool | None]:
     """`train_forward` that also returns invstd and updates the running statistics in place.
 
@@ -706,35 +705,59 @@ def train_forward_update(
     var * m / (m - 1); `updated` is True, or False if some channel's statistics were not
     finite (then nothing is written). Otherwise (None, or another dtype or layout) the
     buffers are not touched and `updated` is None: the caller updates them.
-
-    relu: y = relu(BN(x) + residual) (residual None: relu(BN(x))) in the same apply pass, in
-    float32 and rounded once; the residual is first copied into x's dtype and memory order if
-    it differs (`in_layout_of`).
     """
-    ext = None if relu or torch.compiler.is_compiling() else extension()
+    ext = None if torch.compiler.is_compiling() else extension()
     if ext is not None:  # the same call in C++, unless it declines (then as below)
         r = ext.train(x, weight, bias, running_mean, running_var, eps, momentum, axis)
         if r is not None:
             y, mean, var, invstd, updated = r
             return y, mean, var, invstd, None if updated < 0 else updated == 1
+    return _train_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum)[:5]
+
+
+def train_forward_relu(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    axis: int,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    momentum: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, bool | None, Tensor]:
+    """`train_forward_update` with y = relu(BN(x) + residual) (residual None: relu(BN(x))) from
+    the same apply pass, in float32 and rounded once: the traffic of BN alone.
+
+    (y, mean, var, invstd, updated, scale_shift): scale_shift is float32 (2, C), the apply pass's
+    y = (x - mean) * scale + shift before the ReLU, which `train_backward(relu_gate=...)` needs.
+    The residual is first copied into x's dtype and memory order if it differs (`in_layout_of`).
+    """
+    return _train_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum, True, residual)
+
+
+def _train_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum, relu=False, residual=None):
     lib, A, C, B = _prepare(x, axis)
     fused = can_update(running_mean, C) and can_update(running_var, C)
     w, b = _vector(weight, C, "weight"), _vector(bias, C, "bias")
     y = _empty_like(x)
     mean, var, invstd = (torch.empty(C, dtype=torch.float32) for _ in range(3))
-    if relu:
-        r = None if residual is None else in_layout_of(residual, x, "residual")
-        call = functools.partial(lib.bn_train_forward_relu, _DTYPES[x.dtype], x.data_ptr(), _ptr(r))
-    else:
-        call = functools.partial(lib.bn_train_forward, _DTYPES[x.dtype], x.data_ptr())
-    rc = call(
+    args = (
         y.data_ptr(), A, C, B, _ptr(w), _ptr(b), float(eps), mean.data_ptr(), var.data_ptr(), invstd.data_ptr(),
         _ptr(running_mean) if fused else None, _ptr(running_var) if fused else None, float(momentum),
-        torch.get_num_threads(),
     )  # fmt: skip
+    scale_shift = None
+    if relu:
+        r = None if residual is None else in_layout_of(residual, x, "residual")
+        scale_shift = torch.empty(2, C, dtype=torch.float32)
+        rc = lib.bn_train_forward_relu(
+            _DTYPES[x.dtype], x.data_ptr(), _ptr(r), *args, scale_shift.data_ptr(), torch.get_num_threads()
+        )
+    else:
+        rc = lib.bn_train_forward(_DTYPES[x.dtype], x.data_ptr(), *args, torch.get_num_threads())
     if rc == 1:
         _check(rc, "the forward")
-    return y, mean, var, invstd, (rc == 0) if fused else None
+    return y, mean, var, invstd, (rc == 0) if fused else None, scale_shift
 
 
 def update_running(
@@ -806,6 +829,7 @@ def train_backward(
     invstd: Tensor,
     axis: int,
     need_dx: bool = True,
+    relu_gate: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """Training-mode backward: (dx or None, s1, s2), s1 = sum(dy), s2 = sum(dy * (x - mean)) per channel.
 
@@ -817,8 +841,12 @@ def train_backward(
     dy must have x's shape; if its dtype or memory layout differs from x's (e.g. a contiguous
     dy for a channels_last x) it is first copied into x's layout: one more read and write.
     Reads x and dy twice and writes dx once (once each, without dx, if need_dx is False).
+
+    relu_gate: the backward of relu(BN(x)): `train_forward_relu`'s scale_shift. dy then counts
+    where (x - mean) * scale + shift > 0, the forward's ReLU test recomputed bitwise from x: no
+    mask or output is stored, and the passes are BN's alone.
     """
-    ext = None if torch.compiler.is_compiling() else extension()
+    ext = None if relu_gate is not None or torch.compiler.is_compiling() else extension()
     if ext is not None:  # the same call in C++, unless it declines (then as below)
         r = ext.backward(dy, x, weight, mean, invstd, axis, need_dx)
         if r is not None:
@@ -830,10 +858,14 @@ def train_backward(
     dx = _empty_like(x) if need_dx else None
     s1 = torch.empty(C, dtype=torch.float32)
     s2 = torch.empty(C, dtype=torch.float32)
-    rc = lib.bn_train_backward(
-        _DTYPES[x.dtype], dy.data_ptr(), x.data_ptr(), _ptr(dx), A, C, B, _ptr(w), _ptr(mu), _ptr(istd),
-        s1.data_ptr(), s2.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+    args = (_DTYPES[x.dtype], dy.data_ptr(), x.data_ptr(), _ptr(dx), A, C, B, _ptr(w), _ptr(mu), _ptr(istd))
+    if relu_gate is None:
+        rc = lib.bn_train_backward(*args, s1.data_ptr(), s2.data_ptr(), torch.get_num_threads())
+    else:
+        if relu_gate.dtype != torch.float32 or relu_gate.shape != (2, C) or not relu_gate.is_contiguous():
+            raise ValueError(f"relu_gate must be train_forward_relu's float32 (2, {C}), got {relu_gate.shape}")
+        scale, shift = relu_gate[0].data_ptr(), relu_gate[1].data_ptr()
+        rc = lib.bn_train_backward_relu(*args, scale, shift, s1.data_ptr(), s2.data_ptr(), torch.get_num_threads())
     _check(rc, "the backward")
     return dx, s1, s2
 
@@ -1099,11 +1131,11 @@ def eval_forward(
     mu, v = _vector(mean, C, "mean"), _vector(var, C, "var")
     w, b = _vector(weight, C, "weight"), _vector(bias, C, "bias")
     y = _empty_like(x)
+    args = (y.data_ptr(), A, C, B, _ptr(mu), _ptr(v), _ptr(w), _ptr(b), float(eps), torch.get_num_threads())
     if relu:
         r = None if residual is None else in_layout_of(residual, x, "residual")
-        call = functools.partial(lib.bn_eval_relu, _DTYPES[x.dtype], x.data_ptr(), _ptr(r))
+        rc = lib.bn_eval_relu(_DTYPES[x.dtype], x.data_ptr(), _ptr(r), *args)
     else:
-        call = functools.partial(lib.bn_eval, _DTYPES[x.dtype], x.data_ptr())
-    rc = call(y.data_ptr(), A, C, B, _ptr(mu), _ptr(v), _ptr(w), _ptr(b), float(eps), torch.get_num_threads())
+        rc = lib.bn_eval(_DTYPES[x.dtype], x.data_ptr(), *args)
     _check(rc, "eval")
     return y
