@@ -1,0 +1,108 @@
+"""relu(BN(x) + residual) on the CPU: the fused layer against the same three steps written out.
+
+    .venv/bin/python benchmarks/act_speed.py [--repeats 20] [--compile]
+
+The ResNet block tail. For each case, training fwd+bwd (x and the residual require grad, as the
+block's input does) and eval under no_grad:
+- "fused": `BatchNormAct2d` (or 1d), the add and the ReLU in the kernel's apply pass (and,
+  without a residual, the ReLU's backward inside BN's backward passes);
+- "ours + add + relu": our `BatchNorm2d`, then `y + residual`, then `torch.relu`;
+- "torch + add + relu": the same with `torch.nn.BatchNorm2d`, what a ResNet runs today;
+- with --compile, "torch compiled": torch.compile of torch's three steps (inductor fuses the
+  add and the ReLU into its BN kernels).
+Each repetition runs every implementation once, in a fresh random order; medians in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+import batchnorm as bn
+
+CASES = [  # (shape, dtype, channels_last, residual)
+    ((32, 64, 56, 56), torch.float32, False, True),
+    ((32, 64, 56, 56), torch.float32, True, True),
+    ((32, 64, 56, 56), torch.float32, False, False),
+    ((32, 64, 56, 56), torch.float32, True, False),
+    ((32, 512, 28, 28), torch.float32, True, True),
+    ((32, 1024, 14, 14), torch.float32, False, True),
+    ((32, 2048, 7, 7), torch.float32, False, True),
+    ((32, 64, 56, 56), torch.bfloat16, True, True),
+    ((4096, 1024), torch.float32, False, True),
+]
+
+
+def _block_tails(shape, dtype, compile: bool) -> dict[str, torch.nn.Module]:
+    C, two_d = shape[1], len(shape) == 2
+    fused = (bn.BatchNormAct1d if two_d else bn.BatchNormAct2d)(C).to(dtype)
+    ours = (bn.BatchNorm1d if two_d else bn.BatchNorm2d)(C).to(dtype)
+    theirs = (torch.nn.BatchNorm1d if two_d else torch.nn.BatchNorm2d)(C).to(dtype)
+
+    def written_out(layer):
+        return lambda x, r: torch.relu(layer(x) if r is None else layer(x) + r)
+
+    impls = {"fused": lambda x, r: fused(x, residual=r), "ours + add + relu": written_out(ours)}
+    impls["torch + add + relu"] = written_out(theirs)
+    if compile:
+        torch.compiler.reset()
+        impls["torch compiled"] = torch.compile(written_out(theirs))
+    impls["layers"] = (fused, ours, theirs)
+    return impls
+
+
+def time_case(shape, dtype, channels_last: bool, residual: bool, repeats: int, compile: bool) -> dict[str, float]:
+    """Median ms of each implementation: training fwd+bwd, then eval without autograd."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    r = torch.randn(shape).to(dtype).contiguous(memory_format=fmt).requires_grad_() if residual else None
+    g = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+    impls = _block_tails(shape, dtype, compile)
+    layers = impls.pop("layers")
+    out: dict[str, float] = {}
+    for mode in ("train", "eval"):
+        for layer in layers:
+            layer.train(mode == "train")
+        times: dict[str, list[float]] = {name: [] for name in impls}
+        for i in range(repeats + 2):
+            names = list(impls)
+            random.shuffle(names)
+            for name in names:
+                t = time.perf_counter()
+                if mode == "train":
+                    impls[name](x, r).backward(g)
+                else:
+                    with torch.no_grad():
+                        impls[name](x, r)
+                if i >= 2:  # two warm-up rounds
+                    times[name].append(time.perf_counter() - t)
+        out.update({f"{mode} {name}": statistics.median(v) * 1e3 for name, v in times.items()})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of torch's three steps")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians in ms")
+    for shape, dtype, cl, residual in CASES:
+        med = time_case(shape, dtype, cl, residual, args.repeats, args.compile)
+        what = "add+relu" if residual else "relu"
+        layout = " channels_last" if cl else ""
+        label = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}{layout} {what}"
+        for mode in ("train", "eval"):
+            row = {name.removeprefix(mode + " "): ms for name, ms in med.items() if name.startswith(mode)}
+            cells = ", ".join(
+                f"{name} {ms:.2f}" + ("" if name == "fused" else f" ({ms / row['fused']:.2f}x)")
+                for name, ms in row.items()
+            )
+            print(f"{label} {mode}: {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
