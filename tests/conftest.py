@@ -41,3 +41,28 @@ def tol():
     """tol(dtype) -> keyword tolerances for torch.testing.assert_close."""
     return lambda dtype: TOLERANCES[dtype]
 
+
+@pytest.fixture
+def act_calls(monkeypatch) -> list[str]:
+    """The fused BN + ReLU entries of the CPU kernel called while the test runs, in order:
+    "train_forward_relu", "train_backward" with a relu_gate, "eval_forward" with relu=True."""
+    from batchnorm.kernels import cpu
+
+    calls: list[str] = []
+    fused = {
+        "train_forward_relu": lambda kwargs: True,
+        "train_backward": lambda kwargs: kwargs.get("relu_gate") is not None,
+        "eval_forward": lambda kwargs: bool(kwargs.get("relu")),
+    }
+
+    def spy(function, name):
+        def call(*args, **kwargs):
+            if fused[name](kwargs):
+                calls.append(name)
+            return function(*args, **kwargs)
+
+        return call
+
+    for name in fused:
+        monkeypatch.setattr(cpu, name, spy(getattr(cpu, name), name))
+    return calls

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import batchnorm as bn
-from batchnorm.kernels import cpu
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -60,28 +59,6 @@ def _composite(plain, x, residual):
     return torch.relu(y if residual is None else y + residual)
 
 
-def _spy(monkeypatch) -> list[str]:
-    """Records the fused CPU entries the layer called: the forward, the gated backward, eval."""
-    calls: list[str] = []
-
-    def spy(function, name, fused):
-        def call(*args, **kwargs):
-            if fused(kwargs):
-                calls.append(name)
-            return function(*args, **kwargs)
-
-        return call
-
-    entries = (
-        ("train_forward_relu", lambda kwargs: True),
-        ("train_backward", lambda kwargs: kwargs.get("relu_gate") is not None),
-        ("eval_forward", lambda kwargs: kwargs.get("relu")),
-    )
-    for name, fused in entries:
-        monkeypatch.setattr(cpu, name, spy(getattr(cpu, name), name, fused))
-    return calls
-
-
 CPU_CASES = [
     pytest.param(lambda: bn.BatchNormAct2d(6), (4, 6, 5, 5), None, id="nchw"),
     pytest.param(lambda: bn.BatchNormAct2d(6), (4, 6, 5, 5), torch.channels_last, id="nhwc"),
@@ -95,14 +72,14 @@ CPU_CASES = [
 
 @pytest.mark.parametrize("residual", [False, True], ids=["relu", "add-relu"])
 @pytest.mark.parametrize("make_layer,shape,fmt", CPU_CASES)
-def test_cpu_act_layer_is_fused_and_equals_the_composite_bitwise(make_layer, shape, fmt, residual, monkeypatch):
+def test_cpu_act_layer_is_fused_and_equals_the_composite_bitwise(make_layer, shape, fmt, residual, act_calls):
     """float32 on the CPU kernel: three training steps then eval under no_grad, against our plain
     layer + add + relu. Outputs, every gradient (x, weight, bias, residual), the running statistics
     and the step count are bitwise the same: the fused pass does the same float32 operations; the
     backward is torch's ReLU backward then the same kernel. torch's layer agrees within float32."""
     fused, plain = _pair(make_layer)
     theirs = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}.get(len(shape) - 2)
-    calls = _spy(monkeypatch)
+    calls = act_calls
     for _ in range(3):
         x = torch.randn(shape).contiguous(memory_format=fmt or torch.contiguous_format) * 2 + 1
         r = torch.randn(shape) if residual else None
@@ -132,11 +109,11 @@ def test_cpu_act_layer_is_fused_and_equals_the_composite_bitwise(make_layer, sha
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["relu", "add-relu"])
-def test_cpu_act_layer_in_bfloat16(residual, monkeypatch):
+def test_cpu_act_layer_in_bfloat16(residual, act_calls):
     """A bfloat16 layer (bfloat16 parameters and buffers, which the kernel leaves to the caller to
     update): fused, within bfloat16 rounding of the composite, gradients and buffers bfloat16."""
     fused, plain = _pair(lambda: bn.BatchNormAct2d(8), torch.bfloat16)
-    calls = _spy(monkeypatch)
+    calls = act_calls
     x = torch.randn(4, 8, 6, 6).to(torch.bfloat16).requires_grad_()
     r = torch.randn(4, 8, 6, 6).to(torch.bfloat16).requires_grad_() if residual else None
     ya, yb = fused(x, residual=r), _composite(plain, x, r)
@@ -168,11 +145,11 @@ def test_cpu_act_layer_keeps_its_state_on_a_nonfinite_batch():
     assert fused.num_batches_tracked == 2
 
 
-def test_cpu_act_layer_gives_way_where_it_must(monkeypatch):
+def test_cpu_act_layer_gives_way_where_it_must(act_calls):
     """The composite runs (with its errors and promotions) where the fused pass would differ: one
     value per channel, a residual of another dtype, a mask, eval with gradients wanted, the torch backend."""
     fused, _ = _pair(lambda: bn.BatchNormAct1d(3))
-    calls = _spy(monkeypatch)
+    calls = act_calls
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         fused(torch.randn(1, 3))
     x = torch.randn(4, 3, 6)

@@ -18,8 +18,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .functional import _check_training, _pick_path, _update_running_stats, _wants_grad, _warn_not_finite
+from .functional import (
+    _check_training,
+    _compiling_kernel,
+    _pick_path,
+    _update_running_stats,
+    _wants_grad,
+    _warn_not_finite,
+)
 from .kernels import cpu
+from .kernels import cpu_ops as _cpu_ops
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _check_num_features, _Forward
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "BatchNormActNd"]
@@ -102,36 +110,55 @@ class _ActMixin:
         if path is not None:
             self._check_input_dim(input)
             _check_num_features(self, input)
-        if path == "cpu-eval":
-            rm, rv, w, b = self.running_mean, self.running_var, self.weight, self.bias
-            return cpu.eval_forward(input, rm, rv, w, b, self.eps, self.axis, relu=True, residual=residual)
-        if path is not None:
-            factor = self.momentum
-            if self.momentum is None:
-                factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
-            axis = self.axis % input.dim()
-            args = (input, self.weight, self.bias, residual, self.eps, axis)
-            args += (self.running_mean, self.running_var, factor)
-            if path == "triton":
-                y = _FusedAct.apply(*args)
-                self.num_batches_tracked.add_(1)
+            y = self._fused(path, input, residual)
+            if y is not None:
                 return y
-            _check_training(input, axis, factor, self.eps)
-            status: list = []
-            y = _CpuAct.apply(*args, status)
-            mean, var, updated = status
-            if updated is None:  # buffers the kernel does not update itself (another dtype)
-                m = input.numel() // input.shape[axis]
-                updated = _update_running_stats(self.running_mean, self.running_var, mean, var * (m / (m - 1)), factor)
-            elif not updated:
-                _warn_not_finite(stacklevel=5)  # the caller of the layer
-            if updated:
-                self.num_batches_tracked.add_(1)
-            return y
         y = _Forward.forward(self, input, mask)
         if residual is not None:
             y = y + residual
         return torch.relu(y)
+
+    def _fused(self, path: str, input: Tensor, residual: Tensor | None) -> Tensor | None:
+        """The layer on a fused path, or None where the kernel's operators decline it in a graph."""
+        axis = self.axis % input.dim()
+        rm, rv, w, b = self.running_mean, self.running_var, self.weight, self.bias
+        if path == "cpu-eval":
+            return cpu.eval_forward(input, rm, rv, w, b, self.eps, axis, relu=True, residual=residual)
+        if path == "graph-eval":
+            ops = _cpu_ops.operands(input, axis, rm, rv, w, b)
+            return None if ops is None else torch.ops.batchnorm.cpu_relu_eval(input, residual, *ops, self.eps, axis)
+        factor = self.momentum
+        if self.momentum is None:
+            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        if path == "triton":
+            y = _FusedAct.apply(input, w, b, residual, self.eps, axis, rm, rv, factor)
+            self.num_batches_tracked.add_(1)
+            return y
+        if path == "graph-train":  # the operators; the buffers take the new statistics (as functional does)
+            ops = _cpu_ops.operands(input, axis, w, b, running=(rm, rv))
+            if ops is None:
+                return None
+            _check_training(input, axis, factor, self.eps)
+            y, *_, new_mean, new_var, counted = torch.ops.batchnorm.cpu_relu_train(
+                input, residual, *ops, self.eps, factor, axis
+            )
+            with torch.no_grad():
+                rm.copy_(new_mean)
+                rv.copy_(new_var)
+            self.num_batches_tracked.add_(counted.to(self.num_batches_tracked.dtype))
+            return y
+        _check_training(input, axis, factor, self.eps)
+        status: list = []
+        y = _CpuAct.apply(input, w, b, residual, self.eps, axis, rm, rv, factor, status)
+        mean, var, updated = status
+        if updated is None:  # buffers the kernel does not update itself (another dtype)
+            m = input.numel() // input.shape[axis]
+            updated = _update_running_stats(rm, rv, mean, var * (m / (m - 1)), factor)
+        elif not updated:
+            _warn_not_finite(stacklevel=6)  # the caller of the layer
+        if updated:
+            self.num_batches_tracked.add_(1)
+        return y
 
     def _fusable(self, input: Tensor, mask: Tensor | None) -> bool:
         """Whether the training forward takes a fused path (Triton, or the CPU kernel)."""
@@ -139,7 +166,9 @@ class _ActMixin:
 
     def _fused_path(self, input: Tensor, residual: Tensor | None, mask: Tensor | None) -> str | None:
         """Which fused path runs: "triton" or "cpu-train" (training, plain BN), "cpu-eval" (the
-        running statistics, no gradient wanted), or None (the composite)."""
+        running statistics, no gradient wanted), "graph-train" or "graph-eval" (the same as the
+        kernel's operators, in a graph that torch.compile or torch.export records), or None
+        (the composite)."""
         if mask is not None or not isinstance(input, Tensor) or input.dim() < 2:
             return None
         if residual is not None and not (
@@ -147,10 +176,13 @@ class _ActMixin:
         ):  # (y + residual would promote, or fail)
             return None
         axis = self.axis % input.dim()
+        graph = _compiling_kernel(input)
         if not self.training or self.frozen:
             stats = self.running_mean is not None and self.running_var is not None
             if not stats or _wants_grad(input, residual, self.weight, self.bias) or not input.is_cpu:
                 return None
+            if graph:
+                return "graph-eval"
             return "cpu-eval" if _pick_path(input, axis) == "cpu" else None
         plain = (
             self.training
@@ -163,6 +195,8 @@ class _ActMixin:
         )
         if not plain or input.numel() == 0:
             return None
+        if graph:  # (momentum=None would read num_batches_tracked as a Python number)
+            return "graph-train" if self.momentum is not None else None
         path = _pick_path(input, axis)
         if input.is_cuda and path == "triton":
             return "triton"

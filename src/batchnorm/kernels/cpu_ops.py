@@ -28,6 +28,16 @@ formula, the kernel runs inside compiled and exported graphs:
         for ghost batch g, and the whole batch's float64 mean and M2 (C,); no running statistics
         (the caller updates them from the latter).
 
+    batchnorm::cpu_relu_train(x, residual?, weight?, bias?, running_mean?, running_var?, eps, momentum, axis)
+        -> (y, mean, invstd, scale_shift, new_running_mean, new_running_var, counted)
+        y = relu(BN(x) + residual) from one apply pass (`cpu.train_forward_relu`); the rest as
+        cpu_train's, and scale_shift (2, C), the apply pass's, for the backward.
+    batchnorm::cpu_relu_backward(dy, x, y?, weight?, mean, invstd, scale_shift, axis) -> (dx, s1, s2, g)
+        y None (no residual): BN's backward with dy gated by the forward's ReLU test recomputed
+        from x; g empty. Else g = dy where y > 0 (the residual's gradient), then BN's backward of g.
+    batchnorm::cpu_relu_eval(x, residual?, mean, var, weight?, bias?, eps, axis) -> y
+        relu(cpu_eval + residual) in one pass.
+
 Batch renormalization's operator, `batchnorm::cpu_renorm_train`, is in `_kernel_variants`
 beside the eager form it shares its forward with.
 
@@ -54,6 +64,9 @@ __all__ = [
     "cpu_masked_backward",
     "cpu_masked_eval",
     "cpu_masked_train",
+    "cpu_relu_backward",
+    "cpu_relu_eval",
+    "cpu_relu_train",
     "cpu_train",
     "operands",
     "wanted_grads",
@@ -304,3 +317,94 @@ def _ghost_backward(ctx, dy, *_):  # gradients of y only; the parameters' add up
 
 
 cpu_ghost_train.register_autograd(_ghost_backward, setup_context=_ghost_setup)
+
+
+@torch.library.custom_op("batchnorm::cpu_relu_train", mutates_args=(), device_types="cpu")
+def cpu_relu_train(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    eps: float,
+    momentum: float,
+    axis: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    new_mean = running_mean.clone() if running_mean is not None else x.new_empty(0, dtype=torch.float32)
+    new_var = running_var.clone() if running_var is not None else x.new_empty(0, dtype=torch.float32)
+    fused = (new_mean, new_var) if running_mean is not None else (None, None)
+    y, mean, _, invstd, updated, gate = cpu.train_forward_relu(x, residual, weight, bias, eps, axis, *fused, momentum)
+    if updated is False:
+        warnings.warn(cpu.NOT_FINITE_MESSAGE, RuntimeWarning, stacklevel=2)
+    return y, mean, invstd, gate, new_mean, new_var, torch.tensor(updated is not False)
+
+
+@cpu_relu_train.register_fake
+def _(x, residual, weight, bias, running_mean, running_var, eps, momentum, axis):
+    n = 0 if running_mean is None else x.shape[axis]
+    stats = (x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32))
+    gate = x.new_empty((2, x.shape[axis]), dtype=torch.float32)
+    return cpu._empty_like(x), _vector(x, axis), _vector(x, axis), gate, *stats, x.new_empty((), dtype=torch.bool)
+
+
+@torch.library.custom_op("batchnorm::cpu_relu_backward", mutates_args=(), device_types="cpu")
+def cpu_relu_backward(
+    dy: Tensor,
+    x: Tensor,
+    y: Tensor | None,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    gate: Tensor,
+    axis: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if y is None:
+        dx, s1, s2 = cpu.train_backward(dy, x, weight, mean, invstd, axis, True, relu_gate=gate)
+        return dx, s1, s2, x.new_empty(0)
+    g = torch.ops.aten.threshold_backward.grad_input(dy, y, 0, grad_input=cpu._empty_like(x))
+    dx, s1, s2 = cpu.train_backward(g, x, weight, mean, invstd, axis, True)
+    return dx, s1, s2, g
+
+
+@cpu_relu_backward.register_fake
+def _(dy, x, y, weight, mean, invstd, gate, axis):
+    g = x.new_empty(0) if y is None else cpu._empty_like(x)
+    return cpu._empty_like(x), _vector(x, axis), _vector(x, axis), g
+
+
+def _relu_setup(ctx, inputs, output) -> None:
+    x, residual, weight, bias, _, _, _, _, axis = inputs
+    y, mean, invstd, gate = output[:4]
+    ctx.save_for_backward(x, y if residual is not None else None, weight, mean, invstd, gate)
+    ctx.axis, ctx.has_weight, ctx.has_bias = axis, weight is not None, bias is not None
+
+
+def _relu_backward(ctx, dy, *_):  # gradients of y only
+    x, y, weight, mean, invstd, gate = ctx.saved_tensors
+    dx, s1, s2, g = cpu_relu_backward(dy, x, y, weight, mean, invstd, gate, ctx.axis)
+    need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
+    dx, dw, db = wanted_grads(ctx, (need_x, need_w, need_b), dx, s2 * invstd, s1)
+    return dx, g if need_r and y is not None else None, dw, db, None, None, None, None, None
+
+
+cpu_relu_train.register_autograd(_relu_backward, setup_context=_relu_setup)
+
+
+@torch.library.custom_op("batchnorm::cpu_relu_eval", mutates_args=(), device_types="cpu")
+def cpu_relu_eval(
+    x: Tensor,
+    residual: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    axis: int,
+) -> Tensor:
+    return cpu.eval_forward(x, mean, var, weight, bias, eps, axis, relu=True, residual=residual)
+
+
+@cpu_relu_eval.register_fake
+def _(x, residual, mean, var, weight, bias, eps, axis):
+    return cpu._empty_like(x)
