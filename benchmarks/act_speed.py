@@ -9,7 +9,8 @@ block's input does) and eval under no_grad:
 - "ours + add + relu": our `BatchNorm2d`, then `y + residual`, then `torch.relu`;
 - "torch + add + relu": the same with `torch.nn.BatchNorm2d`, what a ResNet runs today;
 - with --compile, "torch compiled": torch.compile of torch's three steps (inductor fuses the
-  add and the ReLU into its BN kernels).
+  add and the ReLU into its BN kernels), and "fused compiled": our fused layer compiled
+  (fullgraph=True; the operators batchnorm::cpu_relu_* in the graph).
 Each repetition runs every implementation once, in a fresh random order; medians in ms.
 """
 
@@ -51,6 +52,8 @@ def _block_tails(shape, dtype, compile: bool) -> dict[str, torch.nn.Module]:
     if compile:
         torch.compiler.reset()
         impls["torch compiled"] = torch.compile(written_out(theirs))
+        fused_graph = torch.compile(fused, fullgraph=True)
+        impls["fused compiled"] = lambda x, r: fused_graph(x, residual=r)
     impls["layers"] = (fused, ours, theirs)
     return impls
 
