@@ -17,11 +17,9 @@ Each repetition runs every implementation once, in a fresh random order; medians
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
 
 import torch
+from _interleaved import medians_ms
 
 import batchnorm as bn
 
@@ -66,24 +64,23 @@ def time_case(shape, dtype, channels_last: bool, residual: bool, repeats: int, c
     g = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
     impls = _block_tails(shape, dtype, compile)
     layers = impls.pop("layers")
+
+    def train(f):
+        return lambda: f(x, r).backward(g)
+
+    def infer(f):
+        def run():
+            with torch.no_grad():
+                f(x, r)
+
+        return run
+
     out: dict[str, float] = {}
-    for mode in ("train", "eval"):
+    for mode, step in (("train", train), ("eval", infer)):
         for layer in layers:
             layer.train(mode == "train")
-        times: dict[str, list[float]] = {name: [] for name in impls}
-        for i in range(repeats + 2):
-            names = list(impls)
-            random.shuffle(names)
-            for name in names:
-                t = time.perf_counter()
-                if mode == "train":
-                    impls[name](x, r).backward(g)
-                else:
-                    with torch.no_grad():
-                        impls[name](x, r)
-                if i >= 2:  # two warm-up rounds
-                    times[name].append(time.perf_counter() - t)
-        out.update({f"{mode} {name}": statistics.median(v) * 1e3 for name, v in times.items()})
+        medians = medians_ms({name: step(f) for name, f in impls.items()}, repeats)
+        out.update({f"{mode} {name}": ms for name, ms in medians.items()})
     return out
 
 

@@ -19,12 +19,10 @@ order; medians in ms.
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _interleaved import medians_ms
 
 import batchnorm as bn
 from batchnorm.functional import use_backend
@@ -110,17 +108,15 @@ def time_case(
     if compile:
         torch.compiler.reset()  # fresh graphs per case: no recompile limit, no dynamic shapes
     impls = _implementations(kind, shape, k, x, compile)
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    for i in range(repeats + 2):
-        names = list(impls)
-        random.shuffle(names)
-        for name in names:
-            t = time.perf_counter()
-            y = impls[name]()
+
+    def step(f):
+        def run():
+            y = f()
             (y if y.shape == g.shape else y.transpose(1, 2)).backward(g)
-            if i >= 2:  # two warm-up rounds
-                times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
+
+        return run
+
+    return medians_ms({name: step(f) for name, f in impls.items()}, repeats)
 
 
 def main() -> None:
