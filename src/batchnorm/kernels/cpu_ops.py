@@ -131,6 +131,26 @@ def _vector(x: Tensor, axis: int) -> Tensor:
     return x.new_empty(x.shape[axis], dtype=torch.float32)
 
 
+# Functional (autograd formulas need that): the training operators update copies of the running
+# statistics, which the caller copies into its buffers; empty when none were given.
+def _new_running(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> tuple[Tensor, Tensor]:
+    if running_mean is None:
+        return x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    return running_mean.clone(), running_var.clone()
+
+
+def _fake_running(x: Tensor, running_mean: Tensor | None, axis: int) -> tuple[Tensor, Tensor]:
+    n = 0 if running_mean is None else x.shape[axis]
+    return x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
+
+
+def _counted(updated: bool | None) -> Tensor:
+    """The operators' `counted`: False only for a non-finite batch (warned of here, at run time)."""
+    if updated is False:
+        warnings.warn(cpu.NOT_FINITE_MESSAGE, RuntimeWarning, stacklevel=3)
+    return torch.tensor(updated is not False)
+
+
 @torch.library.custom_op("batchnorm::cpu_train", mutates_args=(), device_types="cpu")
 def cpu_train(
     x: Tensor,
@@ -142,21 +162,15 @@ def cpu_train(
     momentum: float,
     axis: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # Functional (autograd formulas need that): the updated running statistics are new tensors,
-    # which the caller copies into its buffers; empty when none were given.
-    new_mean = running_mean.clone() if running_mean is not None else x.new_empty(0, dtype=torch.float32)
-    new_var = running_var.clone() if running_var is not None else x.new_empty(0, dtype=torch.float32)
+    new_mean, new_var = _new_running(x, running_mean, running_var)
     fused = (new_mean, new_var) if running_mean is not None else (None, None)
     y, mean, _, invstd, updated = cpu.train_forward_update(x, weight, bias, eps, axis, *fused, momentum)
-    if updated is False:
-        warnings.warn(cpu.NOT_FINITE_MESSAGE, RuntimeWarning, stacklevel=2)
-    return y, mean, invstd, new_mean, new_var, torch.tensor(updated is not False)
+    return y, mean, invstd, new_mean, new_var, _counted(updated)
 
 
 @cpu_train.register_fake
 def _(x, weight, bias, running_mean, running_var, eps, momentum, axis):
-    n = 0 if running_mean is None else x.shape[axis]
-    stats = (x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32))
+    stats = _fake_running(x, running_mean, axis)
     return cpu._empty_like(x), _vector(x, axis), _vector(x, axis), *stats, x.new_empty((), dtype=torch.bool)
 
 
@@ -331,19 +345,15 @@ def cpu_relu_train(
     momentum: float,
     axis: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    new_mean = running_mean.clone() if running_mean is not None else x.new_empty(0, dtype=torch.float32)
-    new_var = running_var.clone() if running_var is not None else x.new_empty(0, dtype=torch.float32)
+    new_mean, new_var = _new_running(x, running_mean, running_var)
     fused = (new_mean, new_var) if running_mean is not None else (None, None)
     y, mean, _, invstd, updated, gate = cpu.train_forward_relu(x, residual, weight, bias, eps, axis, *fused, momentum)
-    if updated is False:
-        warnings.warn(cpu.NOT_FINITE_MESSAGE, RuntimeWarning, stacklevel=2)
-    return y, mean, invstd, gate, new_mean, new_var, torch.tensor(updated is not False)
+    return y, mean, invstd, gate, new_mean, new_var, _counted(updated)
 
 
 @cpu_relu_train.register_fake
 def _(x, residual, weight, bias, running_mean, running_var, eps, momentum, axis):
-    n = 0 if running_mean is None else x.shape[axis]
-    stats = (x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32))
+    stats = _fake_running(x, running_mean, axis)
     gate = x.new_empty((2, x.shape[axis]), dtype=torch.float32)
     return cpu._empty_like(x), _vector(x, axis), _vector(x, axis), gate, *stats, x.new_empty((), dtype=torch.bool)
 
