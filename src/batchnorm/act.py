@@ -6,7 +6,10 @@ On CUDA with Triton the training forward is one fused pass after the
 statistics and the backward recomputes the ReLU mask from x and the saved
 statistics instead of storing it (`kernels.triton_bn.train_forward_act`).
 On the CPU kernel the add and the ReLU ride in BN's apply pass, in training
-and in inference (`_CpuAct`, `kernels.cpu.eval_forward(relu=True)`).
+and in inference, and without a residual the ReLU's backward rides in BN's
+backward passes (`_CpuAct`, `kernels.cpu.eval_forward(relu=True)`); in graphs
+that torch.compile or torch.export record, through the kernel's operators
+(`kernels.cpu_ops.cpu_relu_train` and its kin).
 Everywhere else, and with masks, ghost batches, renorm or SyncBN, it is the
 composite relu(BN(x) + residual) with the same numbers. PyTorch eager has no
 such fused layer (it never calls cuDNN's fused BN-add-activation).
@@ -78,8 +81,7 @@ class _CpuAct(torch.autograd.Function):
             x, residual, weight, bias, eps, axis, running_mean, running_var, momentum
         )
         ctx.save_for_backward(x, weight, mean, invstd, gate if residual is None else y)
-        ctx.axis, ctx.bias_dtype = axis, None if bias is None else bias.dtype
-        ctx.residual_dtype = None if residual is None else residual.dtype
+        ctx.axis, ctx.bias_dtype, ctx.has_residual = axis, None if bias is None else bias.dtype, residual is not None
         status += (mean, var, updated)
         return y
 
@@ -88,16 +90,15 @@ class _CpuAct(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, invstd, gate_or_y = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        if ctx.residual_dtype is None:
-            g = None
-            dx, s1, s2 = cpu.train_backward(dy, x, weight, mean, invstd, ctx.axis, need_x, relu_gate=gate_or_y)
-        else:
+        g = None  # the residual's gradient (of x's dtype, as the residual is: `_fused_path`)
+        if ctx.has_residual:
             g = torch.ops.aten.threshold_backward(dy, gate_or_y, 0)
             dx, s1, s2 = cpu.train_backward(g, x, weight, mean, invstd, ctx.axis, need_x)
+        else:
+            dx, s1, s2 = cpu.train_backward(dy, x, weight, mean, invstd, ctx.axis, need_x, relu_gate=gate_or_y)
         dw = (s2 * invstd).to(weight.dtype) if need_w and weight is not None else None
         db = s1.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
-        dr = g.to(ctx.residual_dtype) if need_r else None
-        return dx, dw, db, dr, None, None, None, None, None, None
+        return dx, dw, db, g if need_r else None, None, None, None, None, None, None
 
 
 class _ActMixin:

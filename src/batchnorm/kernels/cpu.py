@@ -28,8 +28,10 @@ Per channel c over the m = numel / C values of every other axis:
     input gradient      dx = k_c*dy + b_c*(x - centre_c) + c_c with given coefficients
                         (`input_grad`: SyncBN's global sums)
     BN + ReLU           y = relu(BN(x) + residual) (residual optional) from the apply pass of
-                        the training forward or eval (`train_forward_update`, `eval_forward`
-                        with relu=True): the ResNet block tail in the passes of BN alone
+                        the training forward or eval (`train_forward_relu`, `eval_forward`
+                        with relu=True), and relu(BN(x))'s backward with the ReLU's test
+                        recomputed from x (`train_backward` with relu_gate): the ResNet block
+                        tail in the passes of BN alone
 
 Layouts: every tensor the kernel accepts is a dense array that, read in memory order, is a
 contiguous (A, C, B) block with C the channel axis: NCHW is (N, C, H*W), channels_last and
@@ -1122,7 +1124,7 @@ def eval_forward(
     mean, var (the running statistics), weight and bias: (C,) of any float dtype (used as float32;
     weight, bias may be None). The coefficients are computed in float64 inside the kernel.
     acb: `layout(x, axis)` if the caller has it (saves the lookup). relu: y = relu(BN(x) +
-    residual) in the same pass, as in `train_forward_update`.
+    residual) in the same pass, as in `train_forward_relu`.
     """
     if acb is None:
         lib, A, C, B = _prepare(x, axis)
