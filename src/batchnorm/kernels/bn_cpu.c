@@ -36,7 +36,9 @@
  *     data with a large offset (mean 1e4, std 1) keeps float32 precision in y. dx likewise:
  *     dx = k*dy + b*(x - mean) + c', c' = -k*s1/m (equal to k*dy + b*x + c, c = c' - b*mean).
  *   - the apply pass may end in relu(y + residual) (bn_train_forward_relu, bn_eval_relu), in
- *     float32 before the one rounding: the ResNet block tail for the traffic of BN alone.
+ *     float32 before the one rounding, and relu(BN(x))'s backward may test the forward's
+ *     (x - mean) * scale + shift > 0 again in both of its passes (bn_train_backward_relu): the
+ *     ResNet block tail for the traffic of BN alone.
  *
  * Memory traffic: training forward reads x twice and writes y once; backward reads x and dy
  * twice and writes dx once. Where a pass's tensors (inputs and output) do not fit in the
