@@ -130,6 +130,24 @@ def test_cpu_act_layer_in_bfloat16(residual, act_calls):
     assert fused.num_batches_tracked == 1
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add-relu"])
+def test_cpu_act_layer_has_a_double_backward(residual, act_calls):
+    """create_graph=True (gradient penalties): the fused layer's gradients can be differentiated
+    again, and both orders agree with the composite's within float32 rounding."""
+    fused, plain = _pair(lambda: bn.BatchNormAct2d(3))
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    r = torch.randn(4, 3, 5, 5, requires_grad=True) if residual else None
+    c = torch.randn(4, 3, 5, 5)  # dy = c + 2y: not 0 where the ReLU cut, so the mask matters
+    results = []
+    for layer, y in ((fused, fused(x, residual=r)), (plain, _composite(plain, x, r))):
+        wrt = [x, layer.weight, layer.bias] + ([r] if residual else [])
+        grads = torch.autograd.grad((y * c + y.pow(2)).sum(), wrt, create_graph=True)
+        results.append((*grads, *torch.autograd.grad(sum(g.pow(2).sum() for g in grads), wrt)))
+    assert act_calls[:1] == ["train_forward_relu"]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
 def test_cpu_act_layer_keeps_its_state_on_a_nonfinite_batch():
     fused, _ = _pair(lambda: bn.BatchNormAct2d(3))
     before = {k: v.clone() for k, v in fused.state_dict().items()}

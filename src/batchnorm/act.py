@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .functional import (
+    _backward_differentiable,
     _check_training,
     _compiling_kernel,
     _pick_path,
     _update_running_stats,
+    _view,
     _wants_grad,
     _warn_not_finite,
 )
@@ -71,7 +72,9 @@ class _CpuAct(torch.autograd.Function):
     recomputed from x and the saved (scale, shift) in both of its passes (no mask or output
     stored; BN's passes alone, where the composite adds three for the ReLU's backward). With
     a residual: g = dy where y > 0 (torch's ReLU backward, from the saved output), the
-    residual's gradient, then BN's backward with g.
+    residual's gradient, then BN's backward with g. With create_graph=True the backward is
+    built from differentiable ops instead (as `_BatchNormTrain`'s), so that it can be
+    differentiated again.
     Returns y; the batch's (mean, var, updated) are appended to `status`.
     """
 
@@ -81,15 +84,24 @@ class _CpuAct(torch.autograd.Function):
             x, residual, weight, bias, eps, axis, running_mean, running_var, momentum
         )
         ctx.save_for_backward(x, weight, mean, invstd, gate if residual is None else y)
-        ctx.axis, ctx.bias_dtype, ctx.has_residual = axis, None if bias is None else bias.dtype, residual is not None
+        ctx.axis, ctx.eps, ctx.bias_dtype = axis, eps, None if bias is None else bias.dtype
+        ctx.has_residual = residual is not None
         status += (mean, var, updated)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, invstd, gate_or_y = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():  # gradients of gradients wanted: g = dy * mask, then BN's backward
+            if ctx.has_residual:
+                passed = gate_or_y > 0
+            else:  # the forward's ReLU test from torch ops (two roundings: it may differ where y ~ 0)
+                scale, shift = (_view(v, x.dim(), ctx.axis) for v in gate_or_y)
+                passed = torch.addcmul(shift, x.float() - _view(mean, x.dim(), ctx.axis), scale) > 0
+            g = dy * passed
+            dx, dw, db = _backward_differentiable(ctx, x, weight, g)
+            return dx, dw, db, g if need_r else None, None, None, None, None, None, None
         g = None  # the residual's gradient (of x's dtype, as the residual is: `_fused_path`)
         if ctx.has_residual:
             g = torch.ops.aten.threshold_backward(dy, gate_or_y, 0)
