@@ -148,7 +148,7 @@ def test_cpu_act_layer_has_a_double_backward(residual, act_calls):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
-def test_cpu_act_layer_keeps_its_state_on_a_nonfinite_batch():
+def test_cpu_act_layer_keeps_its_state_on_a_nonfinite_batch(act_calls):
     fused, _ = _pair(lambda: bn.BatchNormAct2d(3))
     before = {k: v.clone() for k, v in fused.state_dict().items()}
     x = torch.randn(4, 3, 5, 5)
@@ -160,7 +160,23 @@ def test_cpu_act_layer_keeps_its_state_on_a_nonfinite_batch():
     fused.momentum = None  # the cumulative average counts the batches it took
     fused(torch.randn(4, 3, 5, 5))
     fused(torch.randn(4, 3, 5, 5))
-    assert fused.num_batches_tracked == 2
+    assert fused.num_batches_tracked == 2 and act_calls == ["train_forward_relu"] * 3
+
+
+def test_small_inputs_take_the_composite_under_auto(act_calls, monkeypatch):
+    """Below act.FUSED_MIN_ELEMS elements the composite (fixed costs decide there), from it the
+    fused passes; with the "cpu" backend forced, the fused passes at any size."""
+    monkeypatch.setattr(bn.act, "FUSED_MIN_ELEMS", 1 << 18)
+    fused, plain = _pair(lambda: bn.BatchNormAct2d(4))
+    for shape, want in (((4, 4, 8, 8), []), ((64, 4, 32, 32), ["train_forward_relu"])):
+        x, r = torch.randn(shape), torch.randn(shape)
+        act_calls.clear()
+        torch.testing.assert_close(fused(x, residual=r), _composite(plain, x, r))
+        assert act_calls == want
+    act_calls.clear()
+    with bn.functional.use_backend("cpu"):
+        fused(torch.randn(4, 4, 8, 8))
+    assert act_calls == ["train_forward_relu"]
 
 
 def test_cpu_act_layer_gives_way_where_it_must(act_calls):
