@@ -164,9 +164,11 @@ def test_cpu_act_layer_keeps_its_state_on_a_nonfinite_batch(act_calls):
 
 
 def test_small_inputs_take_the_composite_under_auto(act_calls, monkeypatch):
-    """Below act.FUSED_MIN_ELEMS elements the composite (fixed costs decide there), from it the
-    fused passes; with the "cpu" backend forced, the fused passes at any size."""
-    monkeypatch.setattr(bn.act, "FUSED_MIN_ELEMS", 1 << 18)
+    """Below act.FUSED_MIN_ELEMS_CTYPES elements (without the C++ entry points) the composite
+    (fixed costs decide there), from it the fused passes; with the "cpu" backend forced, the
+    fused passes at any size."""
+    monkeypatch.setattr(bn.act, "FUSED_MIN_ELEMS_CTYPES", 1 << 18)  # (act_calls: the Python path)
+    monkeypatch.setattr(bn.act.cpu, "extension", lambda: None)
     fused, plain = _pair(lambda: bn.BatchNormAct2d(4))
     for shape, want in (((4, 4, 8, 8), []), ((64, 4, 32, 32), ["train_forward_relu"])):
         x, r = torch.randn(shape), torch.randn(shape)

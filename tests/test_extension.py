@@ -414,3 +414,98 @@ def test_cxx_compiler_failure_is_reported_and_the_kernel_still_runs(tmp_path):
     kernel, has_ext, why = proc.stdout.strip().split("|", 2)
     assert (kernel, has_ext) == ("True", "False")
     assert why.startswith("compiling the C++ entry points failed")
+
+
+# --------------------------------------------------------------------------- BN + ReLU (act layers)
+
+ACT_LAYOUTS = [p for p in LAYOUTS if p.id in ("nchw", "nhwc", "2d", "nlc-axis-1", "mt-nhwc", "nchw-7x7")]
+
+
+def _act_pair(C, axis, dtype):
+    """Two BatchNormActNd layers of the same state: one runs the C++ entry points, the other the
+    Python path (act._ext_call patched away for it)."""
+    torch.manual_seed(0)
+    a = bn.BatchNormActNd(C, axis=axis)
+    with torch.no_grad():
+        a.weight.uniform_(0.5, 1.5)
+        a.bias.uniform_(-0.5, 0.5)
+    return a, copy.deepcopy(a)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add-relu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make_x,axis", ACT_LAYOUTS)
+def test_act_layer_cxx_path_same_bits_as_the_python_path(make_x, axis, dtype, residual, monkeypatch):
+    """act_train_step (the TrainRelu node) and act_eval against act.py's _CpuAct and
+    cpu.eval_forward: outputs, the gradients of x, weight, bias and residual, the buffers, over
+    two training steps then eval under no_grad, bitwise; the C++ path is the one taken."""
+    from batchnorm import act
+
+    monkeypatch.setattr(act, "FUSED_MIN_ELEMS", 0)
+    monkeypatch.setattr(act, "FUSED_MIN_ELEMS_CTYPES", 0)
+    ext_call, calls = act._ext_call, []
+
+    def spy(e, name, *args):
+        out = ext_call(e, name, *args)
+        calls.append((name, out is not None))
+        return out
+
+    x0 = make_x(dtype)
+    cxx, python = _act_pair(x0.shape[axis], axis, torch.float32)
+    for step in range(3):
+        x = make_x(dtype) if step else x0
+        r = torch.randn_like(x, dtype=torch.float32).to(dtype) if residual else None
+        g = torch.randn_like(x, dtype=torch.float32).to(dtype)
+        results = []
+        for layer, call in ((cxx, spy), (python, lambda *a: None)):
+            monkeypatch.setattr(act, "_ext_call", call)
+            layer.train(step < 2)
+            if step == 2:
+                with torch.no_grad():
+                    results.append((layer(x, residual=r),))
+                continue
+            xa = x.clone().requires_grad_()
+            ra = r.clone().requires_grad_() if residual else None
+            y = layer(xa, residual=ra)
+            wrt = [xa, layer.weight, layer.bias] + ([ra] if residual else [])
+            results.append((y.detach(), *torch.autograd.grad(y, wrt, g)))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(cxx, name), getattr(python, name)), name
+    assert calls == [("act_train_step", True)] * 2 + [("act_eval", True)]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add-relu"])
+def test_act_node_double_backward_matches_the_python_path(residual, monkeypatch):
+    from batchnorm import act
+
+    monkeypatch.setattr(act, "FUSED_MIN_ELEMS", 0)
+    cxx, python = _act_pair(3, 1, torch.float32)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    r = torch.randn(4, 3, 5, 5, requires_grad=True) if residual else None
+    c = torch.randn(4, 3, 5, 5)
+    results = []
+    for layer, call in ((cxx, act._ext_call), (python, lambda *a: None)):
+        monkeypatch.setattr(act, "_ext_call", call)
+        y = layer(x, residual=r)
+        assert type(y.grad_fn).__name__ == ("CppFunction" if layer is cxx else "_CpuActBackward")
+        wrt = [x, layer.weight, layer.bias] + ([r] if residual else [])
+        grads = torch.autograd.grad((y * c + y.pow(2)).sum(), wrt, create_graph=True)
+        results.append((*grads, *torch.autograd.grad(sum(g.pow(2).sum() for g in grads), wrt)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_act_entries_decline_what_the_python_path_must_take():
+    """A residual of another layout or dtype, bfloat16 running statistics, a gradient wanted in
+    eval, one value per channel: None (the Python path copies, updates, raises)."""
+    x = torch.randn(4, 3, 5, 5).contiguous(memory_format=CL)
+    rm, rv, w, b = torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3)
+    assert ext.act_train_step(x, torch.randn(4, 3, 5, 5), w, b, rm, rv, EPS, 0.1, 1) is None
+    assert ext.act_train_step(x, x.double(), w, b, rm, rv, EPS, 0.1, 1) is None
+    assert ext.act_train_step(x, None, w, b, rm.bfloat16(), rv.bfloat16(), EPS, 0.1, 1) is None
+    assert ext.act_train_step(x[:1, :, :1, :1], None, w, b, rm, rv, EPS, 0.1, 1) is None
+    assert ext.act_eval(x, torch.randn(4, 3, 5, 5), rm, rv, w, b, EPS, 1) is None
+    assert ext.act_eval(x, None, rm, rv, w.requires_grad_(), b, EPS, 1) is None
+    assert ext.act_train_step(x, x.clone(), w, b, rm, rv, EPS, 0.1, 1) is not None

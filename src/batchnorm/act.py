@@ -38,11 +38,14 @@ from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _check_nu
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "BatchNormActNd"]
 
 # Under the "auto" backend, eager CPU calls below this many elements take the composite: there a
-# call costs mostly fixed overhead, and the fused path's (an autograd Function in Python, ctypes)
-# is 20-25 us above the composite's (our layer's C++ entry point, then two torch ops). Training
-# fwd+bwd on 2 cores, fused / composite: 65536 elements 90 / 68 us, 131072 111 / 94 us, 262144
-# 162 / 330 us, 524288 268 / 611 us (NCHW without a residual; 2-D and with a residual alike).
-FUSED_MIN_ELEMS = 1 << 18
+# call costs mostly fixed overhead. With the C++ entry points (`_bn_cpu_ext.act_train_step`,
+# `act_eval`) the fused training step is never slower (2 cores, fused / composite, NCHW: 8192
+# elements 41 / 41 us, 65536 58 / 66 us, 262144 129 / 360 us), but eval below 2**16 elements
+# loses 2-4 us to the layer's Python checks (8192: 11 / 7 us). Without them (ctypes, an autograd
+# Function in Python) the fused step costs 20-25 us more than the composite below 2**18
+# elements (65536: 90 / 68 us, 131072: 111 / 94 us, 262144: 162 / 330 us).
+FUSED_MIN_ELEMS = 1 << 16
+FUSED_MIN_ELEMS_CTYPES = 1 << 18
 
 
 class _FusedAct(torch.autograd.Function):
@@ -121,6 +124,16 @@ class _CpuAct(torch.autograd.Function):
         return dx, dw, db, g if need_r else None, None, None, None, None, None, None
 
 
+def _ext_call(ext, name: str, *args):
+    """ext.name(*args), or None where the C++ entry points are not there or decline the call."""
+    if ext is None:
+        return None
+    try:
+        return getattr(ext, name)(*args)
+    except TypeError:  # an argument of another type (pybind11's message): the Python path takes it
+        return None
+
+
 class _ActMixin:
     """forward(x, residual=None, mask=None) = relu(BN(x) + residual)."""
 
@@ -143,8 +156,12 @@ class _ActMixin:
         """The layer on a fused path, or None where the kernel's operators decline it in a graph."""
         axis = self.axis % input.dim()
         rm, rv, w, b = self.running_mean, self.running_var, self.weight, self.bias
+        ext = cpu.extension() if path.startswith("cpu") else None  # the C++ entry points, where they take the call
         if path == "cpu-eval":
-            return cpu.eval_forward(input, rm, rv, w, b, self.eps, axis, relu=True, residual=residual)
+            y = _ext_call(ext, "act_eval", input, residual, rm, rv, w, b, self.eps, axis)
+            if y is None:
+                y = cpu.eval_forward(input, rm, rv, w, b, self.eps, axis, relu=True, residual=residual)
+            return y
         if path == "graph-eval":
             ops = _cpu_ops.operands(input, axis, rm, rv, w, b)
             return None if ops is None else torch.ops.batchnorm.cpu_relu_eval(input, residual, *ops, self.eps, axis)
@@ -169,9 +186,13 @@ class _ActMixin:
             self.num_batches_tracked.add_(counted.to(self.num_batches_tracked.dtype))
             return y
         _check_training(input, axis, factor, self.eps)
-        status: list = []
-        y = _CpuAct.apply(input, w, b, residual, self.eps, axis, rm, rv, factor, status)
-        mean, var, updated = status
+        step = _ext_call(ext, "act_train_step", input, residual, w, b, rm, rv, self.eps, factor, axis)
+        if step is not None:  # (y, 1: updated, 0: a non-finite batch, nothing written)
+            y, updated = step[0], step[1] == 1
+        else:
+            status: list = []
+            y = _CpuAct.apply(input, w, b, residual, self.eps, axis, rm, rv, factor, status)
+            mean, var, updated = status
         if updated is None:  # buffers the kernel does not update itself (another dtype)
             m = input.numel() // input.shape[axis]
             updated = _update_running_stats(rm, rv, mean, var * (m / (m - 1)), factor)
@@ -225,7 +246,8 @@ class _ActMixin:
 
     @staticmethod
     def _big_enough(input: Tensor) -> bool:
-        return get_backend() != "auto" or input.numel() >= FUSED_MIN_ELEMS
+        least = FUSED_MIN_ELEMS if cpu.extension() is not None else FUSED_MIN_ELEMS_CTYPES
+        return get_backend() != "auto" or input.numel() >= least
 
 
 class BatchNormAct1d(_ActMixin, BatchNorm1d):

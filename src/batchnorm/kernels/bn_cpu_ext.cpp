@@ -23,6 +23,7 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/threshold_backward.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -40,6 +41,15 @@ int bn_train_backward(int dt, const void *dy, const void *x, void *dx, int64_t A
                       const float *mean, const float *invstd, float *s1_out, float *s2_out, int nthreads);
 int bn_eval(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, const float *mean, const float *var,
             const float *w, const float *b, double eps, int nthreads);
+int bn_train_forward_relu(int dt, const void *x, const void *res, void *y, int64_t A, int64_t C, int64_t B,
+                          const float *w, const float *b, double eps, float *mean_out, float *var_out,
+                          float *invstd_out, float *running_mean, float *running_var, double momentum,
+                          float *scale_shift, int nthreads);
+int bn_train_backward_relu(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B,
+                           const float *w, const float *mean, const float *invstd, const float *scale,
+                           const float *shift, float *s1_out, float *s2_out, int nthreads);
+int bn_eval_relu(int dt, const void *x, const void *res, void *y, int64_t A, int64_t C, int64_t B, const float *mean,
+                 const float *var, const float *w, const float *b, double eps, int nthreads);
 }
 
 namespace {
@@ -192,18 +202,31 @@ std::optional<TrainArgs> train_args(const at::Tensor &x, const Opt &weight, cons
     return a;
 }
 
-/* The kernel's training forward into a new y; mean, var, invstd: float32 (C,) outputs.
- * Returns `updated`: 1 if the running statistics were updated in the same call, 0 if the batch
- * was not finite (nothing written), -1 if none were given. Releases the GIL (callers hold it). */
+/* What the BN + ReLU forward adds: the residual (its data in x's layout, or null) and where the
+ * apply pass's scale and shift go (2 * C floats, for the gated backward). */
+struct Relu {
+    const void *residual;
+    float *scale_shift;
+};
+
+/* The kernel's training forward into a new y; mean, var, invstd: float32 (C,) outputs; with
+ * relu, y = relu(BN(x) + residual) (bn_train_forward_relu). Returns `updated`: 1 if the running
+ * statistics were updated in the same call, 0 if the batch was not finite (nothing written), -1
+ * if none were given. Releases the GIL (callers hold it). */
 int forward_kernel(const at::Tensor &x, const TrainArgs &a, double eps, double momentum, at::Tensor &y, float *mean,
-                   float *var, float *invstd) {
+                   float *var, float *invstd, const Relu *relu = nullptr) {
     y = output_like(x);
     const int dt = dtype_code(x), threads = at::get_num_threads();
     int rc;
     {
         py::gil_scoped_release unlocked;
-        rc = bn_train_forward(dt, x.const_data_ptr(), y.mutable_data_ptr(), a.acb.A, a.acb.C, a.acb.B, a.w, a.b, eps,
-                              mean, var, invstd, a.running_mean, a.running_var, momentum, threads);
+        if (relu)
+            rc = bn_train_forward_relu(dt, x.const_data_ptr(), relu->residual, y.mutable_data_ptr(), a.acb.A, a.acb.C,
+                                       a.acb.B, a.w, a.b, eps, mean, var, invstd, a.running_mean, a.running_var,
+                                       momentum, relu->scale_shift, threads);
+        else
+            rc = bn_train_forward(dt, x.const_data_ptr(), y.mutable_data_ptr(), a.acb.A, a.acb.C, a.acb.B, a.w, a.b,
+                                  eps, mean, var, invstd, a.running_mean, a.running_var, momentum, threads);
     }
     check_rc(rc);
     if (!a.running_mean) return -1;
@@ -373,6 +396,137 @@ py::object train_step(const at::Tensor &x, const Opt &weight, const Opt &bias, c
     return py::make_tuple(y, updated);
 }
 
+/* ---------------------------------------------------------------- BN + ReLU (act.py's layers) */
+
+/* A residual the kernel reads as it is beside x: absent, or a plain CPU tensor of x's dtype,
+ * shape and memory order. */
+bool residual_ok(const Opt &residual, const at::Tensor &x) {
+    return !residual.has_value() || (plain_cpu(*residual) && same_layout(*residual, x));
+}
+
+/* Eval-mode relu(BN(x) + residual) in one pass (bn_eval_relu); None as `eval`, or for a residual
+ * that fails `residual_ok`. */
+py::object act_eval(const at::Tensor &x, const Opt &residual, const Opt &mean, const Opt &var, const Opt &weight,
+                    const Opt &bias, double eps, int64_t axis) {
+    auto acb = kernel_layout(x, axis);
+    if (!acb || !mean || !var || !residual_ok(residual, x)) return py::none();
+    const int64_t C = acb->C;
+    if (!is_vector(*mean, C) || !is_vector(*var, C)) return py::none();
+    const float *w, *b;
+    if (!optional_vector(weight, C, &w) || !optional_vector(bias, C, &b)) return py::none();
+    const at::Tensor *r = residual ? &*residual : nullptr;
+    if (wants_grad({&x, r, &*mean, &*var, weight ? &*weight : nullptr, bias ? &*bias : nullptr})) return py::none();
+    at::Tensor y = output_like(x);
+    const int dt = dtype_code(x), threads = at::get_num_threads();
+    int rc;
+    {
+        py::gil_scoped_release unlocked;
+        rc = bn_eval_relu(dt, x.const_data_ptr(), r ? r->const_data_ptr() : nullptr, y.mutable_data_ptr(), acb->A, C,
+                          acb->B, mean->const_data_ptr<float>(), var->const_data_ptr<float>(), w, b, eps, threads);
+    }
+    check_rc(rc);
+    return py::cast(y);
+}
+
+/* Training relu(BN(x) + residual) as one autograd node, act.py's _CpuAct in C++: the fused
+ * forward; backward without a residual BN's backward with dy gated by the forward's ReLU test
+ * recomputed from x (bn_train_backward_relu), with one g = dy where y > 0 (the residual's
+ * gradient) and BN's backward of g; with create_graph=True g = dy * mask and Train's
+ * differentiable backward. */
+struct TrainRelu : public torch::autograd::Function<TrainRelu> {
+    static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const Opt &residual, const Opt &weight,
+                              const Opt &bias, const TrainArgs &args, int64_t axis, double eps, double momentum,
+                              int *updated) {
+        const int64_t C = args.acb.C;
+        at::Tensor y, mean = float_vector(C), var = float_vector(C), invstd = float_vector(C);
+        at::Tensor gate = at::empty({2, C}, at::TensorOptions().dtype(at::kFloat));
+        const Relu relu{residual ? residual->const_data_ptr() : nullptr, gate.mutable_data_ptr<float>()};
+        *updated = forward_kernel(x, args, eps, momentum, y, mean.mutable_data_ptr<float>(),
+                                  var.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>(), &relu);
+        ctx->save_for_backward({x, weight ? *weight : at::Tensor(), mean, invstd, residual ? y : gate});
+        ctx->saved_data["A"] = args.acb.A;
+        ctx->saved_data["B"] = args.acb.B;
+        ctx->saved_data["axis"] = axis;
+        ctx->saved_data["eps"] = eps;
+        ctx->saved_data["has_residual"] = residual.has_value();
+        ctx->saved_data["has_bias"] = bias.has_value();
+        return y;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
+        const at::Tensor &gate_or_y = saved[4], &dy = grads[0];
+        const bool has_residual = ctx->saved_data["has_residual"].toBool();
+        const bool has_bias = ctx->saved_data["has_bias"].toBool();
+        // needs_input_grad counts the tensor arguments given: x, then residual, weight, bias if not None
+        int64_t i = 1;
+        const bool need_r = has_residual && ctx->needs_input_grad(i++);
+        const bool need_x = ctx->needs_input_grad(0), need_w = weight.defined() && ctx->needs_input_grad(i);
+        const bool need_b = has_bias && ctx->needs_input_grad(i + (weight.defined() ? 1 : 0));
+        const int64_t nd = x.dim(), axis = ctx->saved_data["axis"].toInt();
+        at::Tensor dx, dw, db, g;
+        if (at::GradMode::is_enabled()) {
+            at::Tensor passed;
+            if (has_residual) {
+                passed = gate_or_y > 0;
+            } else {  // the forward's ReLU test from torch ops (two roundings: it may differ where y ~ 0)
+                const at::Tensor scale = along(gate_or_y[0], nd, axis), shift = along(gate_or_y[1], nd, axis);
+                passed = (x.to(at::kFloat) - along(mean, nd, axis)) * scale + shift > 0;
+            }
+            g = dy * passed;
+            std::tie(dx, dw, db) = Train::differentiable_backward(ctx, x, weight, g);
+        } else {
+            const Layout acb{ctx->saved_data["A"].toInt(), mean.size(0), ctx->saved_data["B"].toInt()};
+            const float *w = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
+            at::Tensor s1, s2;
+            if (has_residual) {
+                g = output_like(x);
+                at::threshold_backward_out(g, dy, gate_or_y, 0);
+                std::tie(dx, s1, s2) = backward_kernel(g, x, acb, w, mean, invstd, need_x);
+            } else {
+                const at::Tensor d = dy.is_cpu() && same_layout(dy, x) ? dy : output_like(x).copy_(dy);
+                dx = need_x ? output_like(x) : at::Tensor();
+                s1 = float_vector(acb.C);
+                s2 = float_vector(acb.C);
+                const float *ss = gate_or_y.const_data_ptr<float>();
+                check_rc(bn_train_backward_relu(dtype_code(x), d.const_data_ptr(), x.const_data_ptr(),
+                                                need_x ? dx.mutable_data_ptr() : nullptr, acb.A, acb.C, acb.B, w,
+                                                mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(), ss,
+                                                ss + acb.C, s1.mutable_data_ptr<float>(),
+                                                s2.mutable_data_ptr<float>(), at::get_num_threads()));
+            }
+            if (need_w) dw = s2 * invstd;
+            if (need_b) db = s1;
+        }
+        // one gradient per forward argument: x, residual, weight, bias, then the non-tensor arguments
+        return {need_x ? dx : at::Tensor(), need_r ? g : at::Tensor(), need_w ? dw : at::Tensor(),
+                need_b ? db : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+};
+
+/* act.py's training step in C++: (y, updated), y = relu(BN(x) + residual), updated as for
+ * `train`. With autograd (a gradient is wanted) y comes from the `TrainRelu` node, else from the
+ * kernel alone. None where `train_args` or `residual_ok` declines. */
+py::object act_train_step(const at::Tensor &x, const Opt &residual, const Opt &weight, const Opt &bias,
+                          const Opt &running_mean, const Opt &running_var, double eps, double momentum, int64_t axis) {
+    auto a = train_args(x, weight, bias, running_mean, running_var, eps, momentum, axis);
+    if (!a || !residual_ok(residual, x)) return py::none();
+    int updated;
+    at::Tensor y;
+    const at::Tensor *r = residual ? &*residual : nullptr;
+    if (wants_grad({&x, r, weight ? &*weight : nullptr, bias ? &*bias : nullptr})) {
+        y = TrainRelu::apply(x, residual, weight, bias, *a, axis < 0 ? axis + x.dim() : axis, eps, momentum,
+                             &updated);
+    } else {
+        std::vector<float> scratch(5 * a->acb.C);  // mean, var, invstd, scale, shift: nobody reads them
+        float *p = scratch.data();
+        const Relu relu{r ? r->const_data_ptr() : nullptr, p + 3 * a->acb.C};
+        updated = forward_kernel(x, *a, eps, momentum, y, p, p + a->acb.C, p + 2 * a->acb.C, &relu);
+    }
+    return py::make_tuple(y, updated);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_bn_cpu_ext, m) {
@@ -382,4 +536,6 @@ PYBIND11_MODULE(_bn_cpu_ext, m) {
     m.def("train", &train);
     m.def("backward", &backward);
     m.def("train_step", &train_step);
+    m.def("act_eval", &act_eval);
+    m.def("act_train_step", &act_train_step);
 }
