@@ -1,7 +1,8 @@
 /* The CPU kernel's entry points as one C++ call each: checks, output allocation and the kernel
  * call of `cpu.py`'s eval_forward / train_forward_update / train_backward, without Python
  * (`eval`, `train`, `backward`), and functional.batch_norm's whole training call (`train_step`),
- * with autograd as one C++ autograd node (`Train`).
+ * with autograd as one C++ autograd node (`Train`); the same for act.py's BN + ReLU layers
+ * (`act_train_step` with the node `TrainRelu`, `act_eval`).
  *
  * Why: a batch-norm call's fixed cost is mostly its Python layers and the ctypes call (argument
  * conversion), and when a convolution has just streamed megabytes through the caches, those

@@ -415,7 +415,8 @@ def extension() -> ModuleType | None:
 
     `eval`, `train` and `backward` take tensors and do in one C++ call what `eval_forward`,
     `train_forward_update` and `train_backward` do in Python around a ctypes call;
-    `train_step` is functional's whole training call (with autograd, one C++ autograd node).
+    `train_step` is functional's whole training call (with autograd, one C++ autograd node);
+    `act_train_step` and `act_eval` are the BN + ReLU layers' (act.py) fused calls.
     Each returns None for a call it does not take (then the Python path runs). Built on first use, like the
     kernel, against the installed torch's headers and libraries, with $CXX (default `c++`, else
     `g++`): about 15 s on 2 cores, once per machine, torch version and source version.
