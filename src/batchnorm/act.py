@@ -7,8 +7,10 @@ statistics and the backward recomputes the ReLU mask from x and the saved
 statistics instead of storing it (`kernels.triton_bn.train_forward_act`).
 On the CPU kernel the add and the ReLU ride in BN's apply pass, in training
 and in inference, and without a residual the ReLU's backward rides in BN's
-backward passes (`_CpuAct`, `kernels.cpu.eval_forward(relu=True)`); in graphs
-that torch.compile or torch.export record, through the kernel's operators
+backward passes: one C++ call each (the entry points `act_train_step`, with
+its autograd node, and `act_eval` of `kernels/bn_cpu_ext.cpp`), or `_CpuAct`
+and `kernels.cpu.eval_forward(relu=True)` where those cannot be built; in
+graphs that torch.compile or torch.export record, the kernel's operators
 (`kernels.cpu_ops.cpu_relu_train` and its kin).
 Everywhere else, and with masks, ghost batches, renorm or SyncBN, it is the
 composite relu(BN(x) + residual) with the same numbers. PyTorch eager has no
