@@ -509,3 +509,78 @@ def test_act_entries_decline_what_the_python_path_must_take():
     assert ext.act_eval(x, torch.randn(4, 3, 5, 5), rm, rv, w, b, EPS, 1) is None
     assert ext.act_eval(x, None, rm, rv, w.requires_grad_(), b, EPS, 1) is None
     assert ext.act_train_step(x, x.clone(), w, b, rm, rv, EPS, 0.1, 1) is not None
+
+
+# --------------------------------------------------------------------------- ghost batches
+
+GHOST_CASES = [  # (shape, memory format, k): even and ragged ghost batches, planes and rows
+    pytest.param((16, 3, 5, 5), None, 4, id="nchw"),
+    pytest.param((12, 3, 5, 5), CL, 5, id="nhwc-ragged"),
+    pytest.param((64, 40), None, 16, id="2d"),
+    pytest.param((34, 7), None, 8, id="2d-ragged"),  # a last ghost batch of 2
+    pytest.param((8, 6, 9), None, 8, id="one-ghost-batch"),
+]
+
+
+@pytest.mark.parametrize("track", [True, False], ids=["running", "no-running"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,fmt,k", GHOST_CASES)
+def test_ghost_batches_cxx_path_same_bits_as_the_python_path(shape, fmt, k, dtype, track, ctypes_path):
+    """functional.batch_norm with virtual_batch_size: ghost_train_step (the GhostTrain node) against
+    _GhostTrain on the ctypes path, two steps: y, dx, dweight, dbias, running statistics, bitwise;
+    and under no_grad (the kernel alone)."""
+    C = shape[1]
+    w0, b0 = torch.rand(C) + 0.5, torch.randn(C)
+    results = []
+    for run in (lambda f: f(), ctypes_path):
+        rm, rv = (torch.zeros(C), torch.ones(C)) if track else (None, None)
+        out = []
+        for step in range(2):
+            torch.manual_seed(step)
+            x = make(shape, fmt, dtype).requires_grad_()
+            w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+            g = torch.randn(shape).to(dtype)
+
+            def train(x=x, w=w, b=b, g=g, rm=rm, rv=rv):
+                with F.use_backend("cpu"):
+                    y = F.batch_norm(x, rm, rv, w, b, training=True, virtual_batch_size=k)
+                    with torch.no_grad():
+                        y_ng = F.batch_norm(x, None, None, w, b, training=True, virtual_batch_size=k)
+                return y, y_ng, *torch.autograd.grad(y, (x, w, b), g)
+
+            out.append(run(train))
+        results.append((out, rm, rv))
+    (out1, rm1, rv1), (out2, rm2, rv2) = results
+    assert type(out1[0][0].grad_fn).__name__ == "CppFunction" and type(out2[0][0].grad_fn).__name__ != "CppFunction"
+    for step1, step2 in zip(out1, out2):
+        for a, e in zip(step1, step2):
+            bitwise(a.detach(), e.detach())
+    if track:
+        bitwise(rm1, rm2)
+        bitwise(rv1, rv2)
+
+
+def test_ghost_batches_cxx_path_keeps_the_statistics_of_a_nonfinite_batch_and_refuses_double_backward():
+    layer = bn.BatchNorm2d(3, virtual_batch_size=4)
+    x = torch.randn(8, 3, 4, 4)
+    x[5, 1, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        layer(x)
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and layer.num_batches_tracked == 0
+    x = torch.randn(8, 3, 4, 4, requires_grad=True)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "CppFunction"
+    with pytest.raises(RuntimeError, match="double backward"):  # as the Python path: at create_graph=True
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+
+
+def test_ghost_train_step_declines_what_the_python_path_must_take():
+    """A ghost batch of one value per channel (ValueError there), the channels on axis 0, axis 0
+    not outermost in memory (the general path): None."""
+    C = 3
+    args = (torch.ones(C), torch.zeros(C), torch.zeros(C), torch.ones(C), EPS, 0.1)
+    assert ext.ghost_train_step(torch.randn(9, C), *args, 1, 4) is None  # last ghost batch: 1 sample
+    assert ext.ghost_train_step(torch.randn(C, 8), *args, 0, 4) is None
+    assert ext.ghost_train_step(torch.randn(C, 8).t(), *args, 1, 4) is None  # axis 0 not outermost
+    assert ext.ghost_train_step(torch.randn(8, C), *args, 1, 0) is None
+    assert ext.ghost_train_step(torch.randn(8, C), *args, 1, 4) is not None

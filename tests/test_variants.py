@@ -198,7 +198,21 @@ def _spy(monkeypatch, module, name: str) -> list[int]:
 
 
 def _spy_ghost_kernel(monkeypatch) -> list[int]:
-    return _spy(monkeypatch, cpu_kernel, "ghost_forward")
+    """Counts the ghost batches' kernel calls: the C++ entry point's (where it takes the call) or
+    cpu.ghost_forward's."""
+    calls = _spy(monkeypatch, cpu_kernel, "ghost_forward")
+    ext = cpu_kernel.extension()
+    if ext is not None:
+        step = ext.ghost_train_step
+
+        def counted(*args):
+            out = step(*args)
+            if out is not None:
+                calls.append(1)
+            return out
+
+        monkeypatch.setattr(ext, "ghost_train_step", counted)
+    return calls
 
 
 def _per_chunk_oracle(layer, x, dy, k):

@@ -166,8 +166,12 @@ def batch_norm_with_status(
                 y = ext.eval(input, running_mean, running_var, weight, bias, eps, axis)
                 if y is not None:
                     return y, True
-            elif virtual_batch_size is None and renorm is None and process_group is None:
-                r = ext.train_step(input, weight, bias, running_mean, running_var, eps, momentum, axis)
+            elif renorm is None and process_group is None:  # plain BN, or ghost batches alone
+                if virtual_batch_size is None:
+                    r = ext.train_step(input, weight, bias, running_mean, running_var, eps, momentum, axis)
+                else:
+                    k = virtual_batch_size
+                    r = ext.ghost_train_step(input, weight, bias, running_mean, running_var, eps, momentum, axis, k)
                 if r is not None:
                     if r[1] == 0:
                         _warn_not_finite(stacklevel=3)

@@ -51,6 +51,14 @@ int bn_train_backward_relu(int dt, const void *dy, const void *x, void *dx, int6
                            const float *shift, float *s1_out, float *s2_out, int nthreads);
 int bn_eval_relu(int dt, const void *x, const void *res, void *y, int64_t A, int64_t C, int64_t B, const float *mean,
                  const float *var, const float *w, const float *b, double eps, int nthreads);
+int bn_ghost_forward(int dt, const void *x, void *y, int64_t A, int64_t C, int64_t B, int64_t Ag, const float *w,
+                     const float *b, double eps, float *mean_out, float *var_out, float *invstd_out,
+                     double *total_mean, double *total_m2, int nthreads);
+int bn_ghost_backward(int dt, const void *dy, const void *x, void *dx, int64_t A, int64_t C, int64_t B, int64_t Ag,
+                      const float *w, const float *mean, const float *invstd, float *s1_out, float *s2_out,
+                      int nthreads);
+int bn_update_running_unbiased(int f64, int64_t C, const void *mean, const void *unbiased, float *running_mean,
+                               float *running_var, double momentum);
 }
 
 namespace {
@@ -528,6 +536,120 @@ py::object act_train_step(const at::Tensor &x, const Opt &residual, const Opt &w
     return py::make_tuple(y, updated);
 }
 
+/* ---------------------------------------------------------------- ghost batches */
+
+/* Ghost batches of k samples along axis 0, as _kernel_variants.ghost_applies and ghost_train
+ * take them: axis 0 outermost in memory (each ghost batch a dense block of `rows` rows of the
+ * (A, C, B) view), the channels elsewhere, and more than one value per channel in every ghost
+ * batch (else the Python path raises). */
+struct GhostShape {
+    int64_t rows, G;
+};
+
+std::optional<GhostShape> ghost_shape(const at::Tensor &x, const Layout &acb, int64_t axis, int64_t k) {
+    const int64_t nd = x.dim(), N = x.size(0);
+    axis = axis < 0 ? axis + nd : axis;
+    if (axis == 0 || k < 1 || !(N == 1 || x.stride(0) * N == x.numel())) return std::nullopt;
+    const int64_t per = x.numel() / (N * x.size(axis)), G = (N + k - 1) / k;
+    if ((N - (G - 1) * k) * per < 2) return std::nullopt;
+    return GhostShape{k * (acb.A / N), G};
+}
+
+/* Training BN over ghost batches as one autograd node: the kernel's forward of every ghost batch
+ * in one call (each with its own statistics) and its backward; dweight and dbias add up over the
+ * ghost batches. No double backward, as the Python path (`_GhostTrain`). */
+struct GhostTrain : public torch::autograd::Function<GhostTrain> {
+    static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const Opt &weight, const Opt &bias,
+                              const TrainArgs &args, GhostShape ghost, double eps, double *total_mean,
+                              double *total_m2) {
+        at::Tensor y, mean, invstd;
+        ghost_kernel(x, args, ghost, eps, y, mean, invstd, total_mean, total_m2);
+        ctx->save_for_backward({x, weight ? *weight : at::Tensor(), mean, invstd});
+        ctx->saved_data["A"] = args.acb.A;
+        ctx->saved_data["B"] = args.acb.B;
+        ctx->saved_data["rows"] = ghost.rows;
+        ctx->saved_data["has_bias"] = bias.has_value();
+        return y;
+    }
+
+    /* y, and mean, invstd (G, C) into new tensors; the whole batch's float64 mean and M2 into
+     * total_mean, total_m2. Releases the GIL (callers hold it). */
+    static void ghost_kernel(const at::Tensor &x, const TrainArgs &a, GhostShape ghost, double eps, at::Tensor &y,
+                             at::Tensor &mean, at::Tensor &invstd, double *total_mean, double *total_m2) {
+        const auto options = at::TensorOptions().dtype(at::kFloat);
+        y = output_like(x);
+        mean = at::empty({ghost.G, a.acb.C}, options);
+        invstd = at::empty({ghost.G, a.acb.C}, options);
+        at::Tensor var = at::empty({ghost.G, a.acb.C}, options);
+        const int dt = dtype_code(x), threads = at::get_num_threads();
+        int rc;
+        {
+            py::gil_scoped_release unlocked;
+            rc = bn_ghost_forward(dt, x.const_data_ptr(), y.mutable_data_ptr(), a.acb.A, a.acb.C, a.acb.B, ghost.rows,
+                                  a.w, a.b, eps, mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(),
+                                  invstd.mutable_data_ptr<float>(), total_mean, total_m2, threads);
+        }
+        check_rc(rc);
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        if (at::GradMode::is_enabled())
+            throw std::runtime_error(
+                "double backward (create_graph=True) is supported for plain batch_norm only, not with mask, "
+                "virtual_batch_size, renorm or process_group");
+        const auto saved = ctx->get_saved_variables();
+        const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
+        const at::Tensor &dy = grads[0];
+        const bool has_bias = ctx->saved_data["has_bias"].toBool();
+        const bool need_x = ctx->needs_input_grad(0), need_w = weight.defined() && ctx->needs_input_grad(1);
+        const bool need_b = has_bias && ctx->needs_input_grad(weight.defined() ? 2 : 1);
+        const int64_t A = ctx->saved_data["A"].toInt(), B = ctx->saved_data["B"].toInt(), C = mean.size(1);
+        const at::Tensor g = dy.is_cpu() && same_layout(dy, x) ? dy : output_like(x).copy_(dy);
+        at::Tensor dx = need_x ? output_like(x) : at::Tensor();
+        at::Tensor s1 = at::empty_like(mean), s2 = at::empty_like(mean);
+        check_rc(bn_ghost_backward(dtype_code(x), g.const_data_ptr(), x.const_data_ptr(),
+                                   need_x ? dx.mutable_data_ptr() : nullptr, A, C, B, ctx->saved_data["rows"].toInt(),
+                                   weight.defined() ? weight.const_data_ptr<float>() : nullptr,
+                                   mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(),
+                                   s1.mutable_data_ptr<float>(), s2.mutable_data_ptr<float>(), at::get_num_threads()));
+        // over the ghost batches: dbias = sum(dy), dweight = sum(dy * x_hat), x_hat with each one's invstd
+        return {need_x ? dx : at::Tensor(), need_w ? (s2 * invstd).sum(0) : at::Tensor(),
+                need_b ? s1.sum(0) : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+                at::Tensor()};
+    }
+};
+
+/* functional.batch_norm's training call with virtual_batch_size=k (alone) in C++: (y, updated),
+ * updated as for `train` (the running statistics from the whole batch's mean and unbiased
+ * variance, merged from the ghost batches' moments, as the Python path). With autograd y comes
+ * from the `GhostTrain` node. None where `train_args` or `ghost_shape` declines. */
+py::object ghost_train_step(const at::Tensor &x, const Opt &weight, const Opt &bias, const Opt &running_mean,
+                            const Opt &running_var, double eps, double momentum, int64_t axis, int64_t k) {
+    auto a = train_args(x, weight, bias, running_mean, running_var, eps, momentum, axis);
+    if (!a) return py::none();
+    auto ghost = ghost_shape(x, a->acb, axis, k);
+    if (!ghost) return py::none();
+    const int64_t C = a->acb.C;
+    std::vector<double> totals(2 * C);  // the whole batch's mean and M2, then the unbiased variance
+    at::Tensor y;
+    if (wants_grad({&x, weight ? &*weight : nullptr, bias ? &*bias : nullptr})) {
+        y = GhostTrain::apply(x, weight, bias, *a, *ghost, eps, totals.data(), totals.data() + C);
+    } else {
+        at::Tensor mean, invstd;
+        GhostTrain::ghost_kernel(x, *a, *ghost, eps, y, mean, invstd, totals.data(), totals.data() + C);
+    }
+    if (!a->running_mean) return py::make_tuple(y, -1);
+    const double n = static_cast<double>(x.numel() / C);
+    for (int64_t c = 0; c < C; c++) totals[C + c] /= n - 1;  // M2 -> unbiased variance, as Moments.unbiased_var
+    const int rc = bn_update_running_unbiased(1, C, totals.data(), totals.data() + C, a->running_mean,
+                                              a->running_var, momentum);
+    if (rc == 0) {
+        a->mean_impl->bump_version();
+        a->var_impl->bump_version();
+    }
+    return py::make_tuple(y, rc == 0 ? 1 : 0);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_bn_cpu_ext, m) {
@@ -539,4 +661,5 @@ PYBIND11_MODULE(_bn_cpu_ext, m) {
     m.def("train_step", &train_step);
     m.def("act_eval", &act_eval);
     m.def("act_train_step", &act_train_step);
+    m.def("ghost_train_step", &ghost_train_step);
 }
