@@ -308,6 +308,22 @@ py::object backward(const at::Tensor &dy, const at::Tensor &x, const Opt &weight
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+/* What a BN node's backward reads back: the saved x, weight (undefined if None), mean and invstd,
+ * and which gradients autograd wants. needs_input_grad counts the tensor arguments given: x, then
+ * weight and bias if not None. */
+struct Saved {
+    at::Tensor x, weight, mean, invstd;
+    bool need_x, need_w, need_b;
+};
+
+Saved saved_for_backward(AutogradContext *ctx) {
+    const auto saved = ctx->get_saved_variables();
+    Saved s{saved[0], saved[1], saved[2], saved[3], ctx->needs_input_grad(0), false, false};
+    s.need_w = s.weight.defined() && ctx->needs_input_grad(1);
+    s.need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(s.weight.defined() ? 2 : 1);
+    return s;
+}
+
 /* A (C,) vector shaped to broadcast along `axis` of an nd tensor. */
 at::Tensor along(const at::Tensor &v, int64_t nd, int64_t axis) {
     std::vector<int64_t> shape(nd, 1);
@@ -339,13 +355,8 @@ struct Train : public torch::autograd::Function<Train> {
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        const auto saved = ctx->get_saved_variables();
-        const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
+        const auto [x, weight, mean, invstd, need_x, need_w, need_b] = saved_for_backward(ctx);
         const at::Tensor &dy = grads[0];
-        const bool has_bias = ctx->saved_data["has_bias"].toBool();
-        // needs_input_grad counts the tensor arguments given: x, then weight and bias if not None
-        const bool need_x = ctx->needs_input_grad(0), need_w = weight.defined() && ctx->needs_input_grad(1);
-        const bool need_b = has_bias && ctx->needs_input_grad(weight.defined() ? 2 : 1);
         at::Tensor dx, dw, db;
         if (at::GradMode::is_enabled()) {
             std::tie(dx, dw, db) = differentiable_backward(ctx, x, weight, dy);
@@ -597,12 +608,8 @@ struct GhostTrain : public torch::autograd::Function<GhostTrain> {
             throw std::runtime_error(
                 "double backward (create_graph=True) is supported for plain batch_norm only, not with mask, "
                 "virtual_batch_size, renorm or process_group");
-        const auto saved = ctx->get_saved_variables();
-        const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
+        const auto [x, weight, mean, invstd, need_x, need_w, need_b] = saved_for_backward(ctx);
         const at::Tensor &dy = grads[0];
-        const bool has_bias = ctx->saved_data["has_bias"].toBool();
-        const bool need_x = ctx->needs_input_grad(0), need_w = weight.defined() && ctx->needs_input_grad(1);
-        const bool need_b = has_bias && ctx->needs_input_grad(weight.defined() ? 2 : 1);
         const int64_t A = ctx->saved_data["A"].toInt(), B = ctx->saved_data["B"].toInt(), C = mean.size(1);
         const at::Tensor g = dy.is_cpu() && same_layout(dy, x) ? dy : output_like(x).copy_(dy);
         at::Tensor dx = need_x ? output_like(x) : at::Tensor();
