@@ -156,28 +156,58 @@ void check_rc(int rc) {
     if (rc == 1) throw std::bad_alloc();
 }
 
-/* Eval-mode BN: y = x * scale + shift, scale = w * (var + eps)^-1/2, shift = b - mean * scale.
+/* Whether dy can be read as x is: x's dtype and shape, the same strides on every dim of size > 1
+ * (so the same memory order). */
+bool same_layout(const at::Tensor &dy, const at::Tensor &x) {
+    if (dy.scalar_type() != x.scalar_type() || dy.sizes() != x.sizes()) return false;
+    if (dy.is_contiguous() && x.is_contiguous()) return true;
+    for (int64_t d = 0; d < x.dim(); d++)
+        if (x.size(d) != 1 && dy.stride(d) != x.stride(d)) return false;
+    return true;
+}
+
+/* dy as the kernel reads it beside x: itself, or a copy in x's layout (cpu.in_layout_of). */
+at::Tensor in_layout_of(const at::Tensor &dy, const at::Tensor &x) {
+    return dy.is_cpu() && same_layout(dy, x) ? dy : output_like(x).copy_(dy);
+}
+
+/* A residual the kernel reads as it is beside x: absent, or a plain CPU tensor of x's dtype,
+ * shape and memory order. */
+bool residual_ok(const Opt &residual, const at::Tensor &x) {
+    return !residual.has_value() || (plain_cpu(*residual) && same_layout(*residual, x));
+}
+
+/* Eval-mode BN: y = x * scale + shift, scale = w * (var + eps)^-1/2, shift = b - mean * scale (with
+ * relu: relu(y + residual), bn_eval_relu).
  * None unless: no gradient is wanted, x is a plain float32/bfloat16 CPU tensor of a kernel
  * layout, mean and var are float32 (C,) contiguous, weight and bias the same or None. */
-py::object eval(const at::Tensor &x, const Opt &mean, const Opt &var, const Opt &weight, const Opt &bias, double eps,
-                int64_t axis) {
+py::object eval_pass(const at::Tensor &x, bool relu, const Opt &residual, const Opt &mean, const Opt &var,
+                     const Opt &weight, const Opt &bias, double eps, int64_t axis) {
     auto acb = kernel_layout(x, axis);
-    if (!acb || !mean || !var) return py::none();
+    if (!acb || !mean || !var || !residual_ok(residual, x)) return py::none();
     const int64_t C = acb->C;
     if (!is_vector(*mean, C) || !is_vector(*var, C)) return py::none();
     const float *w, *b;
     if (!optional_vector(weight, C, &w) || !optional_vector(bias, C, &b)) return py::none();
-    if (wants_grad({&x, &*mean, &*var, weight ? &*weight : nullptr, bias ? &*bias : nullptr})) return py::none();
+    const at::Tensor *r = residual ? &*residual : nullptr;
+    if (wants_grad({&x, r, &*mean, &*var, weight ? &*weight : nullptr, bias ? &*bias : nullptr})) return py::none();
     at::Tensor y = output_like(x);
     const int dt = dtype_code(x), threads = at::get_num_threads();
+    const float *mu = mean->const_data_ptr<float>(), *v = var->const_data_ptr<float>();
     int rc;
     {
         py::gil_scoped_release unlocked;
-        rc = bn_eval(dt, x.const_data_ptr(), y.mutable_data_ptr(), acb->A, C, acb->B, mean->const_data_ptr<float>(),
-                     var->const_data_ptr<float>(), w, b, eps, threads);
+        rc = relu ? bn_eval_relu(dt, x.const_data_ptr(), r ? r->const_data_ptr() : nullptr, y.mutable_data_ptr(),
+                                 acb->A, C, acb->B, mu, v, w, b, eps, threads)
+                  : bn_eval(dt, x.const_data_ptr(), y.mutable_data_ptr(), acb->A, C, acb->B, mu, v, w, b, eps, threads);
     }
     check_rc(rc);
     return py::cast(y);
+}
+
+py::object eval(const at::Tensor &x, const Opt &mean, const Opt &var, const Opt &weight, const Opt &bias, double eps,
+                int64_t axis) {
+    return eval_pass(x, false, std::nullopt, mean, var, weight, bias, eps, axis);
 }
 
 /* A running-statistics buffer the kernel may update in place (cpu.can_update). */
@@ -189,6 +219,13 @@ struct TrainArgs {
     const float *w, *b;
     float *running_mean, *running_var;  // both null when none were given
     c10::TensorImpl *mean_impl, *var_impl;  // their tensors, for the version counters
+
+    /* The running statistics were written in place, as torch's in-place ops would: autograd's
+     * checks see it. */
+    void bump_running() const {
+        mean_impl->bump_version();
+        var_impl->bump_version();
+    }
 };
 
 /* The training forward's checks: x and the parameters as for eval, running_mean and running_var
@@ -239,10 +276,7 @@ int forward_kernel(const at::Tensor &x, const TrainArgs &a, double eps, double m
     }
     check_rc(rc);
     if (!a.running_mean) return -1;
-    if (rc == 0) {  // written in place, as torch's in-place ops would: autograd's checks see it
-        a.mean_impl->bump_version();
-        a.var_impl->bump_version();
-    }
+    if (rc == 0) a.bump_running();
     return rc == 0 ? 1 : 0;
 }
 
@@ -259,15 +293,6 @@ py::object train(const at::Tensor &x, const Opt &weight, const Opt &bias, const 
     return py::make_tuple(y, mean, var, invstd, updated);
 }
 
-/* Whether dy can be read as x is: x's dtype and shape, the same strides on every dim of size > 1
- * (so the same memory order). */
-bool same_layout(const at::Tensor &dy, const at::Tensor &x) {
-    if (dy.scalar_type() != x.scalar_type() || dy.sizes() != x.sizes()) return false;
-    if (dy.is_contiguous() && x.is_contiguous()) return true;
-    for (int64_t d = 0; d < x.dim(); d++)
-        if (x.size(d) != 1 && dy.stride(d) != x.stride(d)) return false;
-    return true;
-}
 
 /* The kernel's backward: dx (undefined unless need_dx), s1 = sum(dy), s2 = sum(dy * (x - mean)).
  * dy in x's memory order; mean and invstd float32 (C,); w float32 (C,) or null. Does not touch
@@ -310,17 +335,18 @@ using torch::autograd::variable_list;
 
 /* What a BN node's backward reads back: the saved x, weight (undefined if None), mean and invstd,
  * and which gradients autograd wants. needs_input_grad counts the tensor arguments given: x, then
- * weight and bias if not None. */
+ * weight and bias if not None (weight_index: where they start, 2 after a residual). */
 struct Saved {
     at::Tensor x, weight, mean, invstd;
     bool need_x, need_w, need_b;
 };
 
-Saved saved_for_backward(AutogradContext *ctx) {
+Saved saved_for_backward(AutogradContext *ctx, int64_t weight_index = 1) {
     const auto saved = ctx->get_saved_variables();
     Saved s{saved[0], saved[1], saved[2], saved[3], ctx->needs_input_grad(0), false, false};
-    s.need_w = s.weight.defined() && ctx->needs_input_grad(1);
-    s.need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(s.weight.defined() ? 2 : 1);
+    s.need_w = s.weight.defined() && ctx->needs_input_grad(weight_index);
+    s.need_b = ctx->saved_data["has_bias"].toBool() &&
+               ctx->needs_input_grad(weight_index + (s.weight.defined() ? 1 : 0));
     return s;
 }
 
@@ -363,7 +389,7 @@ struct Train : public torch::autograd::Function<Train> {
         } else {
             const Layout acb{ctx->saved_data["A"].toInt(), mean.size(0), ctx->saved_data["B"].toInt()};
             // the kernel reads dy in x's memory order (the autograd engine runs this without the GIL)
-            const at::Tensor g = dy.is_cpu() && same_layout(dy, x) ? dy : output_like(x).copy_(dy);
+            const at::Tensor g = in_layout_of(dy, x);
             const float *w = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
             at::Tensor s1, s2;
             std::tie(dx, s1, s2) = backward_kernel(g, x, acb, w, mean, invstd, need_x);
@@ -418,34 +444,11 @@ py::object train_step(const at::Tensor &x, const Opt &weight, const Opt &bias, c
 
 /* ---------------------------------------------------------------- BN + ReLU (act.py's layers) */
 
-/* A residual the kernel reads as it is beside x: absent, or a plain CPU tensor of x's dtype,
- * shape and memory order. */
-bool residual_ok(const Opt &residual, const at::Tensor &x) {
-    return !residual.has_value() || (plain_cpu(*residual) && same_layout(*residual, x));
-}
-
 /* Eval-mode relu(BN(x) + residual) in one pass (bn_eval_relu); None as `eval`, or for a residual
  * that fails `residual_ok`. */
 py::object act_eval(const at::Tensor &x, const Opt &residual, const Opt &mean, const Opt &var, const Opt &weight,
                     const Opt &bias, double eps, int64_t axis) {
-    auto acb = kernel_layout(x, axis);
-    if (!acb || !mean || !var || !residual_ok(residual, x)) return py::none();
-    const int64_t C = acb->C;
-    if (!is_vector(*mean, C) || !is_vector(*var, C)) return py::none();
-    const float *w, *b;
-    if (!optional_vector(weight, C, &w) || !optional_vector(bias, C, &b)) return py::none();
-    const at::Tensor *r = residual ? &*residual : nullptr;
-    if (wants_grad({&x, r, &*mean, &*var, weight ? &*weight : nullptr, bias ? &*bias : nullptr})) return py::none();
-    at::Tensor y = output_like(x);
-    const int dt = dtype_code(x), threads = at::get_num_threads();
-    int rc;
-    {
-        py::gil_scoped_release unlocked;
-        rc = bn_eval_relu(dt, x.const_data_ptr(), r ? r->const_data_ptr() : nullptr, y.mutable_data_ptr(), acb->A, C,
-                          acb->B, mean->const_data_ptr<float>(), var->const_data_ptr<float>(), w, b, eps, threads);
-    }
-    check_rc(rc);
-    return py::cast(y);
+    return eval_pass(x, true, residual, mean, var, weight, bias, eps, axis);
 }
 
 /* Training relu(BN(x) + residual) as one autograd node, act.py's _CpuAct in C++: the fused
@@ -474,16 +477,10 @@ struct TrainRelu : public torch::autograd::Function<TrainRelu> {
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        const auto saved = ctx->get_saved_variables();
-        const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
-        const at::Tensor &gate_or_y = saved[4], &dy = grads[0];
         const bool has_residual = ctx->saved_data["has_residual"].toBool();
-        const bool has_bias = ctx->saved_data["has_bias"].toBool();
-        // needs_input_grad counts the tensor arguments given: x, then residual, weight, bias if not None
-        int64_t i = 1;
-        const bool need_r = has_residual && ctx->needs_input_grad(i++);
-        const bool need_x = ctx->needs_input_grad(0), need_w = weight.defined() && ctx->needs_input_grad(i);
-        const bool need_b = has_bias && ctx->needs_input_grad(i + (weight.defined() ? 1 : 0));
+        const auto [x, weight, mean, invstd, need_x, need_w, need_b] = saved_for_backward(ctx, has_residual ? 2 : 1);
+        const bool need_r = has_residual && ctx->needs_input_grad(1);
+        const at::Tensor gate_or_y = ctx->get_saved_variables()[4], &dy = grads[0];
         const int64_t nd = x.dim(), axis = ctx->saved_data["axis"].toInt();
         at::Tensor dx, dw, db, g;
         if (at::GradMode::is_enabled()) {
@@ -505,7 +502,7 @@ struct TrainRelu : public torch::autograd::Function<TrainRelu> {
                 at::threshold_backward_out(g, dy, gate_or_y, 0);
                 std::tie(dx, s1, s2) = backward_kernel(g, x, acb, w, mean, invstd, need_x);
             } else {
-                const at::Tensor d = dy.is_cpu() && same_layout(dy, x) ? dy : output_like(x).copy_(dy);
+                const at::Tensor d = in_layout_of(dy, x);
                 dx = need_x ? output_like(x) : at::Tensor();
                 s1 = float_vector(acb.C);
                 s2 = float_vector(acb.C);
@@ -611,7 +608,7 @@ struct GhostTrain : public torch::autograd::Function<GhostTrain> {
         const auto [x, weight, mean, invstd, need_x, need_w, need_b] = saved_for_backward(ctx);
         const at::Tensor &dy = grads[0];
         const int64_t A = ctx->saved_data["A"].toInt(), B = ctx->saved_data["B"].toInt(), C = mean.size(1);
-        const at::Tensor g = dy.is_cpu() && same_layout(dy, x) ? dy : output_like(x).copy_(dy);
+        const at::Tensor g = in_layout_of(dy, x);
         at::Tensor dx = need_x ? output_like(x) : at::Tensor();
         at::Tensor s1 = at::empty_like(mean), s2 = at::empty_like(mean);
         check_rc(bn_ghost_backward(dtype_code(x), g.const_data_ptr(), x.const_data_ptr(),
@@ -650,10 +647,7 @@ py::object ghost_train_step(const at::Tensor &x, const Opt &weight, const Opt &b
     for (int64_t c = 0; c < C; c++) totals[C + c] /= n - 1;  // M2 -> unbiased variance, as Moments.unbiased_var
     const int rc = bn_update_running_unbiased(1, C, totals.data(), totals.data() + C, a->running_mean,
                                               a->running_var, momentum);
-    if (rc == 0) {
-        a->mean_impl->bump_version();
-        a->var_impl->bump_version();
-    }
+    if (rc == 0) a->bump_running();
     return py::make_tuple(y, rc == 0 ? 1 : 0);
 }
 
