@@ -132,11 +132,14 @@ def _vector(x: Tensor, axis: int) -> Tensor:
 
 
 # Functional (autograd formulas need that): the training operators update copies of the running
-# statistics, which the caller copies into its buffers; empty when none were given.
-def _new_running(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> tuple[Tensor, Tensor]:
+# statistics, which the caller copies into its buffers; empty when none were given. Returns the
+# copies, and what the kernel call takes for them (the copies, or None and None).
+def _new_running(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None):
     if running_mean is None:
-        return x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
-    return running_mean.clone(), running_var.clone()
+        empty = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+        return *empty, (None, None)
+    copies = running_mean.clone(), running_var.clone()
+    return *copies, copies
 
 
 def _fake_running(x: Tensor, running_mean: Tensor | None, axis: int) -> tuple[Tensor, Tensor]:
@@ -162,8 +165,7 @@ def cpu_train(
     momentum: float,
     axis: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    new_mean, new_var = _new_running(x, running_mean, running_var)
-    fused = (new_mean, new_var) if running_mean is not None else (None, None)
+    new_mean, new_var, fused = _new_running(x, running_mean, running_var)
     y, mean, _, invstd, updated = cpu.train_forward_update(x, weight, bias, eps, axis, *fused, momentum)
     return y, mean, invstd, new_mean, new_var, _counted(updated)
 
@@ -345,8 +347,7 @@ def cpu_relu_train(
     momentum: float,
     axis: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    new_mean, new_var = _new_running(x, running_mean, running_var)
-    fused = (new_mean, new_var) if running_mean is not None else (None, None)
+    new_mean, new_var, fused = _new_running(x, running_mean, running_var)
     y, mean, _, invstd, updated, gate = cpu.train_forward_relu(x, residual, weight, bias, eps, axis, *fused, momentum)
     return y, mean, invstd, gate, new_mean, new_var, _counted(updated)
 
