@@ -55,6 +55,11 @@ LAYOUTS_MT = [
     pytest.param((2, 1, 180, 190), None, 1, id="mt-c1"),
     pytest.param((64, 200, 6), None, 1, id="mt-3d-b6"),  # rows path with B > 1
     pytest.param((64, 41, 7, 7), None, 1, id="mt-nchw-7x7"),  # 2624 planes in batches of 16, split unevenly
+    # channel groups (run "2threads-groups"): groups of 4 planes of 28x28 (whole 64-value runs)
+    pytest.param((4, 24, 28, 28), None, 1, id="mt-nchw-28x28"),
+    pytest.param((8, 128, 7, 7), None, 1, id="mt-nchw-7x7-c128"),  # groups of 64 channels of 7x7
+    pytest.param((4, 13, 32, 32), None, 1, id="mt-nchw-c13"),  # a shorter last group
+    pytest.param((2, 8, 8256), None, 1, id="mt-planes-chunked"),  # several chunks per plane
 ]
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
 
@@ -105,10 +110,17 @@ def reference_forward(x, w, b, axis):
     return reference_apply(x, mean, var, w, b, axis), mean, var
 
 
-def set_threads(nthreads: int, streaming: bool):
-    """Thread count, and whether outputs use streaming stores (forced on for small tensors)."""
+# Inputs of a channel group in the "groups" runs: a few channels of the small tensors here.
+GROUP_BYTES = 64 << 10
+
+
+def set_threads(nthreads: int, streaming: bool | str):
+    """Thread count, and whether outputs use streaming stores (forced on for small tensors);
+    "groups": streaming, and the training passes by channel groups where the layout allows them
+    (else phase by phase, as in the other runs)."""
     torch.set_num_threads(nthreads)
     cpu._set_streaming_threshold(0 if streaming else -1)
+    cpu._set_channel_group_bytes(GROUP_BYTES if streaming == "groups" else 0)
 
 
 @pytest.fixture
@@ -117,6 +129,7 @@ def restore_threads():
     yield
     torch.set_num_threads(before)
     cpu._set_streaming_threshold(cpu._last_level_cache_bytes())
+    cpu._set_channel_group_bytes(None)
 
 
 # Small shapes run on one thread whatever is asked; both store kinds matter there.
@@ -125,6 +138,7 @@ MT = [
     pytest.param(1, False, id="1thread"),
     pytest.param(2, False, id="2threads"),
     pytest.param(2, True, id="2threads-streaming"),
+    pytest.param(2, "groups", id="2threads-groups"),
 ]
 GRID = [
     pytest.param(*layout.values, dtype.values[0], affine, *run.values, id=f"{layout.id}-{dtype.id}-{aid}-{run.id}")
@@ -495,6 +509,37 @@ def test_bfloat16_rounds_to_nearest_even(fmt, nthreads, streaming, restore_threa
     torch.testing.assert_close(y, y32.to(torch.bfloat16), rtol=0, atol=0, equal_nan=True)
 
 
+GROUPED = [p for p in LAYOUTS_MT if p.id.startswith(("mt-nchw-28", "mt-nchw-7x7-c", "mt-nchw-c13", "mt-planes"))]
+
+
+@pytest.mark.parametrize("shape,fmt,axis", GROUPED)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_groups_equal_phase_by_phase_bitwise(shape, fmt, axis, dtype, restore_threads):
+    """The training backward by channel groups (each thread takes a few channels through the
+    gradient sums and dx while they are cached) gives the phase-by-phase results bitwise: the same
+    units summed in the same order. With and without the ReLU's gate, two threads, streaming
+    stores. Float32 only (bfloat16 runs phase by phase)."""
+    x, dy = (make(shape, fmt, dtype, seed=s) for s in (0, 2))
+    C = shape[axis]
+    w, b = params(C)
+    set_threads(2, "groups")
+    G = cpu._channel_group(x, axis)
+    if dtype == torch.bfloat16:
+        assert G == 0
+    else:
+        assert 0 < G < C  # groups, at least two of them
+    _, mean, _, invstd, _, gate = cpu.train_forward_relu(x, None, w, b, EPS, axis)
+    results = {}
+    for groups in (False, True):
+        set_threads(2, "groups" if groups else True)
+        bwd = cpu.train_backward(dy, x, w, mean, invstd, axis)
+        gated = cpu.train_backward(dy, x, w, mean, invstd, axis, relu_gate=gate)
+        results[groups] = [*bwd, *gated]
+    assert len(results[True]) == 6
+    for got, want in zip(results[True], results[False]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_thread_count_changes_little(restore_threads):
     x = make((4, 1, 300, 300), None, torch.float32, offset=3.0)
     set_threads(1, False)
@@ -638,6 +683,19 @@ def test_concurrent_builds_of_the_portable_variant(tmp_path):
                 composite = cpu.train_backward(g, x, None, mean, invstd, 1)
                 for a, e in zip(gated, composite):
                     torch.testing.assert_close(a, e, rtol=0, atol=0)
+            # channel groups (float32), with regular stores here: bitwise the phase-by-phase passes
+            torch.set_num_threads(2)
+            x = torch.randn(4, 13, 32, 32).to(dtype)
+            dy = torch.randn(4, 13, 32, 32).to(dtype)
+            assert (0 < cpu._channel_group(x, 1) < 13) == (dtype == torch.float32)
+            outs = []
+            for nbytes in (None, 0):
+                cpu._set_channel_group_bytes(nbytes)
+                fwd = cpu.train_forward(x, None, None, 1e-5, 1)
+                outs.append(fwd + cpu.train_backward(dy, x, None, fwd[1], torch.rsqrt(fwd[2] + 1e-5), 1))
+            cpu._set_channel_group_bytes(None)
+            for a, e in zip(*outs):
+                assert torch.equal(a, e)
             # the masked kernels over (N, C, L) planes; padding NaN
             mask = torch.arange(50)[None] < torch.tensor([50, 20, 3, 37])[:, None]
             x = torch.randn(4, 3, 50).masked_fill(~mask[:, None], float("nan")).to(dtype)

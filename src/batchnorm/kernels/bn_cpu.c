@@ -70,7 +70,7 @@
 #define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
 #endif
 
-#define BN_ABI_VERSION 13
+#define BN_ABI_VERSION 14
 #define LANES 32                    /* independent float accumulators per reduction */
 #define CHUNK_BYTES (16 << 10)      /* planes: statistics chunk, stays in L1 */
 #ifndef BLOCK_BYTES
@@ -484,16 +484,16 @@ INLINE void plane_chunks(int64_t B, int dt, int64_t *nch, int64_t *L) {
     *L = (B + *nch - 1) / *nch;
 }
 
-/* Unit u = ((a * C) + c) * nch + k: chunk k of plane (a, c). Results go to
+/* Units [lo, hi); unit u = ((a * C) + c) * nch + k: chunk k of plane (a, c). Results go to
  * r1/r2[(a * nch + k) * C + c] so that the per-channel merge reads along c.
  * grad = 0: (mean, M2) of x; grad = 1: (sum dy, sum dy * (x - mu[c])); grad = 2: the same with
  * dy gated by the ReLU of the apply pass (x - mu[c]) * gs[c] + gh[c] (BN + ReLU's backward). */
-INLINE void planes_units(const void *x, const void *dy, const float *mu, const float *gs, const float *gh, int64_t A,
-                         int64_t C, int64_t B, const int grad, int dt, double *r1, double *r2, int t, int T) {
+INLINE void planes_units_range(const void *x, const void *dy, const float *mu, const float *gs, const float *gh,
+                               int64_t C, int64_t B, const int grad, int dt, double *r1, double *r2, int64_t lo,
+                               int64_t hi) {
     const int gated = grad == 2;
-    int64_t nch, L, lo, hi;
+    int64_t nch, L;
     plane_chunks(B, dt, &nch, &L);
-    part(A * C * nch, t, T, &lo, &hi);
     if (lo >= hi) return;
 #if HAVE_AVX512
     if (nch == 1) { /* whole planes: unit = plane = slot; 16 at a time */
@@ -530,6 +530,15 @@ INLINE void planes_units(const void *x, const void *dy, const float *mu, const f
             }
         }
     }
+}
+
+/* planes_units_range over thread t's share of all A * C * nch units. */
+INLINE void planes_units(const void *x, const void *dy, const float *mu, const float *gs, const float *gh, int64_t A,
+                         int64_t C, int64_t B, const int grad, int dt, double *r1, double *r2, int t, int T) {
+    int64_t nch, L, lo, hi;
+    plane_chunks(B, dt, &nch, &L);
+    part(A * C * nch, t, T, &lo, &hi);
+    planes_units_range(x, dy, mu, gs, gh, C, B, grad, dt, r1, r2, lo, hi);
 }
 
 /* Chan-merge the chunk statistics of channels [c0, c1) in order a = 0.., k = 0..
@@ -635,11 +644,9 @@ INLINE __m512 opv_masked(int op, const void *x, const void *dy, int64_t i, __mma
  * overlap is written twice with the same values): no masks and no per-vector bookkeeping.
  * For 7x7 planes the straddling loop below spent most of its instructions on the latter
  * (perf annotate: loop control, not arithmetic). Threads take whole planes. */
-INLINE void planes_elementwise_cached(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C,
-                                      int64_t B, const float *m, const float *s, const float *b, const float *h,
-                                      const float *gs, const float *gh, int dt, int t, int T) {
-    int64_t lo, hi;
-    part(P, t, T, &lo, &hi);
+INLINE void planes_elementwise_cached(int op, const void *x, const void *dy, void *out, int64_t C, int64_t B,
+                                      const float *m, const float *s, const float *b, const float *h,
+                                      const float *gs, const float *gh, int dt, int64_t lo, int64_t hi) {
     for (int64_t p = lo, c = lo % C; p < hi; p++) {
         const __m512 vm = _mm512_set1_ps(m[c]), vs = _mm512_set1_ps(s[c]), vh = _mm512_set1_ps(h[c]);
         const __m512 vb = is_dx(op) ? _mm512_set1_ps(b[c]) : vs;
@@ -652,23 +659,17 @@ INLINE void planes_elementwise_cached(int op, const void *x, const void *dy, voi
     }
 }
 
-/* The elementwise pass over this thread's share of the P planes of B values, in whole
+/* The elementwise pass over the elements [lo, hi) of the planes of B values, in whole
  * aligned vectors of 16 that may straddle planes: where a plane starts inside a vector, the
  * lanes from there on take the next plane's coefficients (masked blend). So short planes
  * (7x7) cost no scalar heads and tails, and a cache line is never written half by streaming
- * and half by regular stores. Thread shares are multiples of 64 elements; only the end of
- * the tensor can be a partial vector (masked store). With regular stores and 16 <= B <=
- * PLANE_LOOP_MAX: planes_elementwise_cached. */
-INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C,
-                               int64_t B, const float *m, const float *s, const float *b, const float *h,
-                               const float *gs, const float *gh, int stream, int dt, int t, int T) {
-    if (!stream && B >= VEC && B <= PLANE_LOOP_MAX) {
-        planes_elementwise_cached(op, x, dy, out, P, C, B, m, s, b, h, gs, gh, dt, t, T);
-        return;
-    }
+ * and half by regular stores: lo is a multiple of 64 elements (hi too, but at the tensor's
+ * end, which can be a partial vector: masked store). */
+INLINE void planes_elementwise_straddling(int op, const void *x, const void *dy, void *out, int64_t C, int64_t B,
+                                          const float *m, const float *s, const float *b, const float *h,
+                                          const float *gs, const float *gh, int stream, int dt, int64_t lo,
+                                          int64_t hi) {
     const int gated = op == OP_DX_RELU;
-    int64_t lo, hi;
-    part_elems(P * B, t, T, &lo, &hi);
     if (lo >= hi) return;
     int64_t p = lo / B, c = p % C, pend = (p + 1) * B;
     __m512 vm = _mm512_set1_ps(m[c]), vs = _mm512_set1_ps(s[c]), vh = _mm512_set1_ps(h[c]);
@@ -719,6 +720,33 @@ INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out,
         i += VEC;
     }
 }
+
+INLINE int plane_loop(int stream, int64_t B) { return !stream && B >= VEC && B <= PLANE_LOOP_MAX; }
+
+/* The elementwise pass over this thread's share of the P planes of B values: whole planes each
+ * (planes_elementwise_cached) where plane_loop, else elements cut at multiples of 64. */
+INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C,
+                               int64_t B, const float *m, const float *s, const float *b, const float *h,
+                               const float *gs, const float *gh, int stream, int dt, int t, int T) {
+    int64_t lo, hi;
+    if (plane_loop(stream, B)) {
+        part(P, t, T, &lo, &hi);
+        planes_elementwise_cached(op, x, dy, out, C, B, m, s, b, h, gs, gh, dt, lo, hi);
+    } else {
+        part_elems(P * B, t, T, &lo, &hi);
+        planes_elementwise_straddling(op, x, dy, out, C, B, m, s, b, h, gs, gh, stream, dt, lo, hi);
+    }
+}
+
+/* The elementwise pass over the whole planes [p0, p1) on one thread (p0 * B a multiple of 64). */
+INLINE void planes_elementwise_run(int op, const void *x, const void *dy, void *out, int64_t C, int64_t B,
+                                   const float *m, const float *s, const float *b, const float *h, const float *gs,
+                                   const float *gh, int stream, int dt, int64_t p0, int64_t p1) {
+    if (plane_loop(stream, B))
+        planes_elementwise_cached(op, x, dy, out, C, B, m, s, b, h, gs, gh, dt, p0, p1);
+    else
+        planes_elementwise_straddling(op, x, dy, out, C, B, m, s, b, h, gs, gh, stream, dt, p0 * B, p1 * B);
+}
 #else
 /* out[i:end] = op(...) with one channel's coefficients (portable variant). */
 INLINE void span(int op, const void *x, const void *dy, void *out, int64_t i, int64_t end, float m, float s,
@@ -727,13 +755,10 @@ INLINE void span(int op, const void *x, const void *dy, void *out, int64_t i, in
     for (int64_t j = i; j < end; j++) ST(out, j, op1_g(op, x, dy, j, m, s, b, h, gs, gh, dt), dt);
 }
 
-/* The elementwise pass over this thread's share of the P planes of B values. */
-INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C,
-                               int64_t B, const float *m, const float *s, const float *b, const float *h,
-                               const float *gs, const float *gh, int stream, int dt, int t, int T) {
-    int64_t lo, hi;
-    (void)stream; /* regular stores only */
-    part_elems(P * B, t, T, &lo, &hi);
+/* The elementwise pass over the elements [lo, hi) of the planes of B values. */
+INLINE void planes_elementwise_span(int op, const void *x, const void *dy, void *out, int64_t C, int64_t B,
+                                    const float *m, const float *s, const float *b, const float *h,
+                                    const float *gs, const float *gh, int dt, int64_t lo, int64_t hi) {
     if (lo >= hi) return;
     int64_t p = lo / B, c = p % C;
     for (int64_t i = lo; i < hi; p++) {
@@ -744,6 +769,24 @@ INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out,
         i = end;
         if (++c == C) c = 0;
     }
+}
+
+/* The elementwise pass over this thread's share of the P planes of B values (regular stores only). */
+INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C,
+                               int64_t B, const float *m, const float *s, const float *b, const float *h,
+                               const float *gs, const float *gh, int stream, int dt, int t, int T) {
+    int64_t lo, hi;
+    (void)stream;
+    part_elems(P * B, t, T, &lo, &hi);
+    planes_elementwise_span(op, x, dy, out, C, B, m, s, b, h, gs, gh, dt, lo, hi);
+}
+
+/* The elementwise pass over the whole planes [p0, p1) on one thread. */
+INLINE void planes_elementwise_run(int op, const void *x, const void *dy, void *out, int64_t C, int64_t B,
+                                   const float *m, const float *s, const float *b, const float *h, const float *gs,
+                                   const float *gh, int stream, int dt, int64_t p0, int64_t p1) {
+    (void)stream;
+    planes_elementwise_span(op, x, dy, out, C, B, m, s, b, h, gs, gh, dt, p0 * B, p1 * B);
 }
 
 #endif
@@ -1218,6 +1261,53 @@ INLINE void chan(double *na, double *ma, double *qa, double nb, double mb, doubl
     *na = n;
 }
 
+/* ------------------------------------------------------------------ channel groups */
+
+/* BN is independent per channel, so in the planes path a thread can take a group of G channels
+ * through both phases of the backward while their data are in its cache: the gradient sums,
+ * then dx. The second read of x and dy comes from the cache instead of memory: for inputs larger
+ * than the cache, 5 passes over memory become 3. The units, the sums' order and the coefficients
+ * are the phase-by-phase path's, so are the results, bitwise. Float32 only: kernel_ab, four
+ * runs in two states of the machine, float32 (32,64,112,112) 10-23% faster, (32,512,28,28)
+ * 10-22%, (32,256,56,56) 0-25%; bfloat16, whose passes do twice the arithmetic per byte, 5-13%
+ * faster in the slow state and 14-21% slower in the fast one. The forward by groups (statistics,
+ * then the apply pass) was 10-12% faster or 2-11% slower with the state: not used. */
+#ifndef GROUP_BYTES
+#define GROUP_BYTES (1 << 20)
+#endif
+static int64_t group_bytes = GROUP_BYTES; /* a group's inputs: as many channels as fit (bn_set_group_bytes) */
+
+/* Sets the group size in bytes of input (0: no channel groups, < 0: GROUP_BYTES); the single
+ * channels that exceed it still make groups up to 4x its size. For tests and tuning. */
+void bn_set_group_bytes(int64_t bytes) { group_bytes = bytes < 0 ? GROUP_BYTES : bytes; }
+
+/* Channels per group for the backward of A * C * B float32 values, or 0 for phase by
+ * phase: bfloat16; when the inputs are less than twice the cache (then the phase-by-phase passes find part
+ * of them in the cache: bfloat16 (32, 512, 28, 28)'s backward, 51 MB of input, was 6-16% slower
+ * by groups, float32's, 103 MB, 18-22% faster) or the smallest group's inputs exceed
+ * 4 * group_bytes (a single channel of 3.2 MB, float32 (32, 64, 112, 112)'s backward, is 11-23%
+ * faster, its re-read served by the last-level cache). G is a multiple of the channels that make
+ * whole runs of 64 values (so that streaming stores never share a cache line between groups),
+ * and small enough to give every thread a group. */
+static int64_t channel_group(int64_t A, int64_t C, int64_t B, int dt, int nt) {
+    const int inputs = 2; /* x and dy */
+    const int64_t es = elem_size(dt), per = A * B * es * inputs;
+    int64_t g0 = 1;
+    while ((g0 * B) % 64) g0 *= 2; /* 64 / gcd(B, 64) */
+    if (dt != DT_F32 || group_bytes <= 0 || cache_bytes < 0 || A * C * B * es * inputs < 2 * cache_bytes || C % g0 ||
+        g0 * per > 4 * group_bytes)
+        return 0;
+    int64_t G = group_bytes / per / g0 * g0, share = (C + nt - 1) / nt;
+    if (G < g0) G = g0;
+    if (share < G) G = (share + g0 - 1) / g0 * g0;
+    return G;
+}
+
+/* channel_group of the training backward on nthreads threads (0: phase by phase). */
+int64_t bn_channel_group(int dt, int64_t A, int64_t C, int64_t B, int nthreads) {
+    return use_rows(A, C, B, dt) ? 0 : channel_group(A, C, B, dt, threads_for(A * C * B, nthreads));
+}
+
 /* ------------------------------------------------------------------ training forward */
 
 /* fn(op, ...) for op (a variable) in the APPLY family, with op a constant in each call: one
@@ -1470,6 +1560,21 @@ int bn_statistics(int dt, const void *x, int64_t A, int64_t C, int64_t B, double
 
 /* ------------------------------------------------------------------ training backward */
 
+/* Channels [c0, c1)'s gradient sums, added in order a = 0.., k = 0.., and dx's coefficients. */
+static void planes_bwd_coeffs(int64_t A, int64_t C, int64_t B, int64_t nch, int64_t c0, int64_t c1, const double *r1,
+                              const double *r2, const float *w, const float *invstd, float *s1_out, float *s2_out,
+                              float *coef) {
+    for (int64_t c = c0; c < c1; c++) {
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t a = 0; a < A; a++)
+            for (int64_t k = 0; k < nch; k++) {
+                s1 += r1[(a * nch + k) * C + c];
+                s2 += r2[(a * nch + k) * C + c];
+            }
+        bwd_coeffs(c, s1, s2, (double)(A * B), w, invstd, s1_out, s2_out, coef, coef + C, coef + 2 * C);
+    }
+}
+
 /* The backward's bodies; gated (a constant): BN + ReLU's, dy gated by (x - mean) * gs + gh > 0. */
 INLINE void bwd_planes_body(int dt, const int gated, const void *dy, const void *x, void *dx, int64_t A, int64_t C,
                             int64_t B, const float *w, const float *mean, const float *invstd, const float *gs,
@@ -1481,19 +1586,35 @@ INLINE void bwd_planes_body(int dt, const int gated, const void *dy, const void 
     planes_units(x, dy, mean, gs, gh, A, C, B, gated ? 2 : 1, dt, r1, r2, t, T);
 #pragma omp barrier
     part(C, t, T, &c0, &c1);
-    for (int64_t c = c0; c < c1; c++) {
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t a = 0; a < A; a++)
-            for (int64_t k = 0; k < nch; k++) {
-                s1 += r1[(a * nch + k) * C + c];
-                s2 += r2[(a * nch + k) * C + c];
-            }
-        bwd_coeffs(c, s1, s2, (double)(A * B), w, invstd, s1_out, s2_out, coef, coef + C, coef + 2 * C);
-    }
+    planes_bwd_coeffs(A, C, B, nch, c0, c1, r1, r2, w, invstd, s1_out, s2_out, coef);
     if (!dx) return;
 #pragma omp barrier
     planes_elementwise(gated ? OP_DX_RELU : OP_DX, x, dy, dx, A * C, C, B, mean, coef, coef + C, coef + 2 * C, gs, gh,
                        stream, dt, t, T);
+#if HAVE_AVX512
+    if (stream) _mm_sfence();
+#endif
+}
+
+/* bwd_planes_body by channel groups of G (channel_group): each thread its share of the groups. */
+INLINE void bwd_groups_body(int dt, const int gated, const void *dy, const void *x, void *dx, int64_t A, int64_t C,
+                            int64_t B, int64_t G, const float *w, const float *mean, const float *invstd,
+                            const float *gs, const float *gh, float *s1_out, float *s2_out, double *r1, double *r2,
+                            float *coef, int stream) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    int64_t nch, L, lo, hi;
+    plane_chunks(B, dt, &nch, &L);
+    part((C + G - 1) / G, t, T, &lo, &hi);
+    for (int64_t g = lo; g < hi; g++) {
+        const int64_t c0 = g * G, c1 = c0 + G < C ? c0 + G : C;
+        for (int64_t a = 0; a < A; a++)
+            planes_units_range(x, dy, mean, gs, gh, C, B, gated ? 2 : 1, dt, r1, r2, (a * C + c0) * nch,
+                               (a * C + c1) * nch);
+        planes_bwd_coeffs(A, C, B, nch, c0, c1, r1, r2, w, invstd, s1_out, s2_out, coef);
+        for (int64_t a = 0; a < A; a++)
+            planes_elementwise_run(gated ? OP_DX_RELU : OP_DX, x, dy, dx, C, B, mean, coef, coef + C, coef + 2 * C, gs,
+                                   gh, stream, dt, a * C + c0, a * C + c1);
+    }
 #if HAVE_AVX512
     if (stream) _mm_sfence();
 #endif
@@ -1565,9 +1686,16 @@ static int train_backward(int dt, const void *dy, const void *x, void *dx, int64
         double *r = malloc(sizeof(double) * 2 * U);
         float *coef = malloc(sizeof(float) * 3 * C);
         if (!r || !coef) { free(r); free(coef); return 1; }
+        const int64_t G = dx ? channel_group(A, C, B, dt, nt) : 0;
 #pragma omp parallel num_threads(nt)
-        BY_DT_GATED(dt, gs != NULL, bwd_planes_body, dy, x, dx, A, C, B, w, mean, invstd, gs, gh, s1_out, s2_out, r,
-                    r + U, coef, stream);
+        {
+            if (G)
+                BY_DT_GATED(dt, gs != NULL, bwd_groups_body, dy, x, dx, A, C, B, G, w, mean, invstd, gs, gh, s1_out,
+                            s2_out, r, r + U, coef, stream);
+            else
+                BY_DT_GATED(dt, gs != NULL, bwd_planes_body, dy, x, dx, A, C, B, w, mean, invstd, gs, gh, s1_out,
+                            s2_out, r, r + U, coef, stream);
+        }
         free(r);
         free(coef);
     } else {

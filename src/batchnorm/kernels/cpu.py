@@ -116,7 +116,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("bn_cpu.c")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
-_ABI_VERSION = 13  # bn_abi_version() of a library built from the current bn_cpu.c
+_ABI_VERSION = 14  # bn_abi_version() of a library built from the current bn_cpu.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the `dt` argument of the C entry points
 _COMPILE_TIMEOUT_S = 120
 # What batchnorm warns when a training batch's statistics are not finite and the running
@@ -394,6 +394,10 @@ def _load(lib_path: Path) -> ctypes.CDLL:
     lib.bn_set_cache_bytes.argtypes = [i64]
     lib.bn_set_cache_bytes.restype = None
     lib.bn_set_cache_bytes(_last_level_cache_bytes())
+    lib.bn_set_group_bytes.argtypes = [i64]
+    lib.bn_set_group_bytes.restype = None
+    lib.bn_channel_group.argtypes = [i32, i64, i64, i64, i32]
+    lib.bn_channel_group.restype = i64
     lib.bn_set_hugepages.argtypes = [i32]
     lib.bn_set_hugepages.restype = None
     lib.bn_set_hugepages(0 if os.environ.get("BATCHNORM_NO_HUGEPAGES", "") not in ("", "0") else 1)
@@ -519,6 +523,23 @@ def _set_streaming_threshold(nbytes: int) -> None:
     lib = _library()
     if lib is not None:
         lib.bn_set_cache_bytes(nbytes)
+
+
+def _set_channel_group_bytes(nbytes: int | None) -> None:
+    """Set the input size of a channel group: for float32 inputs larger than the cache, the training
+    backward takes groups of channels through both its phases while these are cached. 0: no groups
+    (phase by phase), None: the kernel's default. For tests and benchmarks.
+    """
+    lib = _library()
+    if lib is not None:
+        lib.bn_set_group_bytes(-1 if nbytes is None else nbytes)
+
+
+def _channel_group(x: Tensor, axis: int) -> int:
+    """Channels per group of the training backward of x, 0 for phase by phase. For tests."""
+    lib = _library()
+    A, C, B = _canonical(x, axis)
+    return lib.bn_channel_group(_DTYPES[x.dtype], A, C, B, torch.get_num_threads())
 
 
 # --------------------------------------------------------------------------- layouts
