@@ -1281,20 +1281,18 @@ static int64_t group_bytes = GROUP_BYTES; /* a group's inputs: as many channels 
  * channels that exceed it still make groups up to 4x its size. For tests and tuning. */
 void bn_set_group_bytes(int64_t bytes) { group_bytes = bytes < 0 ? GROUP_BYTES : bytes; }
 
-/* Channels per group for the backward of A * C * B float32 values, or 0 for phase by
- * phase: bfloat16; when the inputs are less than twice the cache (then the phase-by-phase passes find part
- * of them in the cache: bfloat16 (32, 512, 28, 28)'s backward, 51 MB of input, was 6-16% slower
- * by groups, float32's, 103 MB, 18-22% faster) or the smallest group's inputs exceed
- * 4 * group_bytes (a single channel of 3.2 MB, float32 (32, 64, 112, 112)'s backward, is 11-23%
- * faster, its re-read served by the last-level cache). G is a multiple of the channels that make
- * whole runs of 64 values (so that streaming stores never share a cache line between groups),
- * and small enough to give every thread a group. */
+/* Channels per group for the backward of A * C * B values, or 0 for phase by phase: for
+ * bfloat16; when x and dy are less than twice the cache (the phase-by-phase passes then find part
+ * of them in the cache: bfloat16 (32, 512, 28, 28), 51 MB, was 6-16% slower by groups); or when
+ * the smallest group's inputs exceed 4 * group_bytes (a single channel of 3.2 MB still gains, its
+ * re-read served by the last-level cache). G is a multiple of the channels that make whole runs
+ * of 64 values (so that streaming stores never share a cache line between groups), and small
+ * enough to give every thread a group. */
 static int64_t channel_group(int64_t A, int64_t C, int64_t B, int dt, int nt) {
-    const int inputs = 2; /* x and dy */
-    const int64_t es = elem_size(dt), per = A * B * es * inputs;
+    const int64_t per = A * B * (int64_t)sizeof(float) * 2; /* one channel's x and dy */
     int64_t g0 = 1;
     while ((g0 * B) % 64) g0 *= 2; /* 64 / gcd(B, 64) */
-    if (dt != DT_F32 || group_bytes <= 0 || cache_bytes < 0 || A * C * B * es * inputs < 2 * cache_bytes || C % g0 ||
+    if (dt != DT_F32 || group_bytes <= 0 || cache_bytes < 0 || per * C < 2 * cache_bytes || C % g0 ||
         g0 * per > 4 * group_bytes)
         return 0;
     int64_t G = group_bytes / per / g0 * g0, share = (C + nt - 1) / nt;
