@@ -492,6 +492,39 @@ def test_large_offset_keeps_float32_precision(fmt, nthreads, streaming, restore_
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
 
 
+def shifted_runs(shape, axis: int, period: int, every: int, level: float) -> torch.Tensor:
+    """bfloat16 N(0, 1) with runs of `period` values along `axis` moved by `level`, the first run and
+    then one in `every`: where the statistics' one pass takes its shift (a plane's first values;
+    in rows, the mean of the blocks before) is far from the mean."""
+    x = make(shape, None, torch.float64)
+    moved = (torch.arange(shape[axis]) // period) % every == 0
+    view = [1] * len(shape)
+    view[axis] = -1
+    return (x + level * moved.view(view)).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("nthreads,streaming", MT[:2])
+@pytest.mark.parametrize(
+    "shape,axis,period,every,level",
+    [
+        pytest.param((2, 3, 8192), 2, 16, 1 << 20, 64.0, id="planes"),  # a plane's first 16 values only
+        pytest.param((2048, 256), 0, 256, 2, 256.0, id="rows"),  # blocks of 256 rows at 256 and at 0 in turn
+    ],
+)
+def test_bfloat16_statistics_keep_float32_precision(
+    shape, axis, period, every, level, nthreads, streaming, restore_threads
+):
+    """bfloat16 statistics run in one pass (sums of x - shift and of its square) where the shift
+    is close to the mean, and in two where it is not: either way the variance of the bfloat16
+    values is float32-accurate, like float32's two passes."""
+    set_threads(nthreads, streaming)
+    x = shifted_runs(shape, axis, period, every, level)
+    *_, mean64, var64 = cpu.statistics(x, EPS, 1)
+    var_ref, mean_ref = torch.var_mean(x.double(), reduce_dims(x, 1), correction=0)
+    torch.testing.assert_close(mean64, mean_ref, rtol=0, atol=1e-6 * var_ref.sqrt().max().item())
+    torch.testing.assert_close(var64, var_ref, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("nthreads,streaming", MT)
 @pytest.mark.parametrize("fmt", [None, CL], ids=["nchw", "nhwc"])
 def test_bfloat16_rounds_to_nearest_even(fmt, nthreads, streaming, restore_threads):

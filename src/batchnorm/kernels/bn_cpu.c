@@ -301,7 +301,7 @@ INLINE void seg_sq(const void *x, int64_t off, int64_t n, __m512 x0, __m512 dm, 
 
 /* Mean and M2 of n >= 1 contiguous values x[off : off+n], by two passes (the chunk is in L1):
  * two vector accumulators, the last partial vector through a masked load. */
-INLINE void seg_stats(const void *x, int64_t off, int64_t n, int dt, double *mean, double *m2) {
+INLINE void seg_stats2(const void *x, int64_t off, int64_t n, int dt, double *mean, double *m2) {
     const float x0f = LD(x, off, dt);
     const __m512 x0 = _mm512_set1_ps(x0f);
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
@@ -311,6 +311,72 @@ INLINE void seg_stats(const void *x, int64_t off, int64_t n, int dt, double *mea
     seg_sq(x, off, n, x0, _mm512_set1_ps(dmf), dt, &a0, &a1);
     *mean = (double)x0f + (double)dmf;
     *m2 = (double)_mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+/* One-pass statistics, bfloat16 only. Two passes (x - x0 summed, then its squared deviations
+ * from that mean) cost twice the widening and arithmetic, and a bfloat16 statistics pass is
+ * bound by them, not by memory; one pass sums d = x - x0 and d^2 together, M2 = S2 - S1^2 / n.
+ * That cancels what the shift x0 misses of the mean: S2 / M2 = 1 + n (mean - x0)^2 / M2, and
+ * M2 keeps about 24 - log2(S2 / M2) of float32's 24 bits. x0 is an estimate of the mean (the
+ * first vector's mean in a plane, the earlier blocks' mean in rows), so that ratio is near 1;
+ * where it exceeds ONE_PASS_CANCEL (more than 3 bits cancelled, still far more than bfloat16's
+ * 8 bits) or is not a number, the two passes run instead. -DONE_PASS_BF16=0 always runs them. */
+#ifndef ONE_PASS_BF16
+#define ONE_PASS_BF16 1
+#endif
+#ifndef ONE_PASS_CANCEL
+#define ONE_PASS_CANCEL 8.f
+#endif
+INLINE int one_pass(int dt) { return ONE_PASS_BF16 && dt == DT_BF16; }
+
+/* The one pass over n >= 1 contiguous values: *s = sum of x - x0, *q = sum of its squares, as vectors. */
+INLINE void seg_sum_sq(const void *x, int64_t off, int64_t n, __m512 x0, int dt, __m512 *s, __m512 *q) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, q0 = a0, q1 = a0;
+    int64_t i = 0;
+    for (; i + 2 * VEC <= n; i += 2 * VEC) {
+        const __m512 d0 = _mm512_sub_ps(VLD(x, off + i, dt), x0), d1 = _mm512_sub_ps(VLD(x, off + i + VEC, dt), x0);
+        a0 = _mm512_add_ps(a0, d0);
+        a1 = _mm512_add_ps(a1, d1);
+        q0 = _mm512_fmadd_ps(d0, d0, q0);
+        q1 = _mm512_fmadd_ps(d1, d1, q1);
+    }
+    if (i + VEC <= n) {
+        const __m512 d0 = _mm512_sub_ps(VLD(x, off + i, dt), x0);
+        a0 = _mm512_add_ps(a0, d0);
+        q0 = _mm512_fmadd_ps(d0, d0, q0);
+        i += VEC;
+    }
+    if (i < n) {
+        const __mmask16 k = first_lanes(n - i);
+        const __m512 d1 = _mm512_maskz_sub_ps(k, VLDM(x, off + i, k, dt), x0);
+        a1 = _mm512_add_ps(a1, d1);
+        q1 = _mm512_fmadd_ps(d1, d1, q1);
+    }
+    *s = _mm512_add_ps(a0, a1);
+    *q = _mm512_add_ps(q0, q1);
+}
+
+/* The first min(n, 16) values of x[off ..], a vector (other lanes 0) for their mean: the shift. */
+INLINE __m512 first_vector(const void *x, int64_t off, int64_t n, int dt) {
+    return VLDM(x, off, first_lanes(n < VEC ? n : VEC), dt);
+}
+
+/* Mean and M2 of n >= 1 contiguous values x[off : off+n]: one pass where one_pass(dt) allows
+ * it and it cancels little, else seg_stats2. */
+INLINE void seg_stats(const void *x, int64_t off, int64_t n, int dt, double *mean, double *m2) {
+    if (one_pass(dt)) {
+        const float x0 = _mm512_reduce_add_ps(first_vector(x, off, n, dt)) / (float)(n < VEC ? n : VEC);
+        __m512 s, q;
+        seg_sum_sq(x, off, n, _mm512_set1_ps(x0), dt, &s, &q);
+        const double s1 = (double)_mm512_reduce_add_ps(s), s2 = (double)_mm512_reduce_add_ps(q);
+        const double dm = s1 / (double)n, q2 = s2 - s1 * dm;
+        if (s2 <= ONE_PASS_CANCEL * q2) {
+            *mean = (double)x0 + dm;
+            *m2 = q2;
+            return;
+        }
+    }
+    seg_stats2(x, off, n, dt, mean, m2);
 }
 
 /* Lane j = the sum of v[j]'s 16 lanes, for j < 16: four levels of shuffles and adds (30
@@ -343,6 +409,24 @@ INLINE void store16_pd(double *out, __m512 v) {
 INLINE void planes16_stats(const void *x, int64_t p0, int64_t B, int dt, double *r1, double *r2) {
     __m512 v[16];
     float x0a[16];
+    if (one_pass(dt)) { /* as seg_stats, 16 planes at a time */
+        __m512 q[16];
+        for (int j = 0; j < 16; j++) v[j] = first_vector(x, (p0 + j) * B, B, dt);
+        const __m512 x0 = _mm512_div_ps(reduce16(v), _mm512_set1_ps((float)(B < VEC ? B : VEC)));
+        for (int j = 0; j < 16; j++)
+            seg_sum_sq(x, (p0 + j) * B, B, _mm512_permutexvar_ps(_mm512_set1_epi32(j), x0), dt, &v[j], &q[j]);
+        const __m512 s1 = reduce16(v), s2 = reduce16(q), dm = _mm512_div_ps(s1, _mm512_set1_ps((float)B));
+        const __m512 q2 = _mm512_fnmadd_ps(s1, dm, s2);
+        double mx[16], md[16];
+        store16_pd(mx, x0);
+        store16_pd(md, dm);
+        for (int j = 0; j < 16; j++) r1[p0 + j] = mx[j] + md[j];
+        store16_pd(r2 + p0, q2);
+        const __mmask16 ok = _mm512_cmp_ps_mask(s2, _mm512_mul_ps(_mm512_set1_ps(ONE_PASS_CANCEL), q2), _CMP_LE_OQ);
+        for (int j = 0; j < 16; j++)
+            if (!((ok >> j) & 1)) seg_stats2(x, (p0 + j) * B, B, dt, &r1[p0 + j], &r2[p0 + j]);
+        return;
+    }
     for (int j = 0; j < 16; j++) {
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         x0a[j] = LD(x, (p0 + j) * B, dt);
@@ -867,13 +951,48 @@ INLINE void rows_tile_stats(const void *x, int dt, int64_t base, int64_t W, int6
     }
 }
 
-/* One block's per-column (x0, mean of x - x0, M2), tile by tile. */
-INLINE void rows_block_stats(const void *x, int dt, int64_t base, int64_t W, int64_t nr, float *x0, float *sm,
-                             float *q) {
+/* rows_tile_stats in one pass (see seg_sum_sq) about the shift already in x0 (the mean of the
+ * earlier blocks): sm, q as there. Returns 0, leaving the tile to the two passes, where some
+ * column cancels more than ONE_PASS_CANCEL allows. */
+INLINE int rows_tile_stats1(const void *x, int dt, int64_t base, int64_t W, int64_t nr, int64_t j, const int nv,
+                            const int masked, __mmask16 last, const float *x0, float *sm, float *q) {
+    __m512 z[TILE], a[TILE], b[TILE];
+    for (int v = 0; v < nv; v++) {
+        z[v] = masked ? _mm512_maskz_loadu_ps(last, x0 + j) : _mm512_loadu_ps(x0 + j + VEC * v);
+        a[v] = b[v] = _mm512_setzero_ps();
+    }
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t o = base + r * W + j;
+        for (int v = 0; v < nv; v++) {
+            const __m512 d = _mm512_sub_ps(masked ? VLDM(x, o, last, dt) : VLD(x, o + VEC * v, dt), z[v]);
+            a[v] = _mm512_add_ps(a[v], d);
+            b[v] = _mm512_fmadd_ps(d, d, b[v]);
+        }
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / (float)nr), cancel = _mm512_set1_ps(ONE_PASS_CANCEL);
+    __mmask16 ok = 0xFFFF;
+    for (int v = 0; v < nv; v++) {
+        const __m512 m = _mm512_mul_ps(a[v], inv), q2 = _mm512_fnmadd_ps(a[v], m, b[v]);
+        ok &= _mm512_cmp_ps_mask(b[v], _mm512_mul_ps(cancel, q2), _CMP_LE_OQ);
+        _mm512_storeu_ps(sm + j + VEC * v, m);
+        _mm512_storeu_ps(q + j + VEC * v, q2);
+    }
+    return ok == 0xFFFF;
+}
+
+/* One block's per-column (x0, mean of x - x0, M2), tile by tile; shifted: in one pass about the
+ * x0 given (rows_tile_stats1) where that cancels little, else in two about the block's first row. */
+INLINE void rows_block_stats(const void *x, int dt, int64_t base, int64_t W, int64_t nr, const int shifted, float *x0,
+                             float *sm, float *q) {
     int64_t j = 0;
-    for (; j + TILE * VEC <= W; j += TILE * VEC) rows_tile_stats(x, dt, base, W, nr, j, TILE, 0, 0, x0, sm, q);
-    for (; j + VEC <= W; j += VEC) rows_tile_stats(x, dt, base, W, nr, j, 1, 0, 0, x0, sm, q);
-    if (j < W) rows_tile_stats(x, dt, base, W, nr, j, 1, 1, first_lanes(W - j), x0, sm, q);
+    for (; j + TILE * VEC <= W; j += TILE * VEC)
+        if (!(shifted && rows_tile_stats1(x, dt, base, W, nr, j, TILE, 0, 0, x0, sm, q)))
+            rows_tile_stats(x, dt, base, W, nr, j, TILE, 0, 0, x0, sm, q);
+    for (; j + VEC <= W; j += VEC)
+        if (!(shifted && rows_tile_stats1(x, dt, base, W, nr, j, 1, 0, 0, x0, sm, q)))
+            rows_tile_stats(x, dt, base, W, nr, j, 1, 0, 0, x0, sm, q);
+    if (j < W && !(shifted && rows_tile_stats1(x, dt, base, W, nr, j, 1, 1, first_lanes(W - j), x0, sm, q)))
+        rows_tile_stats(x, dt, base, W, nr, j, 1, 1, first_lanes(W - j), x0, sm, q);
 }
 #endif
 
@@ -887,7 +1006,7 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
     for (int64_t r0 = lo; r0 < hi; r0 += R) {
         int64_t nr = hi - r0 < R ? hi - r0 : R, base = r0 * W;
 #if HAVE_AVX512
-        rows_block_stats(x, dt, base, W, nr, x0, sm, q);
+        rows_block_stats(x, dt, base, W, nr, one_pass(dt) && r0 > lo, x0, sm, q);
 #else
         int64_t r;
         for (int64_t j = 0; j < W; j++) {
@@ -925,6 +1044,10 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
             }
         }
         na = n;
+#if HAVE_AVX512
+        if (one_pass(dt)) /* the next block's shift: the mean so far */
+            for (int64_t j = 0; j < W; j++) x0[j] = (float)amean[j];
+#endif
     }
     *an = na;
 }
