@@ -915,13 +915,29 @@ INLINE int64_t pad16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
 #if HAVE_AVX512
 #define TILE 8 /* vectors per column tile: 8 accumulators (+ 8 shifts, 8 means) stay in registers */
+#define PREFETCH_ROWS 4 /* rows ahead that the rows reductions prefetch (pf) */
+
+/* Whether the rows reductions prefetch: when their `arrays` inputs fit in the last-level cache.
+ * A column tile walks a block's rows a row's stride apart and takes only its 128 columns of each
+ * (256 bytes of bfloat16), too little work per row to hide the L3's latency; the hardware's
+ * prefetchers do not follow that walk from the L3 but do from memory, where prefetching too
+ * measured slower. */
+INLINE int rows_prefetch(rows_shape s, int dt, int arrays) {
+    return s.A * s.C * s.B * elem_size(dt) * arrays <= cache_bytes;
+}
+
+/* Prefetch n values at p + i into L1, a cache line at a time (never faults, even past the end). */
+INLINE void prefetch_span(const void *p, int64_t i, int64_t n, int dt) {
+    const char *c = (const char *)p + i * elem_size(dt);
+    for (int64_t b = 0; b < n * elem_size(dt); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
 
 /* Columns [j, j + 16*nv) of the block's nr rows at base (row length W): x0 = the block's first
  * row, sm = mean of x - x0, q = sum of squared deviations from it; two passes, both with the
  * accumulators in registers. masked (one vector, lanes `last`) for the end of a row. x0, sm, q
  * have room for whole vectors. nv and masked are constants where this is inlined. */
 INLINE void rows_tile_stats(const void *x, int dt, int64_t base, int64_t W, int64_t nr, int64_t j, const int nv,
-                            const int masked, __mmask16 last, float *x0, float *sm, float *q) {
+                            const int masked, __mmask16 last, const int pf, float *x0, float *sm, float *q) {
     __m512 z[TILE], a[TILE];
     for (int v = 0; v < nv; v++) {
         z[v] = masked ? VLDM(x, base + j, last, dt) : VLD(x, base + j + VEC * v, dt);
@@ -929,6 +945,7 @@ INLINE void rows_tile_stats(const void *x, int dt, int64_t base, int64_t W, int6
     }
     for (int64_t r = 1; r < nr; r++) {
         const int64_t o = base + r * W + j;
+        if (pf) prefetch_span(x, o + PREFETCH_ROWS * W, VEC * nv, dt);
         for (int v = 0; v < nv; v++)
             a[v] = _mm512_add_ps(a[v], _mm512_sub_ps(masked ? VLDM(x, o, last, dt) : VLD(x, o + VEC * v, dt), z[v]));
     }
@@ -955,7 +972,7 @@ INLINE void rows_tile_stats(const void *x, int dt, int64_t base, int64_t W, int6
  * earlier blocks): sm, q as there. Returns 0, leaving the tile to the two passes, where some
  * column cancels more than ONE_PASS_CANCEL allows. */
 INLINE int rows_tile_stats1(const void *x, int dt, int64_t base, int64_t W, int64_t nr, int64_t j, const int nv,
-                            const int masked, __mmask16 last, const float *x0, float *sm, float *q) {
+                            const int masked, __mmask16 last, const int pf, const float *x0, float *sm, float *q) {
     __m512 z[TILE], a[TILE], b[TILE];
     for (int v = 0; v < nv; v++) {
         z[v] = masked ? _mm512_maskz_loadu_ps(last, x0 + j) : _mm512_loadu_ps(x0 + j + VEC * v);
@@ -963,6 +980,7 @@ INLINE int rows_tile_stats1(const void *x, int dt, int64_t base, int64_t W, int6
     }
     for (int64_t r = 0; r < nr; r++) {
         const int64_t o = base + r * W + j;
+        if (pf) prefetch_span(x, o + PREFETCH_ROWS * W, VEC * nv, dt);
         for (int v = 0; v < nv; v++) {
             const __m512 d = _mm512_sub_ps(masked ? VLDM(x, o, last, dt) : VLD(x, o + VEC * v, dt), z[v]);
             a[v] = _mm512_add_ps(a[v], d);
@@ -982,17 +1000,17 @@ INLINE int rows_tile_stats1(const void *x, int dt, int64_t base, int64_t W, int6
 
 /* One block's per-column (x0, mean of x - x0, M2), tile by tile; shifted: in one pass about the
  * x0 given (rows_tile_stats1) where that cancels little, else in two about the block's first row. */
-INLINE void rows_block_stats(const void *x, int dt, int64_t base, int64_t W, int64_t nr, const int shifted, float *x0,
-                             float *sm, float *q) {
+INLINE void rows_block_stats(const void *x, int dt, int64_t base, int64_t W, int64_t nr, const int shifted,
+                             const int pf, float *x0, float *sm, float *q) {
     int64_t j = 0;
     for (; j + TILE * VEC <= W; j += TILE * VEC)
-        if (!(shifted && rows_tile_stats1(x, dt, base, W, nr, j, TILE, 0, 0, x0, sm, q)))
-            rows_tile_stats(x, dt, base, W, nr, j, TILE, 0, 0, x0, sm, q);
+        if (!(shifted && rows_tile_stats1(x, dt, base, W, nr, j, TILE, 0, 0, pf, x0, sm, q)))
+            rows_tile_stats(x, dt, base, W, nr, j, TILE, 0, 0, pf, x0, sm, q);
     for (; j + VEC <= W; j += VEC)
-        if (!(shifted && rows_tile_stats1(x, dt, base, W, nr, j, 1, 0, 0, x0, sm, q)))
-            rows_tile_stats(x, dt, base, W, nr, j, 1, 0, 0, x0, sm, q);
-    if (j < W && !(shifted && rows_tile_stats1(x, dt, base, W, nr, j, 1, 1, first_lanes(W - j), x0, sm, q)))
-        rows_tile_stats(x, dt, base, W, nr, j, 1, 1, first_lanes(W - j), x0, sm, q);
+        if (!(shifted && rows_tile_stats1(x, dt, base, W, nr, j, 1, 0, 0, pf, x0, sm, q)))
+            rows_tile_stats(x, dt, base, W, nr, j, 1, 0, 0, pf, x0, sm, q);
+    if (j < W && !(shifted && rows_tile_stats1(x, dt, base, W, nr, j, 1, 1, first_lanes(W - j), pf, x0, sm, q)))
+        rows_tile_stats(x, dt, base, W, nr, j, 1, 1, first_lanes(W - j), pf, x0, sm, q);
 }
 #endif
 
@@ -1006,7 +1024,7 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
     for (int64_t r0 = lo; r0 < hi; r0 += R) {
         int64_t nr = hi - r0 < R ? hi - r0 : R, base = r0 * W;
 #if HAVE_AVX512
-        rows_block_stats(x, dt, base, W, nr, one_pass(dt) && r0 > lo, x0, sm, q);
+        rows_block_stats(x, dt, base, W, nr, one_pass(dt) && r0 > lo, rows_prefetch(s, dt, 1), x0, sm, q);
 #else
         int64_t r;
         for (int64_t j = 0; j < W; j++) {
@@ -1058,7 +1076,7 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
  * (a constant): dy through gatev with the per-column gsw, ghw (nv <= TILE / 2: registers). */
 INLINE void rows_tile_grad(const void *dy, const void *x, const float *muw, const int gated, const float *gsw,
                            const float *ghw, int dt, int64_t base, int64_t W, int64_t nr, int64_t j, const int nv,
-                           const int masked, __mmask16 last, double *a1, double *a2) {
+                           const int masked, __mmask16 last, const int pf, double *a1, double *a2) {
     __m512 mu[TILE], g1[TILE], g2[TILE], gs[TILE], gh[TILE];
     for (int v = 0; v < nv; v++) {
         mu[v] = _mm512_loadu_ps(muw + j + VEC * v); /* more scratch follows muw: whole vectors stay inside */
@@ -1068,6 +1086,10 @@ INLINE void rows_tile_grad(const void *dy, const void *x, const float *muw, cons
     }
     for (int64_t r = 0; r < nr; r++) {
         const int64_t o = base + r * W + j;
+        if (pf) {
+            prefetch_span(x, o + PREFETCH_ROWS * W, VEC * nv, dt);
+            prefetch_span(dy, o + PREFETCH_ROWS * W, VEC * nv, dt);
+        }
         for (int v = 0; v < nv; v++) {
             __m512 g = masked ? VLDM(dy, o, last, dt) : VLD(dy, o + VEC * v, dt);
             const __m512 xm = _mm512_sub_ps(masked ? VLDM(x, o, last, dt) : VLD(x, o + VEC * v, dt), mu[v]);
@@ -1102,19 +1124,24 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
 #if HAVE_AVX512
         (void)b1;
         (void)b2;
+        const int pf = rows_prefetch(s, dt, 2);
         int64_t j = 0;
         if (gsw) {
             const int nv = TILE / 2;
             for (; j + nv * VEC <= W; j += nv * VEC)
-                rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, nv, 0, 0, a1, a2);
-            for (; j + VEC <= W; j += VEC) rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, 1, 0, 0, a1, a2);
-            if (j < W) rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, 1, 1, first_lanes(W - j), a1, a2);
+                rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, nv, 0, 0, pf, a1, a2);
+            for (; j + VEC <= W; j += VEC)
+                rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, 1, 0, 0, pf, a1, a2);
+            if (j < W)
+                rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, 1, 1, first_lanes(W - j), pf, a1, a2);
             continue;
         }
         for (; j + TILE * VEC <= W; j += TILE * VEC)
-            rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, TILE, 0, 0, a1, a2);
-        for (; j + VEC <= W; j += VEC) rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, 1, 0, 0, a1, a2);
-        if (j < W) rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, 1, 1, first_lanes(W - j), a1, a2);
+            rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, TILE, 0, 0, pf, a1, a2);
+        for (; j + VEC <= W; j += VEC)
+            rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, 1, 0, 0, pf, a1, a2);
+        if (j < W)
+            rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, 1, 1, first_lanes(W - j), pf, a1, a2);
 #else
         int64_t r;
         for (int64_t j = 0; j < W; j++) b1[j] = b2[j] = 0.f;
