@@ -24,7 +24,8 @@
  *   - each chunk / row block is small enough to stay in L1/L2, and its statistics come from
  *     two passes over it: first its mean (of x - x0, x0 = its first value, so the float32
  *     sum does not grow with the offset of the data), then its M2 = sum((x - mean)^2).
- *     Never E[x^2] - E[x]^2.
+ *     Never E[x^2] - E[x]^2. bfloat16 makes one pass, sums of x - x0 and of its square,
+ *     about an x0 near the mean, where that cancels little (see one_pass).
  *   - chunk results (count, mean, M2) are merged in float64 with Chan's formula
  *       n = na + nb, d = mb - ma, mean = ma + d*nb/n, M2 = M2a + M2b + d^2*na*nb/n
  *     in a fixed order (planes: independent of the thread count).
