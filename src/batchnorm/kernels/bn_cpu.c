@@ -321,7 +321,8 @@ INLINE void seg_stats2(const void *x, int64_t off, int64_t n, int dt, double *me
  * M2 keeps about 24 - log2(S2 / M2) of float32's 24 bits. x0 is an estimate of the mean (the
  * first vector's mean in a plane, the earlier blocks' mean in rows), so that ratio is near 1;
  * where it exceeds ONE_PASS_CANCEL (more than 3 bits cancelled, still far more than bfloat16's
- * 8 bits) or is not a number, the two passes run instead. -DONE_PASS_BF16=0 always runs them. */
+ * 8 bits) or is not a number, the two passes run instead. -DONE_PASS_BF16=0 always runs them.
+ * (AVX-512 code only: the portable C loops keep the two passes.) */
 #ifndef ONE_PASS_BF16
 #define ONE_PASS_BF16 1
 #endif
@@ -329,6 +330,11 @@ INLINE void seg_stats2(const void *x, int64_t off, int64_t n, int dt, double *me
 #define ONE_PASS_CANCEL 8.f
 #endif
 INLINE int one_pass(int dt) { return ONE_PASS_BF16 && dt == DT_BF16; }
+
+/* The lanes whose one-pass M2 (q2, from the sum of squares s2) may stand: S2 / M2 <= ONE_PASS_CANCEL. */
+INLINE __mmask16 one_pass_ok(__m512 s2, __m512 q2) {
+    return _mm512_cmp_ps_mask(s2, _mm512_mul_ps(_mm512_set1_ps(ONE_PASS_CANCEL), q2), _CMP_LE_OQ);
+}
 
 /* The one pass over n >= 1 contiguous values: *s = sum of x - x0, *q = sum of its squares, as vectors. */
 INLINE void seg_sum_sq(const void *x, int64_t off, int64_t n, __m512 x0, int dt, __m512 *s, __m512 *q) {
@@ -423,7 +429,7 @@ INLINE void planes16_stats(const void *x, int64_t p0, int64_t B, int dt, double 
         store16_pd(md, dm);
         for (int j = 0; j < 16; j++) r1[p0 + j] = mx[j] + md[j];
         store16_pd(r2 + p0, q2);
-        const __mmask16 ok = _mm512_cmp_ps_mask(s2, _mm512_mul_ps(_mm512_set1_ps(ONE_PASS_CANCEL), q2), _CMP_LE_OQ);
+        const __mmask16 ok = one_pass_ok(s2, q2);
         for (int j = 0; j < 16; j++)
             if (!((ok >> j) & 1)) seg_stats2(x, (p0 + j) * B, B, dt, &r1[p0 + j], &r2[p0 + j]);
         return;
@@ -988,11 +994,11 @@ INLINE int rows_tile_stats1(const void *x, int dt, int64_t base, int64_t W, int6
             b[v] = _mm512_fmadd_ps(d, d, b[v]);
         }
     }
-    const __m512 inv = _mm512_set1_ps(1.f / (float)nr), cancel = _mm512_set1_ps(ONE_PASS_CANCEL);
+    const __m512 inv = _mm512_set1_ps(1.f / (float)nr);
     __mmask16 ok = 0xFFFF;
     for (int v = 0; v < nv; v++) {
         const __m512 m = _mm512_mul_ps(a[v], inv), q2 = _mm512_fnmadd_ps(a[v], m, b[v]);
-        ok &= _mm512_cmp_ps_mask(b[v], _mm512_mul_ps(cancel, q2), _CMP_LE_OQ);
+        ok &= one_pass_ok(b[v], q2);
         _mm512_storeu_ps(sm + j + VEC * v, m);
         _mm512_storeu_ps(q + j + VEC * v, q2);
     }
