@@ -44,6 +44,7 @@ LAYOUTS = [
     pytest.param((3, 2, 9000), None, 1, id="planes-chunked"),  # B over one chunk (f32 and bf16)
     pytest.param((9, 5, 7, 7), None, 1, id="nchw-7x7"),  # 45 whole planes: two batches of 16 and 13 alone
     pytest.param((2, 500, 4, 5), None, 1, id="nchw-b20-wide"),  # planes (rows too wide) of 20: overlapping tails
+    pytest.param((67, 32), None, 1, id="2d-c32-pairs"),  # rows of 4 x 32 columns (bfloat16 eval in pairs), 3 tail rows
 ]
 # Big enough for two threads (the kernel gives each at least 32K elements).
 LAYOUTS_MT = [
@@ -60,6 +61,7 @@ LAYOUTS_MT = [
     pytest.param((8, 128, 7, 7), None, 1, id="mt-nchw-7x7-c128"),  # groups of 64 channels of 7x7
     pytest.param((4, 13, 32, 32), None, 1, id="mt-nchw-c13"),  # a shorter last group
     pytest.param((2, 8, 8256), None, 1, id="mt-planes-chunked"),  # several chunks per plane
+    pytest.param((5, 32, 21, 21), CL, 1, id="mt-nhwc-c32-pairs"),  # as 2d-c32-pairs, on two threads, a tail row
 ]
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
 
