@@ -1344,10 +1344,9 @@ static void pairs_order(const float *v, float *p, int64_t W) {
  * values per step: one 512-bit load widened by a shift (even values) and a mask (odd ones), two
  * fused multiply-adds with the coefficients in pairs_order, one vcvtne2ps2bf16 and one permute back
  * to memory order. Bitwise rows_wide's result (the same float32 fma, the same rounding) in fewer
- * instructions than its two widening shuffles and two conversions. st: streaming stores (y 64-byte
- * aligned). */
+ * instructions than its two widening shuffles and two conversions. Regular stores (used in cache). */
 static void rows_apply_pairs(const void *x, void *y, int64_t W, int64_t lo, int64_t hi, const float *sp,
-                             const float *hp, int st) {
+                             const float *hp) {
     static const uint16_t back[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i order = _mm512_loadu_si512((const void *)back), odd = _mm512_set1_epi32((int)0xFFFF0000u);
@@ -1359,11 +1358,7 @@ static void rows_apply_pairs(const void *x, void *y, int64_t W, int64_t lo, int6
             const __m512 ye = _mm512_fmadd_ps(xe, _mm512_loadu_ps(sp + j), _mm512_loadu_ps(hp + j));
             const __m512 yo = _mm512_fmadd_ps(xo, _mm512_loadu_ps(sp + j + 16), _mm512_loadu_ps(hp + j + 16));
             const __m512i v = _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(yo, ye));
-            void *out = (void *)((uint16_t *)y + o + j);
-            if (st)
-                _mm512_stream_si512(out, v);
-            else
-                _mm512_storeu_si512(out, v);
+            _mm512_storeu_si512((void *)((uint16_t *)y + o + j), v);
         }
 }
 #else
@@ -2130,7 +2125,9 @@ static int elementwise_pass(int op, int dt, const void *x, const void *dy, void 
         free(zero);
     } else {
         rows_shape r = rows_layout(A, C, B);
-        const int pairs = BF16_PAIRS && dt == DT_BF16 && op == OP_APPLY && !m && r.W % 32 == 0;
+        /* in pairs where the pass is bound by its arithmetic: in cache (memory-bound, the widening
+         * shuffles measured 3% faster than pairs' 512-bit streaming stores) */
+        const int pairs = BF16_PAIRS && dt == DT_BF16 && op == OP_APPLY && !m && r.W % 32 == 0 && !stream;
         float *coefw = malloc(sizeof(float) * (pairs ? 6 : 4) * (size_t)r.W); /* per column: m, s, b, h (, s, h) */
         if (!coefw) return 1;
         float *mw = m ? coefw : NULL, *sw = coefw + r.W, *bw = coefw + 2 * r.W, *hw = coefw + 3 * r.W;
@@ -2151,10 +2148,8 @@ static int elementwise_pass(int op, int dt, const void *x, const void *dy, void 
             if (pairs) {
                 int64_t lo, hi;
                 part(r.Ms, t, T, &lo, &hi);
-                const int st = stream && (uintptr_t)out % 64 == 0;
-                rows_apply_pairs(x, out, r.W, lo, hi, coefw + 4 * r.W, coefw + 5 * r.W, st);
+                rows_apply_pairs(x, out, r.W, lo, hi, coefw + 4 * r.W, coefw + 5 * r.W);
                 if (t == T - 1) rows_tail(OP_APPLY, x, NULL, out, r, NULL, sw, NULL, hw, NULL, NULL, DT_BF16);
-                if (st) _mm_sfence();
             } else
 #endif
             if (dt == DT_F32)
