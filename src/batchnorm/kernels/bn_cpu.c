@@ -1315,9 +1315,6 @@ INLINE float rows_op1(int op, const void *x, const void *dy, int64_t i, int64_t 
                  gated ? ghw[j] : 0.f, dt);
 }
 
-/* The elementwise pass over this thread's wide rows, with per-column coefficient vectors of
- * width W (the first Wc of them serve the tail rows); mw NULL: no centre (inference).
- * Streaming needs W % VEC == 0. */
 /* The tail rows of s (A % k original rows of Wc columns after the widened ones), value by value. */
 INLINE void rows_tail(int op, const void *x, const void *dy, void *out, rows_shape s, const float *mw, const float *sw,
                       const float *bw, const float *hw, const float *gsw, const float *ghw, int dt) {
@@ -1365,6 +1362,9 @@ static void rows_apply_pairs(const void *x, void *y, int64_t W, int64_t lo, int6
 #define BF16_PAIRS 0
 #endif
 
+/* The elementwise pass over this thread's wide rows, with per-column coefficient vectors of
+ * width W (the first Wc of them serve the tail rows); mw NULL: no centre (inference).
+ * Streaming needs W % VEC == 0. */
 INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, rows_shape s, const float *mw,
                              const float *sw, const float *bw, const float *hw, const float *gsw, const float *ghw,
                              int stream, int dt, int t, int T) {
