@@ -1005,19 +1005,23 @@ INLINE int rows_tile_stats1(const void *x, int dt, int64_t base, int64_t W, int6
     return ok == 0xFFFF;
 }
 
-/* One block's per-column (x0, mean of x - x0, M2), tile by tile; shifted: in one pass about the
- * x0 given (rows_tile_stats1) where that cancels little, else in two about the block's first row. */
+/* One tile's statistics; shifted: in one pass about the x0 given (rows_tile_stats1) where that
+ * cancels little, else in two about the block's first row (rows_tile_stats). */
+INLINE void rows_tile_stats_any(const void *x, int dt, int64_t base, int64_t W, int64_t nr, int64_t j, const int nv,
+                                const int masked, __mmask16 last, const int shifted, const int pf, float *x0, float *sm,
+                                float *q) {
+    if (!(shifted && rows_tile_stats1(x, dt, base, W, nr, j, nv, masked, last, pf, x0, sm, q)))
+        rows_tile_stats(x, dt, base, W, nr, j, nv, masked, last, pf, x0, sm, q);
+}
+
+/* One block's per-column (x0, mean of x - x0, M2), tile by tile (shifted, pf: as rows_tile_stats_any). */
 INLINE void rows_block_stats(const void *x, int dt, int64_t base, int64_t W, int64_t nr, const int shifted,
                              const int pf, float *x0, float *sm, float *q) {
     int64_t j = 0;
     for (; j + TILE * VEC <= W; j += TILE * VEC)
-        if (!(shifted && rows_tile_stats1(x, dt, base, W, nr, j, TILE, 0, 0, pf, x0, sm, q)))
-            rows_tile_stats(x, dt, base, W, nr, j, TILE, 0, 0, pf, x0, sm, q);
-    for (; j + VEC <= W; j += VEC)
-        if (!(shifted && rows_tile_stats1(x, dt, base, W, nr, j, 1, 0, 0, pf, x0, sm, q)))
-            rows_tile_stats(x, dt, base, W, nr, j, 1, 0, 0, pf, x0, sm, q);
-    if (j < W && !(shifted && rows_tile_stats1(x, dt, base, W, nr, j, 1, 1, first_lanes(W - j), pf, x0, sm, q)))
-        rows_tile_stats(x, dt, base, W, nr, j, 1, 1, first_lanes(W - j), pf, x0, sm, q);
+        rows_tile_stats_any(x, dt, base, W, nr, j, TILE, 0, 0, shifted, pf, x0, sm, q);
+    for (; j + VEC <= W; j += VEC) rows_tile_stats_any(x, dt, base, W, nr, j, 1, 0, 0, shifted, pf, x0, sm, q);
+    if (j < W) rows_tile_stats_any(x, dt, base, W, nr, j, 1, 1, first_lanes(W - j), shifted, pf, x0, sm, q);
 }
 #endif
 
@@ -1028,10 +1032,13 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
     int64_t lo, hi, W = s.W, R = rows_block(W, dt);
     part(s.Ms, t, T, &lo, &hi);
     double na = 0.0;
+#if HAVE_AVX512
+    const int pf = rows_prefetch(s, dt, 1);
+#endif
     for (int64_t r0 = lo; r0 < hi; r0 += R) {
         int64_t nr = hi - r0 < R ? hi - r0 : R, base = r0 * W;
 #if HAVE_AVX512
-        rows_block_stats(x, dt, base, W, nr, one_pass(dt) && r0 > lo, rows_prefetch(s, dt, 1), x0, sm, q);
+        rows_block_stats(x, dt, base, W, nr, one_pass(dt) && r0 > lo, pf, x0, sm, q);
 #else
         int64_t r;
         for (int64_t j = 0; j < W; j++) {
@@ -1126,12 +1133,14 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
     int64_t lo, hi, W = s.W, R = rows_block(W, dt);
     part(s.Ms, t, T, &lo, &hi);
     for (int64_t j = 0; j < W; j++) a1[j] = a2[j] = 0.0;
+#if HAVE_AVX512
+    const int pf = rows_prefetch(s, dt, 2);
+#endif
     for (int64_t r0 = lo; r0 < hi; r0 += R) {
         int64_t nr = hi - r0 < R ? hi - r0 : R, base = r0 * W;
 #if HAVE_AVX512
         (void)b1;
         (void)b2;
-        const int pf = rows_prefetch(s, dt, 2);
         int64_t j = 0;
         if (gsw) {
             const int nv = TILE / 2;
