@@ -52,6 +52,7 @@ LAYOUTS = [
     pytest.param(dense((9, 5, 7, 7)), 1, id="nchw-7x7"),
     pytest.param(dense((4, 3, 80, 80), CL), 1, id="mt-nhwc"),  # two threads
     pytest.param(dense((64, 41, 7, 7)), 1, id="mt-nchw-7x7"),
+    pytest.param(dense((8, 64, 16, 16), CL), 1, id="pooled-nhwc"),  # outputs from the pool (>= 256 KiB)
     pytest.param(lambda dt: torch.randn(6, 50).t().to(dt), 1, id="transposed-2d"),
     pytest.param(lambda dt: torch.randn(4, 8, 5).transpose(1, 2).to(dt), 2, id="transposed-3d"),
     pytest.param(lambda dt: torch.randn(4, 3, 5, 5).permute(0, 2, 1, 3).to(dt), 2, id="permuted"),
@@ -418,7 +419,9 @@ def test_cxx_compiler_failure_is_reported_and_the_kernel_still_runs(tmp_path):
 
 # --------------------------------------------------------------------------- BN + ReLU (act layers)
 
-ACT_LAYOUTS = [p for p in LAYOUTS if p.id in ("nchw", "nhwc", "2d", "nlc-axis-1", "mt-nhwc", "nchw-7x7")]
+ACT_LAYOUTS = [
+    p for p in LAYOUTS if p.id in ("nchw", "nhwc", "2d", "nlc-axis-1", "mt-nhwc", "nchw-7x7", "pooled-nhwc")
+]
 
 
 def _act_pair(C, axis, dtype):
@@ -519,6 +522,7 @@ GHOST_CASES = [  # (shape, memory format, k): even and ragged ghost batches, pla
     pytest.param((64, 40), None, 16, id="2d"),
     pytest.param((34, 7), None, 8, id="2d-ragged"),  # a last ghost batch of 2
     pytest.param((8, 6, 9), None, 8, id="one-ghost-batch"),
+    pytest.param((32, 64, 8, 8), CL, 8, id="pooled"),  # outputs from the pool
 ]
 
 
@@ -584,3 +588,143 @@ def test_ghost_train_step_declines_what_the_python_path_must_take():
     assert ext.ghost_train_step(torch.randn(C, 8).t(), *args, 1, 4) is None  # axis 0 not outermost
     assert ext.ghost_train_step(torch.randn(8, C), *args, 1, 0) is None
     assert ext.ghost_train_step(torch.randn(8, C), *args, 1, 4) is not None
+
+
+# ----------------------------------------------------------------------------- the output pool
+
+POOLED = (8, 64, 16, 16)  # 512 KiB of float32: pooled (bn_cpu_ext.cpp, POOL_MIN_BYTES = 256 KiB)
+
+
+@pytest.fixture
+def pool_limit():
+    """Set the pool's limit for one test; the pool is emptied before and after."""
+    ext.set_output_pool_limit(0)
+    yield ext.set_output_pool_limit
+    ext.set_output_pool_limit(0)
+    ext.set_output_pool_limit(cpu._output_pool_limit())
+
+
+def _eval(x):
+    C = x.shape[1]
+    with torch.no_grad():
+        return ext.eval(x, torch.zeros(C), torch.ones(C), None, None, 0.0, 1)
+
+
+def test_an_output_takes_the_buffer_of_a_freed_one(pool_limit):
+    pool_limit(64 << 20)
+    x = make(POOLED, CL, torch.float32)
+    y = _eval(x)
+    address = y.data_ptr()
+    assert ext.output_pool()[:2] == (0, 0)
+    del y
+    assert ext.output_pool()[:2] == (x.nbytes, 1)
+    y = _eval(x)
+    assert y.data_ptr() == address and ext.output_pool()[:2] == (0, 0)
+    assert y.stride() == x.stride()
+    bitwise(y, x)
+    small = _eval(make((4, 3, 5, 7), None, torch.float32))  # under the minimum: torch's allocator
+    del small
+    assert ext.output_pool()[:2] == (0, 0)
+
+
+def test_pooled_buffers_are_reused_and_results_stay_exact(pool_limit, ctypes_path):
+    """Each call writes its output over the buffer of the last call's dead output (stale values):
+    training with autograd and eval, three times, bitwise as the ctypes path."""
+    pool_limit(64 << 20)
+    x = make(POOLED, CL, torch.float32)
+    _, _, w, b = vectors(x.shape[1])
+    dy = torch.empty_like(x).copy_(torch.randn(x.shape))
+    for step in range(3):
+        y, bmean, _, invstd, _ = ext.train(x, w, b, None, None, EPS, 0.1, 1)
+        dx = ext.backward(dy, x, w, bmean, invstd, 1, True)[0]
+        assert len({y.data_ptr(), dx.data_ptr(), x.data_ptr(), dy.data_ptr()}) == 4  # live: never shared
+        want = ctypes_path(lambda: cpu.train_forward_update(x, w, b, EPS, 1, None, None, 0.1))
+        bitwise(y, want[0])
+        want_dx = ctypes_path(lambda m=bmean, s=invstd: cpu.train_backward(dy, x, w, m, s, 1, True))
+        bitwise(dx, want_dx[0])
+        bitwise(_eval(x), x)
+        del y, dx
+        if step:
+            assert ext.output_pool()[1] >= 2  # y's and dx's buffers, taken again next step
+
+
+def test_the_pool_keeps_at_most_its_limit(pool_limit):
+    x = make(POOLED, CL, torch.float32)
+    pool_limit(2 * x.nbytes)
+    outputs = [_eval(x) for _ in range(5)]
+    del outputs
+    kept, buffers, limit = ext.output_pool()
+    assert (kept, buffers, limit) == (2 * x.nbytes, 2, 2 * x.nbytes)
+    pool_limit(x.nbytes)  # lowering the limit frees at once
+    assert ext.output_pool()[:2] == (x.nbytes, 1)
+    pool_limit(0)  # off: nothing is kept
+    assert ext.output_pool()[:2] == (0, 0)
+    y = _eval(x)
+    del y
+    assert ext.output_pool()[:2] == (0, 0)
+    bigger = make((16, 64, 16, 16), CL, torch.float32)
+    pool_limit(x.nbytes)
+    y = _eval(bigger)  # more than the whole limit: freed, not kept
+    del y
+    assert ext.output_pool()[:2] == (0, 0)
+
+
+def test_pooled_outputs_are_ordinary_tensors(pool_limit, tmp_path):
+    """resize_, shared memory, saving and numpy views work on them as on torch's own outputs."""
+    pool_limit(64 << 20)
+    x = make(POOLED, None, torch.float32)
+    y = _eval(x)
+    y.resize_(2 * x.numel())
+    assert torch.equal(y[: x.numel()], x.flatten())
+    z = _eval(x)
+    z.share_memory_()
+    assert z.is_shared() and torch.equal(z, x)
+    torch.save(z, tmp_path / "z.pt")
+    assert torch.equal(torch.load(tmp_path / "z.pt"), x)
+    view = _eval(x).numpy()  # the array keeps the buffer alive
+    _eval(x)
+    assert (view == x.numpy()).all()
+
+
+@pytest.mark.parametrize(
+    "value,mib", [("", cpu.DEFAULT_OUTPUT_POOL_MB), ("0", 0), ("1.5", 1.5), (" 16 ", 16)], ids=repr
+)
+def test_pool_limit_from_the_environment(monkeypatch, value, mib):
+    monkeypatch.setenv("BATCHNORM_OUTPUT_POOL_MB", value)
+    assert cpu._output_pool_limit() == int(mib * (1 << 20))
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "nan", "inf"])
+def test_bad_pool_limit_warns_and_keeps_the_default(monkeypatch, value):
+    monkeypatch.setenv("BATCHNORM_OUTPUT_POOL_MB", value)
+    with pytest.warns(UserWarning, match=f"BATCHNORM_OUTPUT_POOL_MB={value!r} is not a size in MiB"):
+        assert cpu._output_pool_limit() == cpu.DEFAULT_OUTPUT_POOL_MB << 20
+
+
+def test_a_forked_child_starts_its_own_pool():
+    """The child cannot trust the parent's lock (a parent thread may have held it at the fork): it
+    gets a new pool, and outputs freed in the child go there."""
+    result = run_python(
+        """
+        import os, torch
+        from batchnorm.kernels import cpu
+        ext = cpu.extension()
+        x = torch.randn(8, 64, 16, 16)
+        with torch.no_grad():
+            y = ext.eval(x, torch.zeros(64), torch.ones(64), None, None, 0.0, 1)
+            z = ext.eval(x, torch.zeros(64), torch.ones(64), None, None, 0.0, 1)
+        del z
+        print("parent", *ext.output_pool()[:2], flush=True)
+        pid = os.fork()
+        if pid == 0:
+            print("child", *ext.output_pool()[:2], flush=True)
+            del y
+            print("child", *ext.output_pool()[:2], flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("parent", *ext.output_pool()[:2], flush=True)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    n = 8 * 64 * 16 * 16 * 4
+    assert result.stdout.split("\n")[:4] == [f"parent {n} 1", "child 0 0", f"child {n} 1", f"parent {n} 1"]

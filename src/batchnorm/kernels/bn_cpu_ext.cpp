@@ -19,16 +19,23 @@
  * kernel's shared library, which the process has already loaded through ctypes: one copy, so
  * the cache-size setting is shared. */
 #include <ATen/Parallel.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/core/CPUAllocator.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/threshold_backward.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -146,8 +153,113 @@ bool wants_grad(std::initializer_list<const at::Tensor *> tensors) {
     return false;
 }
 
-/* An output with x's strides (x is dense, so empty_like preserves them). */
-at::Tensor output_like(const at::Tensor &x) { return at::empty_like(x, at::MemoryFormat::Preserve); }
+/* Output memory: a bounded pool of the buffers of outputs that died.
+ *
+ * torch's CPU allocator takes a buffer of a megabyte or more from mmap and gives it back with
+ * munmap, so every call's output is fresh memory: its first write page-faults, and the OS zeroes
+ * each page before the kernel writes it. For an output that fits in the cache that is a large
+ * part of a pass that otherwise runs at copy speed (benchmarks/kernel_notes.md, "Eleventh
+ * session"). The pool keeps the buffers of freed outputs of POOL_MIN_BYTES and more, up to a limit
+ * in all (cpu.py sets it: BATCHNORM_OUTPUT_POOL_MB, default 64; 0 turns the pool off), and gives
+ * the most recently freed buffer of the same byte size to the next output: mapped already, and
+ * likely still cached. Beyond the limit the oldest buffers are freed. Outputs are ordinary
+ * resizable tensors; only their storage's allocator is this one. */
+constexpr size_t POOL_MIN_BYTES = 256 << 10;
+
+class OutputPool final : public c10::Allocator {
+   public:
+    c10::DataPtr allocate(size_t bytes) override {
+        if (bytes < POOL_MIN_BYTES || limit_ == 0) return c10::GetCPUAllocator()->allocate(bytes);
+        Block *block = take(bytes);
+        if (!block) {
+            void *data = nullptr;
+            if (posix_memalign(&data, 64, bytes) != 0) throw std::bad_alloc();
+            block = new Block{data, bytes};
+        }
+        return {block->data, block, &OutputPool::release, c10::Device(c10::DeviceType::CPU)};
+    }
+
+    void copy_data(void *dest, const void *src, size_t count) const override { std::memcpy(dest, src, count); }
+
+    /* The most bytes the pool keeps; lowering it frees the oldest buffers at once. */
+    void set_limit(size_t bytes) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        limit_ = bytes;
+        trim();
+    }
+
+    /* (bytes kept, buffers kept, limit). */
+    std::tuple<size_t, size_t, size_t> state() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return {kept_, free_.size(), limit_};
+    }
+
+    /* The pool outputs come from. A fork's child starts a new one: the parent's mutex may have been
+     * held by a thread the child does not have. Pools are never deleted (storages point at them). */
+    static OutputPool &current() {
+        static const bool registered = [] {
+            pthread_atfork(nullptr, nullptr, [] { pool_ = new OutputPool(pool_->limit_); });
+            return true;
+        }();
+        (void)registered;
+        return *pool_;
+    }
+
+   private:
+    struct Block {
+        void *data;
+        size_t bytes;
+    };
+
+    explicit OutputPool(size_t limit) : limit_(limit) {}
+
+    Block *take(size_t bytes) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (auto it = free_.rbegin(); it != free_.rend(); ++it)
+            if ((*it)->bytes == bytes) {
+                Block *block = *it;
+                free_.erase(std::next(it).base());
+                kept_ -= bytes;
+                return block;
+            }
+        return nullptr;
+    }
+
+    /* The DataPtr's deleter: a dying output's buffer goes to the current pool. */
+    static void release(void *ctx) { current().keep(static_cast<Block *>(ctx)); }
+
+    void keep(Block *block) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        free_.push_back(block);
+        kept_ += block->bytes;
+        trim();
+    }
+
+    void trim() {  // with mutex_ held
+        size_t drop = 0;
+        while (drop < free_.size() && kept_ > limit_) {
+            kept_ -= free_[drop]->bytes;
+            std::free(free_[drop]->data);
+            delete free_[drop++];
+        }
+        free_.erase(free_.begin(), free_.begin() + static_cast<std::ptrdiff_t>(drop));
+    }
+
+    static OutputPool *pool_;
+    std::mutex mutex_;
+    std::vector<Block *> free_;  // oldest first
+    size_t kept_ = 0;
+    size_t limit_;
+};
+
+OutputPool *OutputPool::pool_ = new OutputPool(64 << 20);
+
+/* An output with x's strides (x is dense: kernel_layout, same_layout), its memory from the pool. */
+at::Tensor output_like(const at::Tensor &x) {
+    if (!x.is_non_overlapping_and_dense()) return at::empty_like(x, at::MemoryFormat::Preserve);
+    return at::Tensor(at::detail::empty_strided_generic(x.sizes(), x.strides(), &OutputPool::current(),
+                                                        c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type()));
+}
 
 at::Tensor float_vector(int64_t C) { return at::empty({C}, at::TensorOptions().dtype(at::kFloat)); }
 
@@ -663,4 +775,6 @@ PYBIND11_MODULE(_bn_cpu_ext, m) {
     m.def("act_eval", &act_eval);
     m.def("act_train_step", &act_train_step);
     m.def("ghost_train_step", &ghost_train_step);
+    m.def("set_output_pool_limit", [](size_t bytes) { OutputPool::current().set_limit(bytes); });
+    m.def("output_pool", [] { return OutputPool::current().state(); });
 }

@@ -43,12 +43,14 @@ deviations from it), float32 within a chunk, chunks merged in float64 with Chan'
 never E[x^2] - E[x]^2. bfloat16 is computed in float32 and rounded to nearest even once.
 Parameters and statistics are float32 (C,) vectors.
 
-Memory: outputs come from torch.empty_like (x's strides). Where a pass's tensors (x and y;
-x, dy and dx) do not fit in the last-level cache together, the output is written with
-streaming (non-temporal) stores, and outputs of 8 MiB and
-more are advised MADV_HUGEPAGE before their first write (Linux): with 4 KiB pages the page
-faults of a fresh 100 MB output cost more than the pass itself. BATCHNORM_NO_HUGEPAGES=1
-turns the advice off.
+Memory: outputs have x's strides. Those of the C++ entry points come from a pool of the buffers
+of freed outputs (BATCHNORM_OUTPUT_POOL_MB, default 64 MiB kept at most; 0: none), so a call's
+output is mapped memory, not pages the OS must fault in and zero (see bn_cpu_ext.cpp). Where
+a pass's tensors (x and y; x, dy and dx) do not fit in the last-level cache together, the
+output is written with streaming (non-temporal) stores, and outputs of 8 MiB and more are
+advised MADV_HUGEPAGE before their first write (Linux): with 4 KiB pages the page faults of a
+fresh 100 MB output cost more than the pass itself. BATCHNORM_NO_HUGEPAGES=1 turns the advice
+off.
 
 Build: on first use (`available()`, `supports()` or a kernel call) `bn_cpu.c` is compiled with
 $CC (default `cc`, else `gcc`) and `-O3 -march=native -fno-math-errno -fopenmp -shared -fPIC` (plus
@@ -89,6 +91,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -481,7 +484,28 @@ def _build_and_import_extension() -> ModuleType:
     if version != _ABI_VERSION:
         raise _UnavailableError(f"{path} calls a kernel of ABI version {version}, expected {_ABI_VERSION}")
     _self_test(module)
+    module.set_output_pool_limit(_output_pool_limit())
     return module
+
+
+DEFAULT_OUTPUT_POOL_MB = 64
+
+
+def _output_pool_limit() -> int:
+    """The bytes of freed outputs the C++ entry points keep for reuse: BATCHNORM_OUTPUT_POOL_MB MiB (default 64)."""
+    text = os.environ.get("BATCHNORM_OUTPUT_POOL_MB", "").strip()
+    try:
+        mib = float(text) if text else DEFAULT_OUTPUT_POOL_MB
+        if not mib >= 0 or math.isinf(mib):
+            raise ValueError
+    except ValueError:
+        warnings.warn(
+            f"BATCHNORM_OUTPUT_POOL_MB={text!r} is not a size in MiB (e.g. 64, or 0 for no pool); "
+            f"using {DEFAULT_OUTPUT_POOL_MB}",
+            stacklevel=2,
+        )
+        mib = DEFAULT_OUTPUT_POOL_MB
+    return int(mib * (1 << 20))
 
 
 def _self_test(module: ModuleType) -> None:
