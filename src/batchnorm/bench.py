@@ -276,7 +276,8 @@ def _cpu_kernel_state() -> str:
         return f"unavailable: {cpu.why_unavailable()}"
     if cpu.extension() is None:
         return f"ctypes (C++ entry points unavailable: {cpu.extension_why_unavailable()})"
-    return "C++ entry points"
+    pool = cpu.extension().output_pool()[2] >> 20
+    return f"C++ entry points, outputs from a pool of up to {pool} MiB of freed ones" if pool else "C++ entry points"
 
 
 # --------------------------------------------------------------------------- timing
@@ -647,6 +648,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         + (f" (at least {min_time:g} s of each)" if min_time else ""),
         highlight=False,
     )
+    if "cpu_kernel" in m:
+        console.print(f"ours: {m['cpu_kernel']}", highlight=False)
     load = m.get("load_average")
     if load and load[0] > 0.5:
         console.print(

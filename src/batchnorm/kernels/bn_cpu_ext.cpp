@@ -156,14 +156,16 @@ bool wants_grad(std::initializer_list<const at::Tensor *> tensors) {
 /* Output memory: a bounded pool of the buffers of outputs that died.
  *
  * torch's CPU allocator takes a buffer of a megabyte or more from mmap and gives it back with
- * munmap, so every call's output is fresh memory: its first write page-faults, and the OS zeroes
- * each page before the kernel writes it. For an output that fits in the cache that is a large
- * part of a pass that otherwise runs at copy speed (benchmarks/kernel_notes.md, "Eleventh
- * session"). The pool keeps the buffers of freed outputs of POOL_MIN_BYTES and more, up to a limit
- * in all (cpu.py sets it: BATCHNORM_OUTPUT_POOL_MB, default 64; 0 turns the pool off), and gives
- * the most recently freed buffer of the same byte size to the next output: mapped already, and
- * likely still cached. Beyond the limit the oldest buffers are freed. Outputs are ordinary
- * resizable tensors; only their storage's allocator is this one. */
+ * munmap, so each call's output is fresh memory: its first write page-faults, and the OS zeroes
+ * every page before the kernel writes it. On the development VM that costs up to a third of a
+ * training step in cache, and about as much on 100 MB tensors, where the zeroing is one more
+ * pass over memory (benchmarks/kernel_notes.md, "Eleventh session").
+ *
+ * The pool keeps the buffers of freed outputs of POOL_MIN_BYTES and more, up to a limit in all
+ * (cpu.py sets it from BATCHNORM_OUTPUT_POOL_MB; 0 turns the pool off). The next output of the
+ * same byte size takes the most recently freed one: mapped already, and likely still cached.
+ * Beyond the limit the oldest buffers are freed. Outputs are ordinary resizable tensors; only
+ * their storage's allocator is this one. */
 constexpr size_t POOL_MIN_BYTES = 256 << 10;
 
 class OutputPool final : public c10::Allocator {
@@ -252,7 +254,7 @@ class OutputPool final : public c10::Allocator {
     size_t limit_;
 };
 
-OutputPool *OutputPool::pool_ = new OutputPool(64 << 20);
+OutputPool *OutputPool::pool_ = new OutputPool(0);  // off until cpu.py sets the limit
 
 /* An output with x's strides (x is dense: kernel_layout, same_layout), its memory from the pool. */
 at::Tensor output_like(const at::Tensor &x) {

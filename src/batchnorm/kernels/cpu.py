@@ -44,7 +44,7 @@ never E[x^2] - E[x]^2. bfloat16 is computed in float32 and rounded to nearest ev
 Parameters and statistics are float32 (C,) vectors.
 
 Memory: outputs have x's strides. Those of the C++ entry points come from a pool of the buffers
-of freed outputs (BATCHNORM_OUTPUT_POOL_MB, default 64 MiB kept at most; 0: none), so a call's
+of freed outputs (BATCHNORM_OUTPUT_POOL_MB, default 256 MiB kept at most; 0: none), so a call's
 output is mapped memory, not pages the OS must fault in and zero (see bn_cpu_ext.cpp). Where
 a pass's tensors (x and y; x, dy and dx) do not fit in the last-level cache together, the
 output is written with streaming (non-temporal) stores, and outputs of 8 MiB and more are
@@ -488,11 +488,11 @@ def _build_and_import_extension() -> ModuleType:
     return module
 
 
-DEFAULT_OUTPUT_POOL_MB = 64
+DEFAULT_OUTPUT_POOL_MB = 256  # an output and an input gradient of (32, 64, 112, 112) float32, 103 MB each
 
 
 def _output_pool_limit() -> int:
-    """The bytes of freed outputs the C++ entry points keep for reuse: BATCHNORM_OUTPUT_POOL_MB MiB (default 64)."""
+    """The bytes of freed outputs the C++ entry points keep for reuse: BATCHNORM_OUTPUT_POOL_MB MiB (default 256)."""
     text = os.environ.get("BATCHNORM_OUTPUT_POOL_MB", "").strip()
     try:
         mib = float(text) if text else DEFAULT_OUTPUT_POOL_MB
