@@ -33,6 +33,7 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -193,14 +194,14 @@ class OutputPool final : public c10::Allocator {
     /* (bytes kept, buffers kept, limit). */
     std::tuple<size_t, size_t, size_t> state() {
         std::lock_guard<std::mutex> lock(mutex_);
-        return {kept_, free_.size(), limit_};
+        return {kept_, free_.size(), limit_.load()};
     }
 
     /* The pool outputs come from. A fork's child starts a new one: the parent's mutex may have been
      * held by a thread the child does not have. Pools are never deleted (storages point at them). */
     static OutputPool &current() {
         static const bool registered = [] {
-            pthread_atfork(nullptr, nullptr, [] { pool_ = new OutputPool(pool_->limit_); });
+            pthread_atfork(nullptr, nullptr, [] { pool_ = new OutputPool(pool_->limit_.load()); });
             return true;
         }();
         (void)registered;
@@ -251,7 +252,7 @@ class OutputPool final : public c10::Allocator {
     std::mutex mutex_;
     std::vector<Block *> free_;  // oldest first
     size_t kept_ = 0;
-    size_t limit_;
+    std::atomic<size_t> limit_;  // read without the mutex by allocate
 };
 
 OutputPool *OutputPool::pool_ = new OutputPool(0);  // off until cpu.py sets the limit
