@@ -728,3 +728,21 @@ def test_a_forked_child_starts_its_own_pool():
     assert result.returncode == 0, result.stderr
     n = 8 * 64 * 16 * 16 * 4
     assert result.stdout.split("\n")[:4] == [f"parent {n} 1", "child 0 0", f"child {n} 1", f"parent {n} 1"]
+
+
+def test_the_python_paths_take_their_outputs_from_the_pool(pool_limit):
+    """cpu._empty_like (the variants' ctypes calls, the operators inside compiled graphs) allocates
+    through the same pool; a tensor that is not dense keeps torch's allocator and x's strides."""
+    pool_limit(64 << 20)
+    x = make(POOLED, CL, torch.float32)
+    y = cpu._empty_like(x)
+    address = y.data_ptr()
+    assert y.stride() == x.stride() and y.dtype == x.dtype
+    del y
+    assert ext.output_pool()[:2] == (x.nbytes, 1)
+    assert cpu._empty_like(x).data_ptr() == address
+    sliced = torch.randn(8, 64, 16, 64)[..., ::2]
+    out = cpu._empty_like(sliced)
+    assert out.shape == sliced.shape and out.stride() == sliced.stride()
+    del out
+    assert ext.output_pool()[:2] == (x.nbytes, 1)  # only x's buffer, back from the call above

@@ -780,4 +780,7 @@ PYBIND11_MODULE(_bn_cpu_ext, m) {
     m.def("ghost_train_step", &ghost_train_step);
     m.def("set_output_pool_limit", [](size_t bytes) { OutputPool::current().set_limit(bytes); });
     m.def("output_pool", [] { return OutputPool::current().state(); });
+    m.def("output_like", [](const at::Tensor &x) -> py::object {  // cpu._empty_like: None unless dense CPU
+        return plain_cpu(x) && x.is_non_overlapping_and_dense() ? py::cast(output_like(x)) : py::none();
+    });
 }

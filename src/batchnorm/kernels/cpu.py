@@ -633,6 +633,12 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
 
 
 def _empty_like(x: Tensor) -> Tensor:
+    """An output with x's strides; of a dense plain CPU tensor, from the C++ entry points' allocator
+    (their pool of freed outputs) where they are loaded. Not of fake tensors: those trace."""
+    if type(x) is Tensor and (ext := extension()) is not None:
+        out = ext.output_like(x)
+        if out is not None:
+            return out
     out = torch.empty_like(x, memory_format=torch.preserve_format)
     if not x.is_contiguous() and not _same_layout(out, x):  # empty_like keeps dense strides; make sure
         out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
