@@ -492,7 +492,7 @@ DEFAULT_OUTPUT_POOL_MB = 256  # an output and an input gradient of (32, 64, 112,
 
 
 def _output_pool_limit() -> int:
-    """The bytes of freed outputs the C++ entry points keep for reuse: BATCHNORM_OUTPUT_POOL_MB MiB (default 256)."""
+    """The bytes of freed outputs the C++ entry points keep: BATCHNORM_OUTPUT_POOL_MB MiB, or the default."""
     text = os.environ.get("BATCHNORM_OUTPUT_POOL_MB", "").strip()
     try:
         mib = float(text) if text else DEFAULT_OUTPUT_POOL_MB
