@@ -598,10 +598,10 @@ POOLED = (8, 64, 16, 16)  # 512 KiB of float32: pooled (bn_cpu_ext.cpp, POOL_MIN
 @pytest.fixture
 def pool_limit():
     """Set the pool's limit for one test; the pool is emptied before and after."""
-    ext.set_output_pool_limit(0)
-    yield ext.set_output_pool_limit
-    ext.set_output_pool_limit(0)
-    ext.set_output_pool_limit(cpu._output_pool_limit())
+    cpu.set_output_pool_limit(0)
+    yield cpu.set_output_pool_limit
+    cpu.set_output_pool_limit(0)
+    cpu.set_output_pool_limit(cpu._output_pool_limit())
 
 
 def _eval(x):
@@ -657,6 +657,9 @@ def test_the_pool_keeps_at_most_its_limit(pool_limit):
     assert (kept, buffers, limit) == (2 * x.nbytes, 2, 2 * x.nbytes)
     pool_limit(x.nbytes)  # lowering the limit frees at once
     assert ext.output_pool()[:2] == (x.nbytes, 1)
+    with pytest.raises(ValueError, match="expected a number of bytes >= 0, got -1"):
+        pool_limit(-1)
+    assert ext.output_pool()[:2] == (x.nbytes, 1)  # a refused limit changes nothing
     pool_limit(0)  # off: nothing is kept
     assert ext.output_pool()[:2] == (0, 0)
     y = _eval(x)

@@ -44,13 +44,13 @@ never E[x^2] - E[x]^2. bfloat16 is computed in float32 and rounded to nearest ev
 Parameters and statistics are float32 (C,) vectors.
 
 Memory: outputs have x's strides. Those of the C++ entry points come from a pool of the buffers
-of freed outputs (BATCHNORM_OUTPUT_POOL_MB, default 256 MiB kept at most; 0: none), so a call's
-output is mapped memory, not pages the OS must fault in and zero (see bn_cpu_ext.cpp). Where
-a pass's tensors (x and y; x, dy and dx) do not fit in the last-level cache together, the
-output is written with streaming (non-temporal) stores, and outputs of 8 MiB and more are
-advised MADV_HUGEPAGE before their first write (Linux): with 4 KiB pages the page faults of a
-fresh 100 MB output cost more than the pass itself. BATCHNORM_NO_HUGEPAGES=1 turns the advice
-off.
+of freed outputs (BATCHNORM_OUTPUT_POOL_MB, default 256 MiB kept at most; 0: none; at run time
+`set_output_pool_limit`), so a call's output is mapped memory, not pages the OS must fault in
+and zero (see bn_cpu_ext.cpp). Where a pass's tensors (x and y; x, dy and dx) do not fit in
+the last-level cache together, the output is written with streaming (non-temporal) stores, and
+outputs of 8 MiB and more are advised MADV_HUGEPAGE before their first write (Linux): with 4 KiB
+pages the page faults of a fresh 100 MB output cost more than the pass itself.
+BATCHNORM_NO_HUGEPAGES=1 turns the advice off.
 
 Build: on first use (`available()`, `supports()` or a kernel call) `bn_cpu.c` is compiled with
 $CC (default `cc`, else `gcc`) and `-O3 -march=native -fno-math-errno -fopenmp -shared -fPIC` (plus
@@ -506,6 +506,17 @@ def _output_pool_limit() -> int:
         )
         mib = DEFAULT_OUTPUT_POOL_MB
     return int(mib * (1 << 20))
+
+
+def set_output_pool_limit(nbytes: int) -> None:
+    """Keep at most `nbytes` of freed outputs for reuse (BATCHNORM_OUTPUT_POOL_MB sets the start);
+    lowering it frees the oldest kept buffers at once, and 0 frees them all and keeps none. Nothing
+    to do where the C++ entry points are not loaded (their outputs are the pool's only users)."""
+    if nbytes < 0:
+        raise ValueError(f"set_output_pool_limit: expected a number of bytes >= 0, got {nbytes}")
+    ext = extension()
+    if ext is not None:
+        ext.set_output_pool_limit(int(nbytes))
 
 
 def _self_test(module: ModuleType) -> None:
