@@ -274,9 +274,10 @@ def _cpu_kernel_state() -> str:
 
     if not cpu.available():
         return f"unavailable: {cpu.why_unavailable()}"
-    if cpu.extension() is None:
+    ext = cpu.extension()
+    if ext is None:
         return f"ctypes (C++ entry points unavailable: {cpu.extension_why_unavailable()})"
-    pool = cpu.extension().output_pool()[2] >> 20
+    pool = ext.output_pool()[2] >> 20
     return f"C++ entry points, outputs from a pool of up to {pool} MiB of freed ones" if pool else "C++ entry points"
 
 
