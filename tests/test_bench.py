@@ -138,6 +138,110 @@ def test_render_prints_every_case_and_the_geometric_means(report):
     assert md.startswith("| case | mode |") and md.count("\n| ") == len(report["rows"])
 
 
+def _row(case, mode, ours, eager, *, layout="nchw", dtype="float32", cached=True, roofline=100.0, mb=10.0):
+    """A result row with only the fields the targets read: times in ms, x of `mb` MB."""
+    shape = [int(d) for d in case.split()[0].split("x")]
+    size = 2 if dtype == "bfloat16" else 4
+    return {
+        "case": case,
+        "mode": mode,
+        "shape": shape,
+        "layout": layout,
+        "dtype": dtype,
+        "elements": int(mb * 1e6) // size,
+        "element_size": size,
+        "fits_in_cache": cached,
+        "times_ms": {"ours": ours, "eager": eager, "compile": None},
+        "speedup_vs_eager": eager / ours,
+        "copy_ms": 1.0,
+        "roofline_pct": roofline,
+    }
+
+
+def _cpu_report(eval_eager=2.0, bf16_eager=6.0, roofline=70.0):
+    """Two shapes in float32 and bfloat16 (fwd+bwd) and one eval row; ours always 1 ms (f32) / 0.5 ms (bf16)."""
+    rows = [
+        _row("8x4x5x5 nchw f32", "train_fwd_bwd", 1.0, 4.0, cached=False, roofline=roofline),
+        _row("8x4x5x5 nchw bf16", "train_fwd_bwd", 0.5, bf16_eager / 2, dtype="bfloat16"),
+        _row("16x5 f32", "train_fwd_bwd", 1.0, 2.25, layout="contiguous"),
+        _row("8x4x3x3 nchw f32", "train_fwd_bwd", 1.0, 3.0, roofline=30.0),  # in cache: not a "large" one
+        _row("8x4x5x5 nhwc f32", "train_fwd_bwd", 1.0, 3.0, layout="channels_last"),  # no bfloat16 pair
+        _row("16x5 bf16", "train_fwd_bwd", 0.5, bf16_eager / 4, layout="contiguous", dtype="bfloat16"),
+        _row("8x4x5x5 nchw f32", "eval_fwd", 1.0, eval_eager),
+    ]
+    return {"settings": {"device": "cpu"}, "rows": rows}
+
+
+def _verdicts(report):
+    return {t["target"]: (round(t["value"], 6), round(t["threshold"], 6), t["met"]) for t in bench.targets(report)}
+
+
+def test_cpu_targets_are_computed_from_the_rows():
+    got = _verdicts(_cpu_report())
+    assert got == {
+        "float32 train fwd+bwd, geometric mean vs eager": (3.0, 2.0, True),  # (4 * 2.25 * 3 * 3) ** (1 / 4)
+        "float32 train fwd+bwd, slowest case vs eager": (2.25, 0.9, True),
+        "bfloat16 train fwd+bwd, geometric mean vs eager": (round(math.sqrt(6 * 3), 6), 2.0, True),
+        "bfloat16 train fwd+bwd, slowest case vs eager": (3.0, 0.9, True),
+        "float32 NCHW train fwd+bwd larger than the cache, lowest % of the roofline": (70.0, 60.0, True),
+        "bfloat16 train fwd+bwd, geometric mean vs eager, against float32's": (round(math.sqrt(18), 6), 3.0, True),
+        "eval fwd, slowest case vs eager": (2.0, 1.0, True),
+    }
+
+
+@pytest.mark.parametrize(
+    "change, target",
+    [
+        ({"eval_eager": 0.95}, "eval fwd, slowest case vs eager"),
+        ({"roofline": 59.0}, "float32 NCHW train fwd+bwd larger than the cache, lowest % of the roofline"),
+        ({"bf16_eager": 4.0}, "bfloat16 train fwd+bwd, geometric mean vs eager, against float32's"),
+    ],
+)
+def test_a_cpu_target_missed_by_a_little_is_not_met(change, target):
+    got = _verdicts(_cpu_report(**change))
+    assert [name for name, (_, _, met) in got.items() if not met] == [target]
+
+
+def test_the_slowest_case_and_the_bfloat16_reason_are_named():
+    found = {t["target"]: t for t in bench.targets(_cpu_report(eval_eager=0.8))}
+    assert found["eval fwd, slowest case vs eager"]["detail"].startswith("8x4x5x5 nchw f32, of 1 case; there ours")
+    assert "ours took 1.00x and eager 0.80x the time of a copy" in found["eval fwd, slowest case vs eager"]["detail"]
+    # bfloat16 takes half of float32's time in ours, (3 / 4 * 1.5 / 2.25) ** 0.5 in eager
+    detail = found["bfloat16 train fwd+bwd, geometric mean vs eager, against float32's"]["detail"]
+    assert detail == "2 cases; bfloat16 takes 0.50x float32's time in ours, 0.71x in eager"
+
+
+def test_cuda_targets_split_rows_at_100_mb():
+    rows = [
+        _row("64x64x112x112 nchw f32", "train_fwd", 1.0, 1.5, roofline=85.0, mb=205.0),
+        _row("64x64x112x112 nchw f32", "train_fwd_bwd", 1.0, 0.9, roofline=84.0, mb=205.0),
+        _row("8x4x5x5 nchw f32", "train_fwd", 1.0, 0.95, roofline=10.0),
+        _row("8x4x5x5 nchw f32", "eval_fwd", 1.0, 1.2, roofline=10.0),
+    ]
+    got = _verdicts({"settings": {"device": "cuda:0"}, "rows": rows})
+    assert got == {
+        "train fwd of tensors >= 100 MB, lowest % of the roofline": (85.0, 85.0, True),  # "at least"
+        "train fwd+bwd of tensors >= 100 MB, lowest % of the roofline": (84.0, 85.0, False),
+        "all modes, geometric mean vs eager": (round((1.5 * 0.9 * 0.95 * 1.2) ** 0.25, 6), 1.2, False),
+        "tensors under 100 MB, slowest case vs eager": (0.95, 0.9, True),
+    }
+
+
+def test_targets_are_printed_and_recorded(report):
+    from rich.console import Console
+
+    assert report["targets"] == bench.targets(report)
+    assert {t["target"] for t in report["targets"]} >= {"eval fwd, slowest case vs eager"}
+    console = Console(width=200, record=True)
+    bench.render(report, console)
+    text = console.export_text()
+    assert f"targets of issue 3 (cpu), on this run's {len(TINY)} cases:" in text
+    for t in report["targets"]:
+        assert t["target"] in text
+    md = bench.markdown({k: v for k, v in report.items() if k != "targets"})  # an older report: computed
+    assert md.count("\n- met: ") + md.count("\n- **not met**: ") == len(report["targets"])
+
+
 def test_suites():
     full, quick = bench.suite(), bench.suite(quick=True)
     assert len(full) == 28 and len({c.name for c in full}) == 28

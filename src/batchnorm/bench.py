@@ -28,7 +28,8 @@ JSON). Each call makes fresh outputs; forward
 modes run under torch.no_grad(); fwd+bwd takes the gradients of x, weight and
 bias for a fixed upstream gradient with torch.autograd.grad. On CUDA the device
 is synchronized before and after each timed call. No timing is asserted
-anywhere: this module prints tables and writes JSON.
+anywhere: this module prints tables and writes JSON. Below the table it checks
+issue 3's speed targets on the run's rows (`targets`: met or not, with the value).
 
     >>> report = run_suite([Case((8, 4, 16, 16), torch.float32)], repeats=3, compile=False)
     >>> sorted(report["rows"][0]["times_ms"])
@@ -73,6 +74,7 @@ __all__ = [
     "render",
     "run_suite",
     "suite",
+    "targets",
 ]
 
 MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
@@ -391,6 +393,95 @@ def _geomean(values: Sequence[float]) -> float | None:
     return math.exp(statistics.fmean(math.log(v) for v in values)) if values else None
 
 
+# --------------------------------------------------------------------------- targets
+
+LARGE_BYTES = 100e6  # issue 3's "tensors of 100 MB and more" (CUDA)
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 3's speed targets, each checked against this run's rows.
+
+    CPU: train fwd+bwd float32 at a geometric mean >= 2x vs eager with no case below 0.9x, the
+    NCHW float32 cases larger than the cache at >= 60% of the roofline, bfloat16 at least as far
+    ahead (read two ways: the same thresholds, and a geometric mean >= float32's), eval never
+    slower than eager. CUDA: train fwd and fwd+bwd of tensors of 100 MB and more at >= 85% of
+    the roofline, a geometric mean >= 1.2x vs eager over all rows, no smaller case below 0.9x.
+
+    One dict per target whose rows the run has: `target` (words), `value` and `threshold` in
+    `unit` ("x": speedup, "%": of the roofline; `met` is value >= threshold), and `detail` (the
+    cases it was measured on, the slowest one).
+    A run of part of the suite (`--only`, `--quick`) checks the targets on its part only.
+    """
+    rows = report["rows"]
+    found: list[dict[str, Any]] = []
+
+    def check(target: str, value: float | None, threshold: float, detail: str, unit: str = "x") -> None:
+        if value is not None:
+            met = value >= threshold
+            found.append(
+                {"target": target, "value": value, "threshold": threshold, "unit": unit, "met": met, "detail": detail}
+            )
+
+    def select(mode: str, dtype: str | None = None, **where: Any) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in rows
+            if r["mode"] == mode and dtype in (None, r["dtype"]) and all(r[k] == v for k, v in where.items())
+        ]
+
+    def geomean(name: str, selected: list[dict[str, Any]], threshold: float) -> None:
+        check(
+            f"{name}, geometric mean vs eager",
+            _geomean([r["speedup_vs_eager"] for r in selected]),
+            threshold,
+            _cases(len(selected)),
+        )
+
+    def slowest(name: str, selected: list[dict[str, Any]], threshold: float, key: str = "speedup_vs_eager") -> None:
+        if selected:
+            worst = min(selected, key=lambda r: r[key])
+            unit = "%" if key == "roofline_pct" else "x"
+            check(name, worst[key], threshold, f"{worst['case']}, of {_cases(len(selected))}", unit)
+
+    if report["settings"]["device"].startswith("cuda"):
+        big = [r for r in rows if r["elements"] * r["element_size"] >= LARGE_BYTES]
+        for mode in ("train_fwd", "train_fwd_bwd"):
+            chosen = [r for r in big if r["mode"] == mode]
+            slowest(f"{MODE_LABELS[mode]} of tensors >= 100 MB, lowest % of the roofline", chosen, 85, "roofline_pct")
+        geomean("all modes", rows, 1.2)
+        small = [r for r in rows if r["elements"] * r["element_size"] < LARGE_BYTES]
+        slowest("tensors under 100 MB, slowest case vs eager", small, 0.9)
+        return found
+
+    f32, bf16 = select("train_fwd_bwd", "float32"), select("train_fwd_bwd", "bfloat16")
+    for name, chosen in (("float32", f32), ("bfloat16", bf16)):
+        geomean(f"{name} train fwd+bwd", chosen, 2.0)
+        slowest(f"{name} train fwd+bwd, slowest case vs eager", chosen, 0.9)
+    large = select("train_fwd_bwd", "float32", layout="nchw", fits_in_cache=False)
+    slowest("float32 NCHW train fwd+bwd larger than the cache, lowest % of the roofline", large, 60, "roofline_pct")
+    pairs = [(b, f) for b in bf16 for f in f32 if b["shape"] == f["shape"] and b["layout"] == f["layout"]]
+    if pairs:
+        # How much faster each side's bfloat16 is than its float32: the reason the two differ.
+        ours = _geomean([b["times_ms"]["ours"] / f["times_ms"]["ours"] for b, f in pairs])
+        eager = _geomean([b["times_ms"]["eager"] / f["times_ms"]["eager"] for b, f in pairs])
+        check(
+            "bfloat16 train fwd+bwd, geometric mean vs eager, against float32's",
+            _geomean([b["speedup_vs_eager"] for b, _ in pairs]),
+            _geomean([f["speedup_vs_eager"] for _, f in pairs]),
+            f"{_cases(len(pairs))}; bfloat16 takes {ours:.2f}x float32's time in ours, {eager:.2f}x in eager",
+        )
+    evals = select("eval_fwd")
+    slowest("eval fwd, slowest case vs eager", evals, 1.0)
+    if evals:
+        worst = min(evals, key=lambda r: r["speedup_vs_eager"])
+        t = worst["times_ms"]
+        found[-1]["detail"] += (
+            f"; there ours took {t['ours'] / worst['copy_ms']:.2f}x and eager "
+            f"{t['eager'] / worst['copy_ms']:.2f}x the time of a copy of x"
+        )
+    return found
+
+
 def run_suite(
     cases: Sequence[Case] | None = None,
     *,
@@ -503,7 +594,7 @@ def run_suite(
             "n_eager": len(mode_rows),
             "n_compile": len(vs_compile),
         }
-    return {
+    report = {
         "schema": 1,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
@@ -521,6 +612,8 @@ def run_suite(
         "geomean_speedup": geomean,
         "elapsed_s": time.perf_counter() - started,
     }
+    report["targets"] = targets(report)
+    return report
 
 
 def _run_mode(
@@ -713,6 +806,13 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"({g['n_eager']} cases), {vs_compile} vs compile ({g['n_compile']} cases)",
             highlight=False,
         )
+    found = _targets_of(report)
+    if found:
+        n = _cases(len({r["case"] for r in report["rows"]}))
+        console.print(f"targets of issue 3 ({report['settings']['device']}), on this run's {n}:", highlight=False)
+        for t in found:
+            verdict = "[green]met    [/]" if t["met"] else "[red]not met[/]"
+            console.print(f"  {verdict} {t['target']}: {_fmt_target(t)} ({t['detail']})", highlight=False)
     for row in report["rows"]:
         tol = _TOLERANCE.get(row["dtype"], 2e-2)
         if row["max_rel_diff_vs_eager"] > tol:
@@ -750,7 +850,29 @@ def markdown(report: dict[str, Any]) -> str:
             f"- geometric-mean speedup, {MODE_LABELS[mode]}: {_plain_x(g['vs_eager'])} vs eager, "
             f"{_plain_x(g['vs_compile'])} vs torch.compile"
         )
+    found = _targets_of(report)
+    if found:
+        n = _cases(len({r["case"] for r in report["rows"]}))
+        lines += ["", f"Targets of issue 3 ({report['settings']['device']}), on this run's {n}:", ""]
+        for t in found:
+            verdict = "met" if t["met"] else "**not met**"
+            lines.append(f"- {verdict}: {t['target']}: {_fmt_target(t)} ({t['detail']})")
     return "\n".join(lines) + "\n"
+
+
+def _cases(n: int) -> str:
+    return f"{n} case" if n == 1 else f"{n} cases"
+
+
+def _targets_of(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's targets; computed for reports written before they were recorded."""
+    return report["targets"] if "targets" in report else targets(report)
+
+
+def _fmt_target(t: dict[str, Any]) -> str:
+    if t["unit"] == "%":
+        return f"{t['value']:.0f}% (needs {t['threshold']:.0f}%)"
+    return f"{t['value']:.2f}x (needs {t['threshold']:.2f}x)"
 
 
 def _plain_x(v: float | None) -> str:
