@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -282,6 +285,20 @@ def test_command_writes_json(app, tmp_path):
     assert {r["case"] for r in report["rows"]} == {TINY[1].name}
     assert report["settings"]["quick"] is True and report["settings"]["only"] == "NHWC"
     assert "geometric-mean speedup" in result.output
+
+
+def test_the_kernels_extra_build_flags_are_recorded():
+    """A kernel built with $BATCHNORM_KERNEL_CFLAGS (an A/B of a macro) says so in the report."""
+    from batchnorm.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip(f"no CPU kernel: {cpu.why_unavailable()}")
+    code = "from batchnorm import bench; print(bench._cpu_kernel_state())"
+    env = {**os.environ, "BATCHNORM_KERNEL_CFLAGS": "-DSTORE_PF=0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(", the kernel built with $BATCHNORM_KERNEL_CFLAGS '-DSTORE_PF=0'")
+    assert "BATCHNORM_KERNEL_CFLAGS" not in bench._cpu_kernel_state()  # this process: no extra flags
 
 
 @pytest.mark.parametrize(

@@ -276,11 +276,14 @@ def _cpu_kernel_state() -> str:
 
     if not cpu.available():
         return f"unavailable: {cpu.why_unavailable()}"
+    flags = " ".join(cpu._extra_flags)
+    built = f", the kernel built with $BATCHNORM_KERNEL_CFLAGS {flags!r}" if flags else ""
     ext = cpu.extension()
     if ext is None:
-        return f"ctypes (C++ entry points unavailable: {cpu.extension_why_unavailable()})"
+        return f"ctypes (C++ entry points unavailable: {cpu.extension_why_unavailable()}){built}"
     pool = ext.output_pool()[2] >> 20
-    return f"C++ entry points, outputs from a pool of up to {pool} MiB of freed ones" if pool else "C++ entry points"
+    pooled = f", outputs from a pool of up to {pool} MiB of freed ones" if pool else ""
+    return f"C++ entry points{pooled}{built}"
 
 
 # --------------------------------------------------------------------------- timing

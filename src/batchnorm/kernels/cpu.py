@@ -133,6 +133,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _why: str | None = None
 _path: Path | None = None
+_extra_flags: list[str] = []  # $BATCHNORM_KERNEL_CFLAGS as the loaded library was built with them
 _tried = False
 
 
@@ -197,13 +198,16 @@ def _build_once() -> ctypes.CDLL | None:
 
 
 def _build_and_load() -> tuple[ctypes.CDLL, Path]:
+    global _extra_flags
     flag = os.environ.get("BATCHNORM_NO_KERNEL", "")
     if flag not in ("", "0"):
         raise _UnavailableError(f"disabled by BATCHNORM_NO_KERNEL={flag}")
     compiler = _compiler("CC", ("cc", "gcc"))
-    flags = [*CFLAGS, *shlex.split(os.environ.get("BATCHNORM_KERNEL_CFLAGS", ""))]
-    lib_path = _cached_build(SOURCE, compiler, flags, (), "libbn_cpu.so", "the CPU kernel")
-    return _load(lib_path), lib_path
+    extra = shlex.split(os.environ.get("BATCHNORM_KERNEL_CFLAGS", ""))
+    lib_path = _cached_build(SOURCE, compiler, [*CFLAGS, *extra], (), "libbn_cpu.so", "the CPU kernel")
+    lib = _load(lib_path)
+    _extra_flags = extra
+    return lib, lib_path
 
 
 def _read_source(path: Path) -> bytes:
