@@ -238,7 +238,8 @@ def test_targets_are_printed_and_recorded(report):
     console = Console(width=200, record=True)
     bench.render(report, console)
     text = console.export_text()
-    assert f"targets of issue 3 (cpu), on this run's {len(TINY)} cases:" in text
+    part = f"on this run's {len(TINY)} cases (they are set for the full suite of {len(bench.suite())}):"
+    assert f"targets of issue 3 (cpu), {part}" in text
     for t in report["targets"]:
         assert t["target"] in text
     md = bench.markdown({k: v for k, v in report.items() if k != "targets"})  # an older report: computed

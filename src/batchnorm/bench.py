@@ -811,8 +811,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         )
     found = _targets_of(report)
     if found:
-        n = _cases(len({r["case"] for r in report["rows"]}))
-        console.print(f"targets of issue 3 ({report['settings']['device']}), on this run's {n}:", highlight=False)
+        console.print(_targets_heading(report), highlight=False)
         for t in found:
             verdict = "[green]met    [/]" if t["met"] else "[red]not met[/]"
             console.print(f"  {verdict} {t['target']}: {_fmt_target(t)} ({t['detail']})", highlight=False)
@@ -855,8 +854,8 @@ def markdown(report: dict[str, Any]) -> str:
         )
     found = _targets_of(report)
     if found:
-        n = _cases(len({r["case"] for r in report["rows"]}))
-        lines += ["", f"Targets of issue 3 ({report['settings']['device']}), on this run's {n}:", ""]
+        heading = _targets_heading(report)
+        lines += ["", heading[0].upper() + heading[1:], ""]
         for t in found:
             verdict = "met" if t["met"] else "**not met**"
             lines.append(f"- {verdict}: {t['target']}: {_fmt_target(t)} ({t['detail']})")
@@ -865,6 +864,13 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _cases(n: int) -> str:
     return f"{n} case" if n == 1 else f"{n} cases"
+
+
+def _targets_heading(report: dict[str, Any]) -> str:
+    ran = {r["case"] for r in report["rows"]}
+    full = {c.name for c in suite()}
+    part = "" if ran == full else f" (they are set for the full suite of {len(full)})"
+    return f"targets of issue 3 ({report['settings']['device']}), on this run's {_cases(len(ran))}{part}:"
 
 
 def _targets_of(report: dict[str, Any]) -> list[dict[str, Any]]:
