@@ -240,6 +240,8 @@ def test_targets_are_printed_and_recorded(report):
     text = console.export_text()
     part = f"on this run's {len(TINY)} cases (they are set for the full suite of {len(bench.suite())}):"
     assert f"targets of issue 3 (cpu), {part}" in text
+    whole = {"settings": {"device": "cpu"}, "rows": [{"case": c.name} for c in bench.suite()]}
+    assert bench._targets_heading(whole) == "targets of issue 3 (cpu), on this run's 28 cases:"
     for t in report["targets"]:
         assert t["target"] in text
     md = bench.markdown({k: v for k, v in report.items() if k != "targets"})  # an older report: computed
