@@ -440,11 +440,17 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             _cases(len(selected)),
         )
 
-    def slowest(name: str, selected: list[dict[str, Any]], threshold: float, key: str = "speedup_vs_eager") -> None:
+    def slowest(
+        name: str,
+        selected: list[dict[str, Any]],
+        threshold: float,
+        key: str = "speedup_vs_eager",
+        explain: Callable[[dict[str, Any]], str] = lambda row: "",
+    ) -> None:
         if selected:
             worst = min(selected, key=lambda r: r[key])
             unit = "%" if key == "roofline_pct" else "x"
-            check(name, worst[key], threshold, f"{worst['case']}, of {_cases(len(selected))}", unit)
+            check(name, worst[key], threshold, f"{worst['case']}, of {_cases(len(selected))}{explain(worst)}", unit)
 
     if report["settings"]["device"].startswith("cuda"):
         big = [r for r in rows if r["elements"] * r["element_size"] >= LARGE_BYTES]
@@ -473,15 +479,11 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             _geomean([f["speedup_vs_eager"] for _, f in pairs]),
             f"{_cases(len(pairs))}; bfloat16 takes {ours:.2f}x float32's time in ours, {eager:.2f}x in eager",
         )
-    evals = select("eval_fwd")
-    slowest("eval fwd, slowest case vs eager", evals, 1.0)
-    if evals:
-        worst = min(evals, key=lambda r: r["speedup_vs_eager"])
-        t = worst["times_ms"]
-        found[-1]["detail"] += (
-            f"; there ours took {t['ours'] / worst['copy_ms']:.2f}x and eager "
-            f"{t['eager'] / worst['copy_ms']:.2f}x the time of a copy of x"
-        )
+    def against_copy(row: dict[str, Any]) -> str:
+        t, copy = row["times_ms"], row["copy_ms"]
+        return f"; there ours took {t['ours'] / copy:.2f}x and eager {t['eager'] / copy:.2f}x the time of a copy of x"
+
+    slowest("eval fwd, slowest case vs eager", select("eval_fwd"), 1.0, explain=against_copy)
     return found
 
 

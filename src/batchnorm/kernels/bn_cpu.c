@@ -197,10 +197,10 @@ INLINE void VSTREAM(void *p, int64_t i, __m512 v, int dt) {
  * regular stores. Their output is written a row at a time, and where it is not in L1/L2 every
  * line's read-for-ownership stalls the stores (perf: the store instruction took 18-27% of the
  * bfloat16 passes' samples); the hardware prefetchers follow the loads, not the stores.
- * kernel_ab.py, random order, bfloat16 channels_last / 2-D shapes in cache, against none: train
- * forward 0.88-0.97x the time, backward 0.89-1.01x, eval 0.92-1.03x (22 of 22 pairs <= 1.03;
- * two runs each); float32 channels_last (32,2048,7,7) 0.82-1.0x, the rest within 2%. 1024 and
- * 4096 bytes measured the same as 2048. Not in the NCHW plane loops: float32 eval and forward
+ * kernel_ab.py, random order, two runs, bfloat16 channels_last / 2-D shapes in cache, against
+ * none: train forward 0.88-0.97x the time, backward 0.89-1.01x, eval 0.92-1.03x; float32
+ * channels_last (32,2048,7,7) 0.82-1.0x, the other float32 cases within 3% (their outputs
+ * stream, or are out of the cache). 1024 and 4096 bytes measured the same as 2048. Not in the NCHW plane loops: float32 eval and forward
  * of (32,128,512) and (32,2048,7,7) took 1.08-1.14x there (512-bit stores, whole lines). */
 INLINE void prefetch_store(void *p, int64_t b) {
 #if STORE_PF
