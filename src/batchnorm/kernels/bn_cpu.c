@@ -200,8 +200,9 @@ INLINE void VSTREAM(void *p, int64_t i, __m512 v, int dt) {
  * kernel_ab.py, random order, two runs, bfloat16 channels_last / 2-D shapes in cache, against
  * none: train forward 0.88-0.97x the time, backward 0.89-1.01x, eval 0.92-1.03x; float32
  * channels_last (32,2048,7,7) 0.82-1.0x, the other float32 cases within 3% (their outputs
- * stream, or are out of the cache). 1024 and 4096 bytes measured the same as 2048. Not in the NCHW plane loops: float32 eval and forward
- * of (32,128,512) and (32,2048,7,7) took 1.08-1.14x there (512-bit stores, whole lines). */
+ * stream, or are out of the cache). 1024 and 4096 bytes measured the same as 2048. Not in the
+ * NCHW plane loops: float32 eval and forward of (32,128,512) and (32,2048,7,7) took 1.08-1.14x
+ * there (512-bit stores, whole lines). */
 INLINE void prefetch_store(void *p, int64_t b) {
 #if STORE_PF
     __builtin_prefetch((char *)p + b + STORE_PF, 1, 3);
