@@ -14,6 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+# Without a GPU, the Triton kernels run in triton's interpreter on CPU tensors: for the kernel tests
+# (test_triton_kernels.py) and the "triton" backend's parity tests. Read once, at their first use.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tolerances against torch or the float64 reference, per input dtype. Half
 # inputs are computed in float32 by both sides and rounded once, so they may
 # differ by about one unit in the last place of a bfloat16 (2**-8 relative).
@@ -73,3 +78,33 @@ def act_calls(monkeypatch) -> list[str]:
     for name in fused:
         monkeypatch.setattr(cpu, name, spy(getattr(cpu, name), name))
     return calls
+
+
+@pytest.fixture
+def triton_calls(monkeypatch) -> list[str]:
+    """The Triton kernels' entry points called while the test runs, by name, in order (not those
+    one calls in turn: train_forward runs train_forward_act); skips the test (with the reason)
+    where they cannot run: no triton, or no GPU and no interpreter."""
+    from batchnorm.kernels import triton_bn
+
+    if not triton_bn.available():
+        pytest.skip(f"Triton kernels unavailable: {triton_bn.why_unavailable()}")
+    calls: list[str] = []
+    inside = [0]
+
+    def spy(function, name):
+        def call(*args, **kwargs):
+            if not inside[0]:
+                calls.append(name)
+            inside[0] += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                inside[0] -= 1
+
+        return call
+
+    for name in ("train_forward", "train_backward", "inference", "train_forward_act", "train_backward_act"):
+        monkeypatch.setattr(triton_bn, name, spy(getattr(triton_bn, name), name))
+    return calls
+

@@ -8,13 +8,20 @@ import torch
 import batchnorm as bn
 from batchnorm import functional as F
 from batchnorm.kernels import cpu as cpu_kernel
+from batchnorm.kernels import triton_bn
 
-BACKENDS = ["auto", "composite", "torch", "cpu"]
+# "triton" runs these CPU tensors in triton's interpreter (conftest sets TRITON_INTERPRET=1 where
+# there is no GPU); test_parity.py and test_act.py run it on every layout and on the act layers.
+BACKENDS = ["auto", "composite", "torch", "cpu", "triton"]
 
 
 def _supported(backend: str, x: torch.Tensor) -> bool:
     if backend == "cpu":
         return cpu_kernel.supports(x, 1)
+    if backend == "triton":
+        if not triton_bn.available():
+            pytest.skip(f"Triton kernels unavailable: {triton_bn.why_unavailable()}")
+        return triton_bn.supports(x, 1)
     return True
 
 
@@ -31,17 +38,18 @@ CASES = [
 @pytest.mark.parametrize("shape, dtype, channels_last", CASES)
 def test_backend_parity_train_then_eval(backend, shape, dtype, channels_last):
     torch.manual_seed(0)
-    x = torch.randn(shape, dtype=dtype) * 3 + 1
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x = (torch.randn(shape, dtype=dtype) * 3 + 1).to(device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     if not _supported(backend, x):
-        with pytest.raises(RuntimeError, match="backend 'cpu' was forced"), F.use_backend(backend):
-            bn.BatchNorm(shape[1])(x)
+        with pytest.raises(RuntimeError, match=f"backend '{backend}' was forced.*{x.dtype}"), F.use_backend(backend):
+            bn.BatchNorm(shape[1], device=device)(x)
         return
     C = shape[1]
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    ours = bn.BatchNorm(C, dtype=pdtype)
-    ref = torch.nn.BatchNorm1d(C, dtype=pdtype) if len(shape) < 4 else torch.nn.BatchNorm2d(C, dtype=pdtype)
+    ours = bn.BatchNorm(C, dtype=pdtype, device=device)
+    ref = (torch.nn.BatchNorm1d if len(shape) < 4 else torch.nn.BatchNorm2d)(C, dtype=pdtype, device=device)
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5)
         ours.bias.uniform_(-1, 1)

@@ -45,7 +45,7 @@ BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 TRAIN_STEPS = 3
 
 
-def _make_pair(rank: int, param_dtype: torch.dtype, **kwargs):
+def _make_pair(rank: int, param_dtype: torch.dtype, device: str = "cpu", **kwargs):
     """A torch layer and ours, with the same non-trivial parameters."""
     torch_cls, our_cls = CLASSES[rank]
     theirs = torch_cls(C, dtype=param_dtype, **kwargs)
@@ -56,12 +56,12 @@ def _make_pair(rank: int, param_dtype: torch.dtype, **kwargs):
             theirs.bias.copy_(torch.randn(C))
     ours = our_cls(C, dtype=param_dtype, **kwargs)
     ours.load_state_dict(theirs.state_dict())
-    return theirs, ours
+    return theirs.to(device), ours.to(device)
 
 
-def _input(rank: int, fmt: torch.memory_format, dtype: torch.dtype) -> torch.Tensor:
+def _input(rank: int, fmt: torch.memory_format, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
     x = torch.randn(SHAPES[rank], dtype=torch.float64) * 2.0 + 3.0
-    return x.to(dtype).contiguous(memory_format=fmt)
+    return x.to(device, dtype).contiguous(memory_format=fmt)
 
 
 def _step_and_compare(theirs, ours, x: torch.Tensor, fmt, out_tol: dict, acc_tol: dict) -> None:
@@ -78,7 +78,7 @@ def _step_and_compare(theirs, ours, x: torch.Tensor, fmt, out_tol: dict, acc_tol
     # dy in y's memory format, as the next layer gives it. (With a contiguous dy
     # and channels_last bfloat16 input torch's own bias gradient is off by ~1e-2:
     # it is the oracle that is less exact there, not us.)
-    g = torch.randn(ya.shape, dtype=torch.float64).to(ya.dtype).contiguous(memory_format=fmt)
+    g = torch.randn(ya.shape, dtype=torch.float64).to(ya.device, ya.dtype).contiguous(memory_format=fmt)
     # torch.autograd.grad hands back the gradients as computed (x.grad would be
     # re-laid out to match x), so the memory format of dx is checked too.
     names = [n for n in ("weight", "bias") if getattr(theirs, n) is not None]
@@ -117,11 +117,11 @@ def test_matches_torch_training_then_eval(layout, momentum, affine, track, dtype
         _train_then_eval(layout, momentum, affine, track, dtype_name, tol)
 
 
-def _train_then_eval(layout, momentum, affine, track, dtype_name, tol):
+def _train_then_eval(layout, momentum, affine, track, dtype_name, tol, device="cpu"):
     rank, fmt = LAYOUTS[layout]
     in_dtype, param_dtype = DTYPES[dtype_name]
     theirs, ours = _make_pair(
-        rank, param_dtype, momentum=momentum, track_running_stats=track, **AFFINE[affine]
+        rank, param_dtype, device, momentum=momentum, track_running_stats=track, **AFFINE[affine]
     )
     out_tol = tol(in_dtype)
     # Parameter gradients and running statistics are sums over m values, in the
@@ -129,14 +129,40 @@ def _train_then_eval(layout, momentum, affine, track, dtype_name, tol):
     acc_tol = tol(torch.float64) if param_dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
 
     for _ in range(TRAIN_STEPS):
-        _step_and_compare(theirs, ours, _input(rank, fmt, in_dtype), fmt, out_tol, acc_tol)
+        _step_and_compare(theirs, ours, _input(rank, fmt, in_dtype, device), fmt, out_tol, acc_tol)
     if track:
         assert int(ours.num_batches_tracked) == TRAIN_STEPS
-        assert not torch.equal(ours.running_mean, torch.zeros(C, dtype=param_dtype))  # stats did move
+        assert not torch.equal(ours.running_mean.cpu(), torch.zeros(C, dtype=param_dtype))  # stats did move
 
     theirs.eval()
     ours.eval()
-    _step_and_compare(theirs, ours, _input(rank, fmt, in_dtype), fmt, out_tol, acc_tol)
+    _step_and_compare(theirs, ours, _input(rank, fmt, in_dtype, device), fmt, out_tol, acc_tol)
+
+
+# The Triton kernels through the layers: on the GPU, or in triton's interpreter on CPU tensors (the
+# "triton" backend takes those under TRITON_INTERPRET=1, which conftest sets where there is no GPU).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+TRITON_VARIANTS = [("affine", "float32"), ("no-affine", "float32"), ("no-bias", "float32"), ("affine", "bfloat16")]
+
+
+@pytest.mark.parametrize("affine, dtype_name", TRITON_VARIANTS, ids=[f"{a}-{d}" for a, d in TRITON_VARIANTS])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_triton_path_matches_torch_training_then_eval(layout, affine, dtype_name, tol, triton_calls):
+    with bn.functional.use_backend("triton"):
+        _train_then_eval(layout, 0.1, affine, True, dtype_name, tol, TRITON_DEVICE)
+    # every training step on the kernels (eval with gradients wanted takes differentiable torch ops)
+    assert triton_calls == ["train_forward", "train_backward"] * TRAIN_STEPS
+
+
+@pytest.mark.parametrize("track", [True, False], ids=["track", "no-track"])
+@pytest.mark.parametrize("momentum", [None, 0.3], ids=["mNone", "m0.3"])
+@pytest.mark.parametrize("layout", ["2d", "4d-channels_last"])
+def test_triton_path_momentum_and_tracking(layout, momentum, track, tol, triton_calls):
+    with bn.functional.use_backend("triton"):
+        _train_then_eval(layout, momentum, "affine", track, "float32", tol, TRITON_DEVICE)
+    assert triton_calls[: 2 * TRAIN_STEPS] == ["train_forward", "train_backward"] * TRAIN_STEPS
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -183,3 +209,26 @@ def test_generic_axis_last_on_nhwc_equals_batchnorm2d(tol):
         assert_close(ours(x), theirs(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), **tol(torch.float64))
     for name in BUFFERS:
         assert_close(getattr(ours, name), getattr(theirs, name), **tol(torch.float64))
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_triton_path_eval_without_grad(layout, dtype_name, tol, triton_calls):
+    """Inference (no gradient wanted) on the kernels' one pass, y = x * scale + shift."""
+    rank, fmt = LAYOUTS[layout]
+    in_dtype, param_dtype = DTYPES[dtype_name]
+    theirs, ours = _make_pair(rank, param_dtype, TRITON_DEVICE)
+    mean, var = torch.randn(C), torch.rand(C) + 0.5
+    with torch.no_grad():
+        for layer in (theirs, ours):
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+    theirs.eval()
+    ours.eval()
+    x = _input(rank, fmt, in_dtype, TRITON_DEVICE)
+    with bn.functional.use_backend("triton"), torch.no_grad():
+        yb = ours(x)
+    assert triton_calls == ["inference"]
+    assert yb.dtype == in_dtype and yb.is_contiguous(memory_format=fmt)
+    assert_close(yb, theirs(x), **tol(in_dtype))
+

@@ -328,7 +328,8 @@ def set_backend(name: str) -> None:
       overhead); the Triton kernels for CUDA tensors when Triton is installed;
       else "composite". Inside graphs recorded by torch.compile, torch.export or
       torch.jit.trace: the CPU kernel's operators where they apply, else torch ops;
-    - "cpu" / "triton": that kernel, or a clear error where it cannot run;
+    - "cpu" / "triton": that kernel, or a clear error where it cannot run ("triton" also runs
+      CPU tensors when TRITON_INTERPRET=1 is set, in triton's interpreter: for tests);
     - "composite": our autograd core built from torch tensor operations;
     - "torch": PyTorch's own kernel (torch.native_batch_norm) under our checks and
       running-statistics rule, for comparison or as a fallback.
@@ -364,11 +365,14 @@ def _kernels():
 
 
 def _triton_ok(input: Tensor, axis: int) -> bool:
-    if not input.is_cuda:
+    """Whether the Triton kernels take this input: a CUDA tensor, or, where they were compiled for
+    triton's interpreter (TRITON_INTERPRET=1), a CPU tensor ("auto" never sends one there: the
+    interpreter is for tests of the Triton path on machines without a GPU)."""
+    if not (input.is_cuda or input.is_cpu):
         return False
     from .kernels import triton_bn
 
-    return triton_bn.available() and triton_bn.supports(input, axis)
+    return triton_bn.supports(input, axis)
 
 
 def _pick_path(input: Tensor, axis: int) -> str:
@@ -396,8 +400,15 @@ def _pick_path(input: Tensor, axis: int) -> str:
             f"on {input.device} ({why}); use set_backend('auto')"
         )
     if name == "triton" and not _triton_ok(input, axis):
+        from .kernels import triton_bn
+
+        why = triton_bn.why_unavailable() or (
+            "it takes dense float32/float16/bfloat16 CUDA tensors, "
+            "or CPU ones with TRITON_INTERPRET=1 set before its first use"
+        )
         raise RuntimeError(
-            "backend 'triton' was forced but needs a CUDA tensor and an installed triton; use set_backend('auto')"
+            f"backend 'triton' was forced but cannot run on a {input.dtype} tensor of shape {tuple(input.shape)} "
+            f"on {input.device} ({why}); use set_backend('auto')"
         )
     return name
 
