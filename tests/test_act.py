@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import batchnorm as bn
 
@@ -244,3 +245,128 @@ def test_fused_act_on_gpu_matches_composite():
     for a, b in zip(torch.autograd.grad(ya, (x, r, fused.weight), g), torch.autograd.grad(yb, (x, r, plain.weight), g)):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(fused.running_mean, plain.running_mean, rtol=1e-4, atol=1e-5)
+
+
+# The Triton path (_FusedAct): on the GPU, or in triton's interpreter on CPU tensors with the
+# "triton" backend forced (conftest sets TRITON_INTERPRET=1 where there is no GPU).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_CASES = [  # every layout with the default options, the other options on one (the interpreter is slow)
+    pytest.param(*case.values, option.values[0], id=f"{case.id}-{option.id}")
+    for case in CPU_CASES
+    for option in OPTIONS
+    if case.id in ("nchw", "nhwc", "2d", "ndhwc", "nlc-axis-1") and (option.id == "default" or case.id == "nhwc")
+]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add-relu"])
+@pytest.mark.parametrize("layer,shape,fmt,options", TRITON_CASES)
+def test_triton_act_layer_equals_the_composite(layer, shape, fmt, options, residual, triton_calls):
+    """Three training steps on the fused kernels, then eval under no_grad, against our plain layer
+    + add + relu on torch's kernel: outputs, every gradient (x, weight, bias, residual), the running
+    statistics and the step count, within float32 rounding."""
+    cls, C = layer
+    axis = {"axis": -1} if cls is bn.BatchNormActNd else {}
+    fused, plain = _pair(lambda: cls(C, **axis, **options))
+    fused, plain = fused.to(TRITON_DEVICE), plain.to(TRITON_DEVICE)
+    for step in range(4):
+        x = torch.randn(shape).contiguous(memory_format=fmt or torch.contiguous_format) * 2 + 1
+        x = x.to(TRITON_DEVICE)
+        r = torch.randn(shape, device=TRITON_DEVICE) if residual else None
+        g = torch.randn(shape, device=TRITON_DEVICE)
+        results = []
+        for layer_, backend in ((fused, "triton"), (plain, "torch")):
+            layer_.train(step < 3)
+            xa = x.clone().requires_grad_()
+            ra = r.clone().requires_grad_() if residual else None
+            with bn.functional.use_backend(backend):
+                if step == 3:
+                    with torch.no_grad():
+                        results.append((layer_(xa, residual=ra) if layer_ is fused else _composite(layer_, xa, ra),))
+                    continue
+                y = layer_(xa, residual=ra) if layer_ is fused else _composite(layer_, xa, ra)
+                assert y.stride() == x.stride()
+                wrt = [xa] + ([layer_.weight, layer_.bias] if layer_.affine else []) + ([ra] if residual else [])
+                results.append((y, *torch.autograd.grad(y, wrt, g)))
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * (1 + b.abs().max().item()))
+        for name, buffer in plain.named_buffers():
+            torch.testing.assert_close(getattr(fused, name), buffer, rtol=1e-5, atol=1e-6, msg=name)
+    assert fused.num_batches_tracked == 3
+    assert triton_calls == ["train_forward_act", "train_backward_act"] * 3 + ["inference"]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add-relu"])
+def test_triton_act_layer_in_bfloat16(residual, triton_calls):
+    """bfloat16 input with float32 parameters (mixed precision): within bfloat16 rounding."""
+    fused, plain = _pair(lambda: bn.BatchNormAct2d(8))
+    fused, plain = fused.to(TRITON_DEVICE), plain.to(TRITON_DEVICE)
+    x = torch.randn(4, 8, 6, 6, device=TRITON_DEVICE).to(torch.bfloat16).requires_grad_()
+    r = None
+    if residual:  # BN(x) + r rounds once fused, twice in the composite: keep it away from the ReLU's 0
+        with torch.no_grad():
+            pre = F.batch_norm(x.float(), None, None, plain.weight, plain.bias, training=True)
+            r = torch.randn_like(pre)
+            r = torch.where((pre + r).abs() < 0.1, r + 0.25 * (pre + r).sign() + 0.125, r)
+        r = r.to(torch.bfloat16).requires_grad_()
+    with bn.functional.use_backend("triton"):
+        ya = fused(x, residual=r)
+    yb = _composite(plain, x, r)
+    assert ya.dtype == torch.bfloat16
+    torch.testing.assert_close(ya, yb, rtol=1.6e-2, atol=1.6e-2)
+    g = torch.randn_like(ya)
+    wrt = [x, fused.weight] + ([r] if residual else [])
+    wrt_plain = [x, plain.weight] + ([r] if residual else [])
+    for a, b in zip(torch.autograd.grad(ya, wrt, g), torch.autograd.grad(yb, wrt_plain, g), strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * (1 + b.abs().max().item()))
+    torch.testing.assert_close(fused.running_var, plain.running_var, rtol=1e-3, atol=1e-3)
+    assert triton_calls == ["train_forward_act", "train_backward_act"]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add-relu"])
+def test_triton_act_layer_has_a_double_backward(residual, triton_calls):
+    """create_graph=True: the gradients can be differentiated again, as the composite's."""
+    fused, plain = _pair(lambda: bn.BatchNormAct2d(3))
+    fused, plain = fused.to(TRITON_DEVICE), plain.to(TRITON_DEVICE)
+    x = torch.randn(4, 3, 5, 5, device=TRITON_DEVICE, requires_grad=True)
+    r = torch.randn(4, 3, 5, 5, device=TRITON_DEVICE, requires_grad=True) if residual else None
+    c = torch.randn(4, 3, 5, 5, device=TRITON_DEVICE)  # dy = c + 2y: not 0 where the ReLU cut
+    results = []
+    for layer, backend in ((fused, "triton"), (plain, "torch")):
+        with bn.functional.use_backend(backend):
+            y = fused(x, residual=r) if layer is fused else _composite(plain, x, r)
+        wrt = [x, layer.weight, layer.bias] + ([r] if residual else [])
+        grads = torch.autograd.grad((y * c + y.pow(2)).sum(), wrt, create_graph=True)
+        results.append((*grads, *torch.autograd.grad(sum(g.pow(2).sum() for g in grads), wrt)))
+    assert triton_calls[:1] == ["train_forward_act"]
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in triton's interpreter
+def test_triton_act_layer_keeps_its_state_on_a_nonfinite_batch(triton_calls):
+    """As the CPU kernel's and the plain layer's: a batch with Inf leaves every buffer as it was
+    (num_batches_tracked too), with a warning."""
+    fused, _ = _pair(lambda: bn.BatchNormAct2d(3))
+    fused = fused.to(TRITON_DEVICE)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    x = torch.randn(4, 3, 5, 5, device=TRITON_DEVICE)
+    x[0, 1, 2, 2] = float("inf")
+    with bn.functional.use_backend("triton"):
+        with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+            fused(x)
+        for k, v in fused.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        fused.momentum = None  # the cumulative average counts the batches it took
+        fused(torch.randn(4, 3, 5, 5, device=TRITON_DEVICE))
+        fused(torch.randn(4, 3, 5, 5, device=TRITON_DEVICE))
+    assert fused.num_batches_tracked == 2 and triton_calls == ["train_forward_act"] * 3
+
+
+def test_triton_act_layer_checks_as_the_plain_layer(triton_calls):
+    """One value per channel in training is torch's ValueError, before any kernel runs."""
+    fused = bn.BatchNormAct2d(3).to(TRITON_DEVICE)
+    with bn.functional.use_backend("triton"), pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused(torch.randn(1, 3, 1, 1, device=TRITON_DEVICE))
+    assert triton_calls == [] and fused.num_batches_tracked == 0
+

@@ -51,15 +51,20 @@ FUSED_MIN_ELEMS_CTYPES = 1 << 18
 
 
 class _FusedAct(torch.autograd.Function):
+    """Training relu(BN(x) + residual) on the Triton kernels (`triton_bn.train_forward_act`), the
+    ReLU's mask recomputed in the backward from x rather than stored. Returns y; the batch's (mean,
+    biased var) are appended to `stats` (the caller updates the running statistics, as functional's
+    Triton path does: all channels or none, with a warning). With create_graph=True the backward is
+    built from differentiable ops instead, as `_CpuAct`'s."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, axis, running_mean, running_var, momentum):
+    def forward(ctx, x, weight, bias, residual, eps, axis, stats: list):
         from .kernels import triton_bn
 
-        y, mean, invstd = triton_bn.train_forward_act(
-            x, weight, bias, eps, axis, residual, "relu", running_mean, running_var, momentum
-        )
+        y, mean, invstd = triton_bn.train_forward_act(x, weight, bias, eps, axis, residual, "relu")
         ctx.save_for_backward(x, weight, bias, mean, invstd, residual)
-        ctx.axis = axis
+        ctx.axis, ctx.eps, ctx.bias_dtype = axis, eps, None if bias is None else bias.dtype
+        stats += (mean, (invstd.reciprocal().square() - eps).clamp_min(0.0))
         return y
 
     @staticmethod
@@ -67,12 +72,20 @@ class _FusedAct(torch.autograd.Function):
         from .kernels import triton_bn
 
         x, weight, bias, mean, invstd, residual = ctx.saved_tensors
-        dx, dw, db, dres = triton_bn.train_backward_act(
-            dy, x, weight, bias, mean, invstd, ctx.axis, residual, ctx.needs_input_grad[0]
-        )
-        dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return dx, dw, db, dres if ctx.needs_input_grad[3] else None, None, None, None, None, None
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():  # gradients of gradients wanted: g = dy * mask, then BN's backward
+            ndim = x.dim()
+            scale = invstd if weight is None else invstd * weight.float()
+            shift = -mean * scale if bias is None else bias.float() - mean * scale
+            pre = torch.addcmul(_view(shift, ndim, ctx.axis), x.float(), _view(scale, ndim, ctx.axis))
+            passed = (pre if residual is None else pre + residual.float()) > 0  # (may differ where y ~ 0)
+            g = dy * passed
+            dx, dw, db = _backward_differentiable(ctx, x, weight, g)
+            return dx, dw, db, g if need_r else None, None, None, None
+        dx, dw, db, dres = triton_bn.train_backward_act(dy, x, weight, bias, mean, invstd, ctx.axis, residual, need_x)
+        dw = dw.to(weight.dtype) if weight is not None and need_w else None
+        db = db.to(bias.dtype) if bias is not None and need_b else None
+        return dx, dw, db, dres if need_r else None, None, None, None
 
 
 class _CpuAct(torch.autograd.Function):
@@ -171,8 +184,13 @@ class _ActMixin:
         if self.momentum is None:
             factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
         if path == "triton":
-            y = _FusedAct.apply(input, w, b, residual, self.eps, axis, rm, rv, factor)
-            self.num_batches_tracked.add_(1)
+            _check_training(input, axis, factor, self.eps)
+            stats: list[Tensor] = []
+            y = _FusedAct.apply(input, w, b, residual, self.eps, axis, stats)
+            mean, var = stats
+            m = input.numel() // input.shape[axis]
+            if _update_running_stats(rm, rv, mean, var * (m / (m - 1)), factor):
+                self.num_batches_tracked.add_(1)
             return y
         if path == "graph-train":  # the operators; the buffers take the new statistics (as functional does)
             ops = _cpu_ops.operands(input, axis, w, b, running=(rm, rv))
@@ -242,7 +260,7 @@ class _ActMixin:
         if graph:  # (momentum=None would read num_batches_tracked as a Python number)
             return "graph-train" if self.momentum is not None else None
         path = _pick_path(input, axis)
-        if input.is_cuda and path == "triton":
+        if path == "triton":  # CUDA tensors (or CPU ones in triton's interpreter, forced: for tests)
             return "triton"
         return "cpu-train" if input.is_cpu and path == "cpu" and self._big_enough(input) else None
 
