@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 3 in one prepared run, for a session lent a GPU for a few minutes:
+# the Triton kernels' tests and the layers' parity tests on the Triton path, on the GPU, then
+# `batchnorm bench --device cuda` (without torch.compile, whose compile times would eat the lease).
+#
+#   bash benchmarks/gpu_check.sh quick   # tests + the quick suite: about 3 minutes
+#   bash benchmarks/gpu_check.sh full    # tests + the full suite of 28 cases: about 7 minutes
+#
+# Logs and the bench's JSON go to $OUT (the device tool's folder that comes back), else
+# /tmp/gpu_check: machine.txt, tests.log, bench.log, cuda-<gpu>-<suite>.json. Each step has its own
+# time limit, so a slow step leaves the others their time; the exit status is the first failure's.
+# Runs from the checkout without installing it (PYTHONPATH=src): the GPU machines' python3 has
+# torch, triton, typer, rich and pytest. PYTHON picks another interpreter.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+suite=${1:-quick}
+[[ $suite == quick || $suite == full ]] || { echo "usage: $0 quick|full" >&2; exit 2; }
+out=${OUT:-/tmp/gpu_check}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+status=0
+
+step() {  # step LIMIT_S LOG COMMAND...: run with a time limit, output to the screen and LOG
+    local limit=$1 log=$2
+    shift 2
+    echo "== $* (limit ${limit}s)" | tee -a "$log"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    echo "== exit $rc after $((SECONDS - start))s" | tee -a "$log"
+    ((status == 0 && rc != 0)) && status=$rc
+    return 0
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
+    "$py" - <<'PY'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as e:
+    print("no triton:", e)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(p.name, p.multi_processor_count, "SMs", round(p.total_memory / 2**30), "GiB")
+else:
+    print("no CUDA device: the checks below need one")
+PY
+} 2>&1 | tee "$out/machine.txt"
+"$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" || exit 2
+
+# The kernels (every test of the file, then the `gpu`-marked larger shapes), the layers' parity on
+# the Triton path, every backend's parity, the fused BN + ReLU layers.
+step 240 "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
+step 120 "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_kernels.py tests/test_act.py
+step 180 "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider -k "triton or gpu" \
+    tests/test_parity.py tests/test_backends.py tests/test_act.py
+
+gpu=$("$py" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+flags=(--device cuda --no-compile --json "$out/cuda-$gpu-$suite.json")
+[[ $suite == quick ]] && flags+=(--quick)
+step $([[ $suite == quick ]] && echo 150 || echo 420) "$out/bench.log" "$py" -m batchnorm.bench "${flags[@]}"
+exit $status
