@@ -61,6 +61,26 @@ def _composite(plain, x, residual):
     return torch.relu(y if residual is None else y + residual)
 
 
+def _act_step(layer, fused, x, r, g, training: bool) -> tuple:
+    """One step of the fused layer, or of a composite twin (`_composite`): (y, *gradients) while
+    training (for x, weight and bias if affine, the residual r if any; upstream g), (y,) in eval
+    under no_grad. The output keeps x's strides."""
+    layer.train(training)
+    xa = x.clone().requires_grad_()
+    ra = None if r is None else r.clone().requires_grad_()
+
+    def run():
+        return layer(xa, residual=ra) if layer is fused else _composite(layer, xa, ra)
+
+    if not training:
+        with torch.no_grad():
+            return (run(),)
+    y = run()
+    assert y.stride() == x.stride()
+    wrt = [xa] + ([layer.weight, layer.bias] if layer.affine else []) + ([ra] if ra is not None else [])
+    return (y, *torch.autograd.grad(y, wrt, g))
+
+
 CPU_CASES = [  # (layer class and its arguments, input shape, memory format)
     pytest.param((bn.BatchNormAct2d, 6), (4, 6, 5, 5), None, id="nchw"),
     pytest.param((bn.BatchNormAct2d, 6), (4, 6, 5, 5), torch.channels_last, id="nhwc"),
@@ -98,21 +118,7 @@ def test_cpu_act_layer_is_fused_and_equals_the_composite_bitwise(layer, shape, f
         x = torch.randn(shape).contiguous(memory_format=fmt or torch.contiguous_format) * 2 + 1
         r = torch.randn(shape) if residual else None
         g = torch.randn(shape)
-        results = []
-        for layer_ in (fused, plain, theirs):
-            if layer_ is None:
-                continue
-            layer_.train(step < 3)
-            xa = x.clone().requires_grad_()
-            ra = r.clone().requires_grad_() if residual else None
-            if step == 3:
-                with torch.no_grad():
-                    results.append((layer_(xa, residual=ra) if layer_ is fused else _composite(layer_, xa, ra),))
-                continue
-            y = layer_(xa, residual=ra) if layer_ is fused else _composite(layer_, xa, ra)
-            assert y.stride() == x.stride()
-            wrt = [xa] + ([layer_.weight, layer_.bias] if layer_.affine else []) + ([ra] if residual else [])
-            results.append((y, *torch.autograd.grad(y, wrt, g)))
+        results = [_act_step(layer_, fused, x, r, g, step < 3) for layer_ in (fused, plain, theirs) if layer_]
         for a, b in zip(results[0], results[1]):
             assert torch.equal(a, b)
         for name, buffer in plain.named_buffers():
@@ -275,18 +281,8 @@ def test_triton_act_layer_equals_the_composite(layer, shape, fmt, options, resid
         g = torch.randn(shape, device=TRITON_DEVICE)
         results = []
         for layer_, backend in ((fused, "triton"), (plain, "torch")):
-            layer_.train(step < 3)
-            xa = x.clone().requires_grad_()
-            ra = r.clone().requires_grad_() if residual else None
             with bn.functional.use_backend(backend):
-                if step == 3:
-                    with torch.no_grad():
-                        results.append((layer_(xa, residual=ra) if layer_ is fused else _composite(layer_, xa, ra),))
-                    continue
-                y = layer_(xa, residual=ra) if layer_ is fused else _composite(layer_, xa, ra)
-                assert y.stride() == x.stride()
-                wrt = [xa] + ([layer_.weight, layer_.bias] if layer_.affine else []) + ([ra] if residual else [])
-                results.append((y, *torch.autograd.grad(y, wrt, g)))
+                results.append(_act_step(layer_, fused, x, r, g, step < 3))
         for a, b in zip(*results, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * (1 + b.abs().max().item()))
         for name, buffer in plain.named_buffers():
