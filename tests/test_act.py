@@ -283,6 +283,9 @@ def test_triton_act_layer_equals_the_composite(layer, shape, fmt, options, resid
         for layer_, backend in ((fused, "triton"), (plain, "torch")):
             with bn.functional.use_backend(backend):
                 results.append(_act_step(layer_, fused, x, r, g, step < 3))
+                if layer_ is fused:  # eval under no_grad: one pass, relu(x * scale + shift + r)
+                    with torch.set_grad_enabled(step < 3):
+                        assert fused._fused_path(x, r, None) == ("triton" if step < 3 else "triton-eval")
         for a, b in zip(*results, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * (1 + b.abs().max().item()))
         for name, buffer in plain.named_buffers():

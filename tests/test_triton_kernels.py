@@ -287,6 +287,14 @@ def test_inference(channels_last):
     want = F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), False, 0.1, 1e-5)
     assert y.stride() == x.stride()
     _close("y", y, want, torch.float32)
+    # the block tail in the same pass: relu(BN(x) + residual), the residual in another layout
+    residual = torch.randn(x.shape, device=DEVICE)
+    y = tb.inference(x, scale, shift, 1, residual, "relu")
+    assert y.stride() == x.stride()
+    _close("y + residual, relu", y, torch.relu(want + residual.double()), torch.float32)
+    assert (y == 0).any() and (y > 0).any()
+    with pytest.raises(ValueError, match="act must be one of"):
+        tb.inference(x, scale, shift, 1, act="gelu")
 
 
 def test_expanded_dy():

@@ -4,7 +4,9 @@
 
 On CUDA with Triton the training forward is one fused pass after the
 statistics and the backward recomputes the ReLU mask from x and the saved
-statistics instead of storing it (`kernels.triton_bn.train_forward_act`).
+statistics instead of storing it (`kernels.triton_bn.train_forward_act`);
+inference is one pass (`kernels.triton_bn.inference` with the residual and
+the ReLU).
 On the CPU kernel the add and the ReLU ride in BN's apply pass, in training
 and in inference, and without a residual the ReLU's backward rides in BN's
 backward passes: one C++ call each (the entry points `act_train_step`, with
@@ -26,6 +28,7 @@ from .functional import (
     _backward_differentiable,
     _check_training,
     _compiling_kernel,
+    _eval_coefficients,
     _pick_path,
     _update_running_stats,
     _view,
@@ -177,6 +180,11 @@ class _ActMixin:
             if y is None:
                 y = cpu.eval_forward(input, rm, rv, w, b, self.eps, axis, relu=True, residual=residual)
             return y
+        if path == "triton-eval":  # one pass: relu(x * scale + shift + residual)
+            from .kernels import triton_bn
+
+            scale, shift = _eval_coefficients(rm, rv, w, b, self.eps, torch.float32)
+            return triton_bn.inference(input, scale, shift, axis, residual, "relu")
         if path == "graph-eval":
             ops = _cpu_ops.operands(input, axis, rm, rv, w, b)
             return None if ops is None else torch.ops.batchnorm.cpu_relu_eval(input, residual, *ops, self.eps, axis)
@@ -227,10 +235,10 @@ class _ActMixin:
         return self._fused_path(input, None, mask) in ("triton", "cpu-train")
 
     def _fused_path(self, input: Tensor, residual: Tensor | None, mask: Tensor | None) -> str | None:
-        """Which fused path runs: "triton" or "cpu-train" (training, plain BN), "cpu-eval" (the
-        running statistics, no gradient wanted), "graph-train" or "graph-eval" (the same as the
-        kernel's operators, in a graph that torch.compile or torch.export records), or None
-        (the composite)."""
+        """Which fused path runs: "triton" or "cpu-train" (training, plain BN), "triton-eval" or
+        "cpu-eval" (the running statistics, no gradient wanted), "graph-train" or "graph-eval"
+        (the same as the kernel's operators, in a graph that torch.compile or torch.export
+        records), or None (the composite)."""
         if mask is not None or not isinstance(input, Tensor) or input.dim() < 2:
             return None
         if residual is not None and not (
@@ -241,11 +249,14 @@ class _ActMixin:
         graph = _compiling_kernel(input)
         if not self.training or self.frozen:
             stats = self.running_mean is not None and self.running_var is not None
-            if not stats or _wants_grad(input, residual, self.weight, self.bias) or not input.is_cpu:
+            if not stats or _wants_grad(input, residual, self.weight, self.bias):
                 return None
             if graph:
                 return "graph-eval"
-            return "cpu-eval" if _pick_path(input, axis) == "cpu" and self._big_enough(input) else None
+            path = _pick_path(input, axis)
+            if path == "triton":
+                return "triton-eval"
+            return "cpu-eval" if input.is_cpu and path == "cpu" and self._big_enough(input) else None
         plain = (
             self.training
             and self.track_running_stats

@@ -656,17 +656,25 @@ def _inference(
         if path == "torch":
             return _torch_eval(input, mean, var, weight, bias, eps, axis)
     acc = _acc_dtype(input.dtype)
+    scale, shift = _eval_coefficients(mean, var, weight, bias, eps, acc)
+    if path == "triton":
+        return _kernels().triton_bn.inference(input, scale, shift, axis)
+    x = input if input.dtype == acc else input.to(acc)
+    y = torch.addcmul(_view(shift, input.dim(), axis), x, _view(scale, input.dim(), axis))
+    return y.to(input.dtype)
+
+
+def _eval_coefficients(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, acc: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """(scale, shift) in `acc`: scale = weight * (var + eps)^-1/2, shift = bias - mean * scale."""
     scale = torch.rsqrt(var.to(acc) + eps)
     if weight is not None:
         scale = scale * weight.to(acc)
     shift = -mean.to(acc) * scale
     if bias is not None:
         shift = shift + bias.to(acc)
-    if path == "triton":
-        return _kernels().triton_bn.inference(input, scale, shift, axis)
-    x = input if input.dtype == acc else input.to(acc)
-    y = torch.addcmul(_view(shift, input.dim(), axis), x, _view(scale, input.dim(), axis))
-    return y.to(input.dtype)
+    return scale, shift
 
 
 def _wants_grad(*tensors: Tensor | None) -> bool:

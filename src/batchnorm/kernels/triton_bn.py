@@ -842,16 +842,23 @@ def train_forward_act(
     return y, mean, invstd
 
 
-def inference(x: Tensor, scale: Tensor, shift: Tensor, axis: int) -> Tensor:
-    """y = x * scale + shift per channel (scale, shift (C,), read as float32): one read, one write.
+def inference(
+    x: Tensor, scale: Tensor, shift: Tensor, axis: int, residual: Tensor | None = None, act: str | None = None
+) -> Tensor:
+    """y = act(x * scale + shift + residual) per channel (scale, shift (C,), read as float32): one read
+    of x (and of the residual), one write.
 
-    For eval-mode BN: scale = weight * (running_var + eps)**-1/2, shift = bias - running_mean * scale.
-    y has x's dtype, shape and strides.
+    For eval-mode BN: scale = weight * (running_var + eps)**-1/2, shift = bias - running_mean * scale;
+    with residual and act="relu", the ResNet block tail in one pass. y has x's dtype, shape and
+    strides; a residual of another layout or dtype is copied into x's first.
     """
+    if act not in (*_ACTS, None):
+        raise ValueError(f"act must be one of {_ACTS} or None, got {act!r}")
     A, C, B = _prepare(x, axis)
     sc, sh = _vector(scale, C, "scale", x), _vector(shift, C, "shift", x)
+    r = None if residual is None else _in_layout(residual, x, "residual")
     with _on(x):
-        return _apply(x, A, C, B, sc, sh, None, None, False, None, False)
+        return _apply(x, A, C, B, sc, sh, None, None, False, r, act == "relu")
 
 
 def train_backward(
