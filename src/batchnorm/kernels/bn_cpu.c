@@ -945,19 +945,44 @@ INLINE int64_t pad16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 #define TILE 8 /* vectors per column tile: 8 accumulators (+ 8 shifts, 8 means) stay in registers */
 #define PREFETCH_ROWS 4 /* rows ahead that the rows reductions prefetch (pf) */
 
-/* Whether the rows reductions prefetch: when their `arrays` inputs fit in the last-level cache.
- * A column tile walks a block's rows a row's stride apart and takes only its 128 columns of each
- * (256 bytes of bfloat16), too little work per row to hide the L3's latency; the hardware's
- * prefetchers do not follow that walk from the L3 but do from memory, where prefetching too
- * measured slower. */
+/* How the rows reductions prefetch (rows_pf): 1 where their `arrays` inputs fit in the last-level
+ * cache, else 2. A column tile walks a block's rows a row's stride apart and takes only its 128
+ * columns of each (256 bytes of bfloat16), too little work per row to hide the L3's latency;
+ * the hardware's prefetchers do not follow that walk from the L3 (hence 1). From memory, the
+ * tile's columns prefetched measured slower than none, but whole rows in address order faster. */
 INLINE int rows_prefetch(rows_shape s, int dt, int arrays) {
-    return s.A * s.C * s.B * elem_size(dt) * arrays <= cache_bytes;
+    return s.A * s.C * s.B * elem_size(dt) * arrays <= cache_bytes ? 1 : 2;
 }
 
 /* Prefetch n values at p + i into L1, a cache line at a time (never faults, even past the end). */
 INLINE void prefetch_span(const void *p, int64_t i, int64_t n, int dt) {
     const char *c = (const char *)p + i * elem_size(dt);
     for (int64_t b = 0; b < n * elem_size(dt); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+
+#ifndef ROW_PF
+#define ROW_PF 4 /* rows ahead that a block's first column tile prefetches whole (pf 2); 0: none */
+#endif
+
+/* The rows reductions' prefetch at row offset o of a tile at column j (nv vectors wide):
+ * pf 1 (inputs in the cache): the tile's columns PREFETCH_ROWS rows ahead, into L1;
+ * pf 2 (inputs from memory; the block's first tile of several): the whole row ROW_PF rows ahead,
+ * into L2, in address order. From memory a tile's walk (a few lines of each row, a row apart)
+ * streams poorly; the whole rows arrive as one stream, and the block's other tiles find them in
+ * L2 (a block is BLOCK_BYTES). */
+INLINE void rows_pf(const void *p, const int pf, int64_t o, int64_t j, int64_t W, int nv, int dt) {
+    if (pf == 1) {
+        prefetch_span(p, o + PREFETCH_ROWS * W, VEC * nv, dt);
+    } else if (pf == 2) {
+        const char *c = (const char *)p + (o - j + ROW_PF * W) * elem_size(dt);
+        for (int64_t b = 0; b < W * elem_size(dt); b += 64) _mm_prefetch(c + b, _MM_HINT_T1);
+    }
+}
+
+/* The prefetch mode of the tile at column j of a block (pf: rows_prefetch's): 2 only for the
+ * first of several tiles of a row. */
+INLINE int tile_pf(int pf, int64_t j, int64_t W, int nv) {
+    return pf == 2 ? (ROW_PF && j == 0 && W > VEC * nv ? 2 : 0) : pf;
 }
 
 /* Columns [j, j + 16*nv) of the block's nr rows at base (row length W): x0 = the block's first
@@ -973,7 +998,7 @@ INLINE void rows_tile_stats(const void *x, int dt, int64_t base, int64_t W, int6
     }
     for (int64_t r = 1; r < nr; r++) {
         const int64_t o = base + r * W + j;
-        if (pf) prefetch_span(x, o + PREFETCH_ROWS * W, VEC * nv, dt);
+        rows_pf(x, pf, o, j, W, nv, dt);
         for (int v = 0; v < nv; v++)
             a[v] = _mm512_add_ps(a[v], _mm512_sub_ps(masked ? VLDM(x, o, last, dt) : VLD(x, o + VEC * v, dt), z[v]));
     }
@@ -1008,7 +1033,7 @@ INLINE int rows_tile_stats1(const void *x, int dt, int64_t base, int64_t W, int6
     }
     for (int64_t r = 0; r < nr; r++) {
         const int64_t o = base + r * W + j;
-        if (pf) prefetch_span(x, o + PREFETCH_ROWS * W, VEC * nv, dt);
+        rows_pf(x, pf, o, j, W, nv, dt);
         for (int v = 0; v < nv; v++) {
             const __m512 d = _mm512_sub_ps(masked ? VLDM(x, o, last, dt) : VLD(x, o + VEC * v, dt), z[v]);
             a[v] = _mm512_add_ps(a[v], d);
@@ -1040,9 +1065,12 @@ INLINE void rows_block_stats(const void *x, int dt, int64_t base, int64_t W, int
                              const int pf, float *x0, float *sm, float *q) {
     int64_t j = 0;
     for (; j + TILE * VEC <= W; j += TILE * VEC)
-        rows_tile_stats_any(x, dt, base, W, nr, j, TILE, 0, 0, shifted, pf, x0, sm, q);
-    for (; j + VEC <= W; j += VEC) rows_tile_stats_any(x, dt, base, W, nr, j, 1, 0, 0, shifted, pf, x0, sm, q);
-    if (j < W) rows_tile_stats_any(x, dt, base, W, nr, j, 1, 1, first_lanes(W - j), shifted, pf, x0, sm, q);
+        rows_tile_stats_any(x, dt, base, W, nr, j, TILE, 0, 0, shifted, tile_pf(pf, j, W, TILE), x0, sm, q);
+    for (; j + VEC <= W; j += VEC)
+        rows_tile_stats_any(x, dt, base, W, nr, j, 1, 0, 0, shifted, tile_pf(pf, j, W, 1), x0, sm, q);
+    if (j < W)
+        rows_tile_stats_any(x, dt, base, W, nr, j, 1, 1, first_lanes(W - j), shifted, tile_pf(pf, j, W, 1), x0, sm,
+                            q);
 }
 #endif
 
@@ -1121,10 +1149,8 @@ INLINE void rows_tile_grad(const void *dy, const void *x, const float *muw, cons
     }
     for (int64_t r = 0; r < nr; r++) {
         const int64_t o = base + r * W + j;
-        if (pf) {
-            prefetch_span(x, o + PREFETCH_ROWS * W, VEC * nv, dt);
-            prefetch_span(dy, o + PREFETCH_ROWS * W, VEC * nv, dt);
-        }
+        rows_pf(x, pf, o, j, W, nv, dt);
+        rows_pf(dy, pf, o, j, W, nv, dt);
         for (int v = 0; v < nv; v++) {
             __m512 g = masked ? VLDM(dy, o, last, dt) : VLD(dy, o + VEC * v, dt);
             const __m512 xm = _mm512_sub_ps(masked ? VLDM(x, o, last, dt) : VLD(x, o + VEC * v, dt), mu[v]);
@@ -1166,19 +1192,21 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
         if (gsw) {
             const int nv = TILE / 2;
             for (; j + nv * VEC <= W; j += nv * VEC)
-                rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, nv, 0, 0, pf, a1, a2);
+                rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, nv, 0, 0, tile_pf(pf, j, W, nv), a1, a2);
             for (; j + VEC <= W; j += VEC)
-                rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, 1, 0, 0, pf, a1, a2);
+                rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, 1, 0, 0, tile_pf(pf, j, W, 1), a1, a2);
             if (j < W)
-                rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, 1, 1, first_lanes(W - j), pf, a1, a2);
+                rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, 1, 1, first_lanes(W - j),
+                               tile_pf(pf, j, W, 1), a1, a2);
             continue;
         }
         for (; j + TILE * VEC <= W; j += TILE * VEC)
-            rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, TILE, 0, 0, pf, a1, a2);
+            rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, TILE, 0, 0, tile_pf(pf, j, W, TILE), a1, a2);
         for (; j + VEC <= W; j += VEC)
-            rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, 1, 0, 0, pf, a1, a2);
+            rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, 1, 0, 0, tile_pf(pf, j, W, 1), a1, a2);
         if (j < W)
-            rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, 1, 1, first_lanes(W - j), pf, a1, a2);
+            rows_tile_grad(dy, x, muw, 0, NULL, NULL, dt, base, W, nr, j, 1, 1, first_lanes(W - j),
+                           tile_pf(pf, j, W, 1), a1, a2);
 #else
         int64_t r;
         for (int64_t j = 0; j < W; j++) b1[j] = b2[j] = 0.f;
@@ -1283,7 +1311,8 @@ INLINE void rows_wide(int op, const void *x, const void *dy, void *y, int64_t W,
  * of also reloading three or four coefficient vectors from L1 for every row. */
 INLINE void rows_tile_apply(int op, const void *x, const void *dy, void *out, int64_t W, int64_t r0, int64_t r1,
                             int64_t j, const int nv, const float *mw, const float *sw, const float *bw,
-                            const float *hw, const float *gsw, const float *ghw, const int st, int dt) {
+                            const float *hw, const float *gsw, const float *ghw, const int st, const int pf,
+                            int dt) {
     __m512 m[TILE], sc[TILE], b[TILE], h[TILE], gs[TILE], gh[TILE];
     for (int v = 0; v < nv; v++) {
         m[v] = mw ? _mm512_loadu_ps(mw + j + VEC * v) : _mm512_setzero_ps();
@@ -1295,6 +1324,10 @@ INLINE void rows_tile_apply(int op, const void *x, const void *dy, void *out, in
     }
     for (int64_t r = r0; r < r1; r++) {
         const int64_t o = r * W + j;
+        if (pf) {
+            rows_pf(x, 2, o, j, W, nv, dt);
+            if (is_dx(op) || op == OP_ADD_RELU) rows_pf(dy, 2, o, j, W, nv, dt);
+        }
         for (int v = 0; v < nv; v++) {
             const __m512 y = opv_g(op, x, dy, o + VEC * v, m[v], sc[v], b[v], h[v], gs[v], gh[v], dt);
             if (st)
@@ -1322,9 +1355,12 @@ INLINE void rows_avx512(int op, const void *x, const void *dy, void *out, int64_
     for (int64_t r0 = lo; r0 < hi; r0 += rb) {
         const int64_t r1 = hi - r0 < rb ? hi : r0 + rb;
         int64_t j = 0;
+        /* streaming (inputs from memory): the first tile prefetches whole rows (rows_pf) */
         for (; j + nv * VEC <= W; j += nv * VEC)
-            rows_tile_apply(op, x, dy, out, W, r0, r1, j, nv, mw, sw, bw, hw, gsw, ghw, st, dt);
-        for (; j + VEC <= W; j += VEC) rows_tile_apply(op, x, dy, out, W, r0, r1, j, 1, mw, sw, bw, hw, gsw, ghw, st, dt);
+            rows_tile_apply(op, x, dy, out, W, r0, r1, j, nv, mw, sw, bw, hw, gsw, ghw, st,
+                            st && ROW_PF && j == 0 && W > nv * VEC, dt);
+        for (; j + VEC <= W; j += VEC)
+            rows_tile_apply(op, x, dy, out, W, r0, r1, j, 1, mw, sw, bw, hw, gsw, ghw, st, 0, dt);
         if (j < W) {
             const __m512 m = mw ? _mm512_maskz_loadu_ps(last, mw + j) : _mm512_setzero_ps();
             const __m512 sc = _mm512_maskz_loadu_ps(last, sw + j);
