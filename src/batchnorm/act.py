@@ -31,6 +31,7 @@ from .functional import (
     _eval_coefficients,
     _pick_path,
     _update_running_stats,
+    _var_from_invstd,
     _view,
     _wants_grad,
     _warn_not_finite,
@@ -67,7 +68,7 @@ class _FusedAct(torch.autograd.Function):
         y, mean, invstd = triton_bn.train_forward_act(x, weight, bias, eps, axis, residual, "relu")
         ctx.save_for_backward(x, weight, bias, mean, invstd, residual)
         ctx.axis, ctx.eps, ctx.bias_dtype = axis, eps, None if bias is None else bias.dtype
-        stats += (mean, (invstd.reciprocal().square() - eps).clamp_min(0.0))
+        stats += (mean, _var_from_invstd(invstd, eps))
         return y
 
     @staticmethod
@@ -191,15 +192,6 @@ class _ActMixin:
         factor = self.momentum
         if self.momentum is None:
             factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
-        if path == "triton":
-            _check_training(input, axis, factor, self.eps)
-            stats: list[Tensor] = []
-            y = _FusedAct.apply(input, w, b, residual, self.eps, axis, stats)
-            mean, var = stats
-            m = input.numel() // input.shape[axis]
-            if _update_running_stats(rm, rv, mean, var * (m / (m - 1)), factor):
-                self.num_batches_tracked.add_(1)
-            return y
         if path == "graph-train":  # the operators; the buffers take the new statistics (as functional does)
             ops = _cpu_ops.operands(input, axis, w, b, running=(rm, rv))
             if ops is None:
@@ -214,14 +206,18 @@ class _ActMixin:
             self.num_batches_tracked.add_(counted.to(self.num_batches_tracked.dtype))
             return y
         _check_training(input, axis, factor, self.eps)
-        step = _ext_call(ext, "act_train_step", input, residual, w, b, rm, rv, self.eps, factor, axis)
+        step = _ext_call(ext, "act_train_step", input, residual, w, b, rm, rv, self.eps, factor, axis)  # (None: Triton)
         if step is not None:  # (y, 1: updated, 0: a non-finite batch, nothing written)
             y, updated = step[0], step[1] == 1
+        elif path == "triton":  # the kernels leave the running statistics to the rule below
+            stats: list = []
+            y = _FusedAct.apply(input, w, b, residual, self.eps, axis, stats)
+            (mean, var), updated = stats, None
         else:
             status: list = []
             y = _CpuAct.apply(input, w, b, residual, self.eps, axis, rm, rv, factor, status)
             mean, var, updated = status
-        if updated is None:  # buffers the kernel does not update itself (another dtype)
+        if updated is None:  # buffers the kernel does not update itself (another dtype; Triton)
             m = input.numel() // input.shape[axis]
             updated = _update_running_stats(rm, rv, mean, var * (m / (m - 1)), factor)
         elif not updated:
