@@ -107,4 +107,3 @@ def triton_calls(monkeypatch) -> list[str]:
     for name in ("train_forward", "train_backward", "inference", "train_forward_act", "train_backward_act"):
         monkeypatch.setattr(triton_bn, name, spy(getattr(triton_bn, name), name))
     return calls
-
