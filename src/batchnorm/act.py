@@ -206,13 +206,13 @@ class _ActMixin:
             self.num_batches_tracked.add_(counted.to(self.num_batches_tracked.dtype))
             return y
         _check_training(input, axis, factor, self.eps)
-        step = _ext_call(ext, "act_train_step", input, residual, w, b, rm, rv, self.eps, factor, axis)  # (None: Triton)
-        if step is not None:  # (y, 1: updated, 0: a non-finite batch, nothing written)
-            y, updated = step[0], step[1] == 1
-        elif path == "triton":  # the kernels leave the running statistics to the rule below
+        step = _ext_call(ext, "act_train_step", input, residual, w, b, rm, rv, self.eps, factor, axis)
+        if path == "triton":  # the kernels leave the running statistics to the rule below
             stats: list = []
             y = _FusedAct.apply(input, w, b, residual, self.eps, axis, stats)
             (mean, var), updated = stats, None
+        elif step is not None:  # (y, 1: updated, 0: a non-finite batch, nothing written)
+            y, updated = step[0], step[1] == 1
         else:
             status: list = []
             y = _CpuAct.apply(input, w, b, residual, self.eps, axis, rm, rv, factor, status)

@@ -479,6 +479,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             _geomean([f["speedup_vs_eager"] for _, f in pairs]),
             f"{_cases(len(pairs))}; bfloat16 takes {ours:.2f}x float32's time in ours, {eager:.2f}x in eager",
         )
+
     def against_copy(row: dict[str, Any]) -> str:
         t, copy = row["times_ms"], row["copy_ms"]
         return f"; there ours took {t['ours'] / copy:.2f}x and eager {t['eager'] / copy:.2f}x the time of a copy of x"

@@ -368,8 +368,6 @@ def _triton_ok(input: Tensor, axis: int) -> bool:
     """Whether the Triton kernels take this input: a CUDA tensor, or, where they were compiled for
     triton's interpreter (TRITON_INTERPRET=1), a CPU tensor ("auto" never sends one there: the
     interpreter is for tests of the Triton path on machines without a GPU)."""
-    if not (input.is_cuda or input.is_cpu):
-        return False
     from .kernels import triton_bn
 
     return triton_bn.supports(input, axis)
