@@ -238,6 +238,109 @@ def test_torch_itself_would_poison_the_stats():
     assert torch.isnan(layer.running_mean[2])
 
 
+@pytest.fixture
+def device_rule(monkeypatch) -> list[torch.Tensor]:
+    """CUDA's running-statistics rule, on the CPU: nothing read back during the step (the test a
+    0-dim tensor, the update a select, the count a device add, momentum=None's factor a tensor);
+    the warning through `_warn_when_read`, at once here (no event to wait for). Returns the flags
+    it was handed."""
+    from batchnorm import functional
+
+    monkeypatch.setattr(functional, "_reads_back_later", lambda t: True)
+    handed: list[torch.Tensor] = []
+    read = functional._warn_when_read
+    monkeypatch.setattr(functional, "_warn_when_read", lambda finite: (handed.append(finite), read(finite)))
+    return handed
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "mNone"])
+@pytest.mark.parametrize(
+    "backend,make",
+    [
+        ("composite", bn.BatchNorm2d),
+        ("torch", bn.BatchNorm2d),
+        ("triton", bn.BatchNorm2d),
+        ("triton", bn.BatchNormAct2d),
+    ],
+    ids=["composite", "torch", "triton", "triton-act"],
+)
+def test_device_rule_keeps_a_bad_batch_out_without_reading_back(backend, make, momentum, device_rule, request):
+    """The backends a CUDA tensor takes, under the rule above: the same buffers as torch's layer
+    for the good batches, nothing written or counted for the bad one, and its warning."""
+    if backend == "triton":
+        request.getfixturevalue("triton_calls")  # skips where the Triton kernels cannot run
+    ours, theirs = make(3, momentum=momentum), torch.nn.BatchNorm2d(3, momentum=momentum)
+    good = [torch.randn(4, 3, 5, 5) * 2 + 1 for _ in range(3)]
+    bad = torch.randn(4, 3, 5, 5)
+    bad[1, 0, 2, 2] = float("nan")
+    with use_backend(backend):
+        for x in good[:2]:
+            ours(x), theirs(x)
+        before = _snapshot(ours)
+        with pytest.warns(RuntimeWarning, match="NaN or Inf.*reached the host"):
+            ours(bad)
+        _assert_unchanged(ours, before)
+        ours(good[2]), theirs(good[2])
+    assert [bool(f) for f in device_rule] == [True, True, False, True]
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), msg=name)
+
+
+def test_warning_waits_for_its_flag(monkeypatch):
+    """A flag whose event has not completed holds back its warning, and the ones queued behind it;
+    a later call reads it once it has arrived, and warns once."""
+    from collections import deque
+
+    from batchnorm import functional
+
+    class Event:
+        done = False
+
+        def query(self) -> bool:
+            return self.done
+
+    event = Event()
+    monkeypatch.setattr(functional, "_unread", deque([(torch.tensor(False), event)]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        functional._warn_when_read(torch.tensor(True))
+    assert len(functional._unread) == 2
+    event.done = True
+    with pytest.warns(RuntimeWarning, match="NaN or Inf") as record:
+        functional._warn_when_read(torch.tensor(True))
+    assert len(record) == 1 and not functional._unread
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "mNone"])
+@pytest.mark.parametrize("make", [bn.BatchNorm2d, bn.BatchNormAct2d], ids=["bn", "act"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "composite"])
+def test_cuda_training_step_never_waits_for_the_gpu(backend, make, momentum):
+    """torch.cuda's sync debug mode raises on any host synchronisation: training steps (forward and
+    backward) and a non-finite batch run under it; the warning comes after, once the flag is home."""
+    layer = make(8, momentum=momentum).cuda()
+    x = torch.randn(4, 8, 6, 6, device="cuda", requires_grad=True)
+    bad = x.detach().clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with use_backend(backend):
+        layer(x).sum().backward()  # the first call may compile kernels and allocate
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                layer(x).sum().backward()
+            before = _snapshot(layer)
+            layer(bad)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        _assert_unchanged(layer, before)
+        assert int(layer.num_batches_tracked) == 3
+        with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+            layer(x)
+
+
 # --------------------------------------------------------------------------- nothing corrupted
 
 

@@ -28,6 +28,7 @@ from .functional import (
     _backward_differentiable,
     _check_training,
     _compiling_kernel,
+    _cumulative_factor,
     _eval_coefficients,
     _pick_path,
     _update_running_stats,
@@ -190,8 +191,9 @@ class _ActMixin:
             ops = _cpu_ops.operands(input, axis, rm, rv, w, b)
             return None if ops is None else torch.ops.batchnorm.cpu_relu_eval(input, residual, *ops, self.eps, axis)
         factor = self.momentum
-        if self.momentum is None:
-            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        if self.momentum is None:  # (the operators of "graph-train" take a float)
+            tracked = self.num_batches_tracked
+            factor = _cumulative_factor(tracked) if path == "triton" else 1.0 / (float(tracked) + 1.0)
         if path == "graph-train":  # the operators; the buffers take the new statistics (as functional does)
             ops = _cpu_ops.operands(input, axis, w, b, running=(rm, rv))
             if ops is None:
@@ -222,7 +224,9 @@ class _ActMixin:
             updated = _update_running_stats(rm, rv, mean, var * (m / (m - 1)), factor)
         elif not updated:
             _warn_not_finite(stacklevel=6)  # the caller of the layer
-        if updated:
+        if isinstance(updated, Tensor):  # on CUDA: counted on the device, never read back
+            self.num_batches_tracked.add_(updated.to(self.num_batches_tracked.dtype))
+        elif updated:
             self.num_batches_tracked.add_(1)
         return y
 

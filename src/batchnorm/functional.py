@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -158,7 +159,7 @@ def batch_norm_with_status(
     # The whole call in C++ when it takes it (it checks as below, else declines). Not while a
     # graph is recorded: torch.compile and torch.export take the kernel's operators below
     # (`_compiling_kernel`), torch.jit.trace torch's own operators (see _pick_path).
-    fast = _backend in _KERNEL_BACKENDS and mask is None and not _recording()
+    fast = _backend in _KERNEL_BACKENDS and mask is None and input.is_cpu and not _recording()
     ext = _cpu.extension() if fast else None
     if ext is not None:
         try:
@@ -460,9 +461,10 @@ def _update_from_invstd(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, m: int, eps: float, momentum: float
 ) -> bool | Tensor:
     """`_update_running_stats` from torch's kernel's (mean, invstd): var = invstd**-2 - eps, unbiased."""
-    # (not the C helper while a graph is recorded: the graph must update the buffers itself)
+    # (not the C helper while a graph is recorded: the graph must update the buffers itself; nor
+    # where the update stays on the device)
     updated = None
-    if not _recording():
+    if not _recording() and not _reads_back_later(mean):
         updated = _cpu.update_running(mean, invstd, m, eps, running_mean, running_var, momentum)
     if updated is None:  # buffers the C helper does not take (another dtype, a GPU): torch ops
         var = (invstd.double().reciprocal().square() - eps).clamp_min(0.0)
@@ -687,25 +689,31 @@ def _wants_grad(*tensors: Tensor | None) -> bool:
 
 @torch.no_grad()
 def _update_running_stats(
-    running_mean: Tensor, running_var: Tensor, mean: Tensor, unbiased: Tensor, momentum: float
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, unbiased: Tensor, momentum: float | Tensor
 ) -> bool | Tensor:
     """running = (1 - momentum) * running + momentum * batch, skipped if the batch is not finite.
 
     `unbiased` is the batch's unbiased variance m / (m - 1) * sigma2_B, what running_var stores.
     While a graph is recorded (torch.compile, torch.export, torch.jit.trace) the test is part of
-    the graph: the update is a select, and the result a 0-dim bool tensor (no warning).
+    the graph: the update is a select, and the result a 0-dim bool tensor (no warning). On a CUDA
+    device the same, so that the step does not wait for the GPU; the warning comes when the test's
+    result reaches the host (`_warn_when_read`).
     """
-    if _backend in _KERNEL_BACKENDS and not _recording():  # the CPU kernel's one call, where it takes them
+    recording = _recording()
+    if _backend in _KERNEL_BACKENDS and not recording:  # the CPU kernel's one call, where it takes them
         updated = _cpu.update_running_unbiased(mean, unbiased, running_mean, running_var, momentum)
         if updated is not None:
             if not updated:
                 _warn_not_finite(stacklevel=4)
             return updated
     finite = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
-    if _recording():
+    on_device = not recording and _reads_back_later(mean)
+    if recording or on_device:
         for running, batch in ((running_mean, mean), (running_var, unbiased)):
             moved = running * (1 - momentum) + batch.to(running.dtype) * momentum
             running.copy_(torch.where(finite, moved, running))
+        if on_device:
+            _warn_when_read(finite)
         return finite
     if not bool(finite):
         _warn_not_finite(stacklevel=4)
@@ -717,6 +725,49 @@ def _update_running_stats(
 
 def _warn_not_finite(stacklevel: int) -> None:
     warnings.warn(_cpu.NOT_FINITE_MESSAGE, RuntimeWarning, stacklevel=stacklevel)
+
+
+def _reads_back_later(t: Tensor) -> bool:
+    """Whether a training step on `t`'s device reads its finiteness test back later instead of at
+    once: on a CUDA device, reading a value back makes the host wait for the GPU to finish all the
+    work queued so far, once per layer and step. There the running statistics take the select that
+    graphs use, and the warning comes from `_warn_when_read`."""
+    return t.is_cuda
+
+
+def _cumulative_factor(tracked: Tensor) -> float | Tensor:
+    """momentum=None's factor 1 / (num_batches_tracked + 1): a Python float, or a 0-dim float64
+    tensor where reading the count back is not wanted (a graph being recorded, a CUDA buffer)."""
+    if _recording() or _reads_back_later(tracked):
+        return 1.0 / (tracked.to(torch.float64) + 1.0)
+    return 1.0 / (float(tracked) + 1.0)
+
+
+# (finite, event) of CUDA steps whose flag is still on its way to the host, oldest first.
+_unread: deque[tuple[Tensor, Any]] = deque()
+
+
+def _warn_when_read(finite: Tensor) -> None:
+    """Warn about a non-finite batch once its flag has reached the host, without waiting for it.
+
+    The 0-dim flag is copied into pinned host memory behind the step's work (non_blocking), with
+    an event after it; this call and every later one warn for the flags whose events have
+    completed, so the warning may come a step or two after its batch. Without an event (a tensor
+    already on the host) the flag is read at once."""
+    host = finite.to("cpu", non_blocking=True)  # (pinned, from CUDA)
+    event = None
+    if finite.is_cuda:
+        event = torch.cuda.Event()
+        event.record()
+    _unread.append((host, event))
+    while _unread and (_unread[0][1] is None or _unread[0][1].query()):
+        flag, _ = _unread.popleft()
+        if not bool(flag):
+            warnings.warn(
+                _cpu.NOT_FINITE_MESSAGE + " (reported once the step's result reached the host: maybe a step late)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 class _FusedUpdate:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import _recording, batch_norm_with_status
+from .functional import _cumulative_factor, _recording, batch_norm_with_status
 from .renorm import Renorm
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -82,8 +82,9 @@ class _Forward:
         factor = 0.0 if self.momentum is None else self.momentum
         # While torch.compile / torch.export record, the step count stays a 0-dim tensor: a graph
         # has no Python number of a buffer (and a constant per step would recompile every step).
+        # So on CUDA, where reading it back would make each step wait for the GPU.
         if tracking and tracked is not None and self.momentum is None:  # cumulative average
-            factor = 1.0 / (tracked.to(torch.float64) + 1.0) if _recording() else 1.0 / (float(tracked) + 1.0)
+            factor = _cumulative_factor(tracked)
         # Batch statistics in training, and in eval when there are no running statistics.
         use_batch = training or (running_mean is None and running_var is None)
         keep = not training or self.track_running_stats
