@@ -318,7 +318,8 @@ def test_warning_waits_for_its_flag(monkeypatch):
 @pytest.mark.parametrize("backend", ["auto", "torch", "composite"])
 def test_cuda_training_step_never_waits_for_the_gpu(backend, make, momentum):
     """torch.cuda's sync debug mode raises on any host synchronisation: training steps (forward and
-    backward) and a non-finite batch run under it; the warning comes after, once the flag is home."""
+    backward), a non-finite batch and an eval call run under it; the warning comes after, once the
+    flag is home."""
     layer = make(8, momentum=momentum).cuda()
     x = torch.randn(4, 8, 6, 6, device="cuda", requires_grad=True)
     bad = x.detach().clone()
@@ -332,6 +333,9 @@ def test_cuda_training_step_never_waits_for_the_gpu(backend, make, momentum):
                 layer(x).sum().backward()
             before = _snapshot(layer)
             layer(bad)
+            with torch.no_grad():
+                layer.eval()(x)
+                layer.train()
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
