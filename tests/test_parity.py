@@ -165,6 +165,21 @@ def test_triton_path_momentum_and_tracking(layout, momentum, track, tol, triton_
     assert triton_calls[: 2 * TRAIN_STEPS] == ["train_forward", "train_backward"] * TRAIN_STEPS
 
 
+@pytest.mark.parametrize("act", [False, True], ids=["bn", "act"])
+def test_triton_path_running_var_of_a_nearly_constant_channel(act, triton_calls):
+    """A channel of variance ~1e-12 (eps 1e-5): the running variance as torch's float64 layer
+    keeps it, to float32's digits, not what invstd = (var + eps)**-1/2 leaves of it."""
+    ours = (bn.BatchNormAct2d if act else bn.BatchNorm2d)(C, momentum=1.0).to(TRITON_DEVICE)
+    theirs = torch.nn.BatchNorm2d(C, momentum=1.0, dtype=torch.float64)
+    x = torch.randn(4, C, 3, 3, dtype=torch.float64) * 2
+    x[:, 0] = x[:, 0] * 5e-7 + 0.25
+    with bn.functional.use_backend("triton"):
+        ours(x.float().to(TRITON_DEVICE))
+    theirs(x.float().double())
+    assert triton_calls == ["train_forward_act" if act else "train_forward"]
+    assert_close(ours.running_var.double().cpu(), theirs.running_var, rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_generic_axis_last_equals_batchnorm1d_on_transposed(dtype, momentum, tol):

@@ -329,6 +329,24 @@ def test_properties_after_training_forward():
     torch.testing.assert_close(rv.double(), x.double().var((0, 2, 3), correction=1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("act", [False, True], ids=["bn", "act"])
+def test_return_var_keeps_the_digits_of_a_tiny_variance(act):
+    """return_var gives the biased var as the kernel computed it: channels of variance 1e-12,
+    1e-8 and 1 (eps 1e-5, where invstd**-2 - eps keeps no digit of the first) against float64's,
+    and the kernel's own running update (momentum 1) stores it unbiased."""
+    scale = torch.tensor([1e-6, 1e-4, 1.0]).view(1, 3, 1)
+    x = (torch.randn(4, 3, 6, dtype=torch.float64) * scale + 0.25).float().to(DEVICE)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    call = tb.train_forward_act if act else tb.train_forward
+    extra = (None, "relu") if act else ()
+    *_, invstd, var = call(x, None, None, 1e-5, 1, *extra, rm, rv, 1.0, return_var=True)
+    want = x.double().cpu().var((0, 2), correction=0)
+    torch.testing.assert_close(var.double().cpu(), want, rtol=1e-4, atol=0)
+    torch.testing.assert_close(rv.double().cpu(), want * 24 / 23, rtol=1e-4, atol=0)
+    torch.testing.assert_close(invstd, (var + 1e-5).rsqrt())
+    assert len(call(x, None, None, 1e-5, 1, *extra)) == 3  # (y, mean, invstd) without return_var
+
+
 def test_nonfinite_channel_keeps_its_running_stats():
     """A NaN in channel 1 leaves that channel's running statistics alone; the others update."""
     x, _, _, rm, rv = _make((4, 3, 5), 1, torch.float32)

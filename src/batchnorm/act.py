@@ -32,7 +32,6 @@ from .functional import (
     _eval_coefficients,
     _pick_path,
     _update_running_stats,
-    _var_from_invstd,
     _view,
     _wants_grad,
     _warn_not_finite,
@@ -66,10 +65,12 @@ class _FusedAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, eps, axis, stats: list):
         from .kernels import triton_bn
 
-        y, mean, invstd = triton_bn.train_forward_act(x, weight, bias, eps, axis, residual, "relu")
+        y, mean, invstd, var = triton_bn.train_forward_act(
+            x, weight, bias, eps, axis, residual, "relu", return_var=True
+        )
         ctx.save_for_backward(x, weight, bias, mean, invstd, residual)
         ctx.axis, ctx.eps, ctx.bias_dtype = axis, eps, None if bias is None else bias.dtype
-        stats += (mean, _var_from_invstd(invstd, eps))
+        stats += (mean, var)
         return y
 
     @staticmethod

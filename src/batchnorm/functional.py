@@ -678,12 +678,6 @@ def _eval_coefficients(
     return scale, shift
 
 
-def _var_from_invstd(invstd: Tensor, eps: float) -> Tensor:
-    """The biased variance back from invstd = (var + eps)^-1/2 (the Triton kernels return invstd):
-    invstd^-2 - eps, which keeps fewer digits where var << eps."""
-    return (invstd.reciprocal().square() - eps).clamp_min(0.0)
-
-
 def _wants_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -827,8 +821,7 @@ class _BatchNormTrain(torch.autograd.Function):
             stats += (mean, var)
             return y
         if path == "triton":
-            y, mean, invstd = _kernels().triton_bn.train_forward(input, weight, bias, eps, axis)
-            var = _var_from_invstd(invstd, eps)
+            y, mean, invstd, var = _kernels().triton_bn.train_forward(input, weight, bias, eps, axis, return_var=True)
             ctx.save_for_backward(input, weight, mean, invstd)
             stats += (mean, var)
             return y

@@ -198,12 +198,12 @@ def _stats_kernel(
 def _stats_merge_kernel(
     x_ptr,  # for the pivot x[0, c, 0]
     cnt_ptr, pmean_ptr, pm2_ptr,  # partials (S, C)
-    mean_ptr, invstd_ptr,  # outputs (C,) float32
+    mean_ptr, invstd_ptr, var_ptr,  # outputs (C,) float32
     rmean_ptr, rvar_ptr,  # running statistics (C,), updated in place if HAS_RUNNING
     S, C, B, m, eps, momentum, unbias,  # m: values per channel (float); unbias = m / (m - 1)
     HAS_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):  # fmt: skip
-    """Chan merge of the S partials; epilogue: mean, invstd and the running-statistics update."""
+    """Chan merge of the S partials; epilogue: mean, invstd, the biased var and the running-statistics update."""
     cb = tl.program_id(0)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -234,6 +234,7 @@ def _stats_merge_kernel(
     invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(invstd_ptr + c, invstd, mask=cmask)
+    tl.store(var_ptr + c, var, mask=cmask)
     if HAS_RUNNING:
         big = 3.4028234663852886e38  # float32 max: |v| <= big is False for inf and NaN
         ok = cmask & (tl.abs(mean) <= big) & (var <= big)
@@ -718,8 +719,8 @@ def _stats(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     momentum: float,
-) -> tuple[Tensor, Tensor]:
-    """mean and invstd (float32 (C,)) of x's channels, with the fused running-statistics update."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """mean, invstd and the biased var (float32 (C,)) of x's channels, with the fused running-statistics update."""
     t = _tuning(x)
     shape = _tile_shape(A, C, B, t.tile, t.max_block_c)
     S = _splits(A, C, B, shape, t)
@@ -737,6 +738,7 @@ def _stats(
     m = A * B
     mean = torch.empty(C, dtype=torch.float32, device=x.device)
     invstd = torch.empty(C, dtype=torch.float32, device=x.device)
+    var = torch.empty(C, dtype=torch.float32, device=x.device)
     has_running = running_mean is not None and m > 1  # one value per channel: no unbiased variance
     if has_running:
         for name, r in (("running_mean", running_mean), ("running_var", running_var)):
@@ -749,11 +751,11 @@ def _stats(
     rv = running_var if has_running else invstd
     bc = min(_np2(C), t.merge_block_c)
     _stats_merge_kernel[(triton.cdiv(C, bc),)](
-        x, part[0], part[1], part[2], mean, invstd, rm, rv,
+        x, part[0], part[1], part[2], mean, invstd, var, rm, rv,
         S, C, B, float(m), float(eps), float(momentum), m / (m - 1) if m > 1 else 1.0,
         HAS_RUNNING=has_running, BLOCK_S=min(_np2(S), t.merge_block_s), BLOCK_C=bc, INT64=int64,
     )  # fmt: skip
-    return mean, invstd
+    return mean, invstd, var
 
 
 def _apply(
@@ -794,7 +796,9 @@ def train_forward(
     running_mean: Tensor | None = None,
     running_var: Tensor | None = None,
     momentum: float = 0.1,
-) -> tuple[Tensor, Tensor, Tensor]:
+    *,
+    return_var: bool = False,
+) -> tuple[Tensor, ...]:
     """Training-mode forward: (y, mean, invstd) from the batch's statistics.
 
     y = (x - mean) * invstd * weight + bias per channel on `axis`; y has x's dtype, shape and
@@ -802,12 +806,16 @@ def train_forward(
     or (C,) of any float dtype. running_mean/running_var, if given, are updated in place in the
     statistics kernel's epilogue: running = (1 - momentum) * running + momentum * batch, with the
     unbiased variance m/(m-1) * var (skipped if m == 1, and per channel for non-finite statistics).
+    return_var: (y, mean, invstd, var) with the biased var (float32 (C,)) as computed, which
+    invstd**-2 - eps gives back with fewer digits where var << eps.
 
     Reads x twice (statistics, apply) and writes y once. Raises TypeError for an unsupported dtype,
     ValueError if x is not a dense block on the kernels' device (see `supports`) or is empty,
     RuntimeError if the kernels are not available.
     """
-    return train_forward_act(x, weight, bias, eps, axis, None, None, running_mean, running_var, momentum)
+    return train_forward_act(
+        x, weight, bias, eps, axis, None, None, running_mean, running_var, momentum, return_var=return_var
+    )
 
 
 def train_forward_act(
@@ -821,13 +829,15 @@ def train_forward_act(
     running_mean: Tensor | None = None,
     running_var: Tensor | None = None,
     momentum: float = 0.1,
-) -> tuple[Tensor, Tensor, Tensor]:
+    *,
+    return_var: bool = False,
+) -> tuple[Tensor, ...]:
     """Fused training forward: (y, mean, invstd) with y = act(bn(x) + residual), the ResNet block tail.
 
     residual: None or a tensor of x's shape (copied into x's layout and dtype first if it differs);
     act: "relu" or None. Nothing of x's size is saved for the backward: `train_backward_act`
     recomputes the ReLU mask from x, mean, invstd, weight, bias and the residual. Otherwise as
-    `train_forward` (statistics and running-statistics update are the same).
+    `train_forward` (statistics, running-statistics update and return_var are the same).
     """
     if act not in (*_ACTS, None):
         raise ValueError(f"act must be one of {_ACTS} or None, got {act!r}")
@@ -837,9 +847,9 @@ def train_forward_act(
         raise ValueError("running_mean and running_var must be given together or both be None")
     r = None if residual is None else _in_layout(residual, x, "residual")
     with _on(x):
-        mean, invstd = _stats(x, A, C, B, eps, running_mean, running_var, momentum)
+        mean, invstd, var = _stats(x, A, C, B, eps, running_mean, running_var, momentum)
         y = _apply(x, A, C, B, mean, invstd, w, b, True, r, act == "relu")
-    return y, mean, invstd
+    return (y, mean, invstd, var) if return_var else (y, mean, invstd)
 
 
 def inference(
