@@ -166,9 +166,15 @@ def test_triton_path_momentum_and_tracking(layout, momentum, track, tol, triton_
 
 
 @pytest.mark.parametrize("act", [False, True], ids=["bn", "act"])
-def test_triton_path_running_var_of_a_nearly_constant_channel(act, triton_calls):
+def test_triton_path_running_var_of_a_nearly_constant_channel(act, triton_calls, monkeypatch):
     """A channel of variance ~1e-12 (eps 1e-5): the running variance as torch's float64 layer
-    keeps it, to float32's digits, not what invstd = (var + eps)**-1/2 leaves of it."""
+    keeps it, to float32's digits, not what invstd = (var + eps)**-1/2 leaves of it. The update is
+    the kernels' one launch (`triton_bn.update_running`), not the torch ops' fallback."""
+    from batchnorm.kernels import triton_bn
+
+    flags = []
+    update = triton_bn.update_running
+    monkeypatch.setattr(triton_bn, "update_running", lambda *a: flags.append(update(*a)) or flags[-1])
     ours = (bn.BatchNormAct2d if act else bn.BatchNorm2d)(C, momentum=1.0).to(TRITON_DEVICE)
     theirs = torch.nn.BatchNorm2d(C, momentum=1.0, dtype=torch.float64)
     x = torch.randn(4, C, 3, 3, dtype=torch.float64) * 2
@@ -177,7 +183,10 @@ def test_triton_path_running_var_of_a_nearly_constant_channel(act, triton_calls)
         ours(x.float().to(TRITON_DEVICE))
     theirs(x.float().double())
     assert triton_calls == ["train_forward_act" if act else "train_forward"]
+    assert len(flags) == 1 and isinstance(flags[0], torch.Tensor) and bool(flags[0])
     assert_close(ours.running_var.double().cpu(), theirs.running_var, rtol=1e-4, atol=0)
+    assert_close(ours.running_mean.double().cpu(), theirs.running_mean, rtol=1e-5, atol=1e-6)
+    assert int(ours.num_batches_tracked) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

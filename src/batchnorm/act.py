@@ -31,6 +31,7 @@ from .functional import (
     _cumulative_factor,
     _eval_coefficients,
     _pick_path,
+    _triton_update,
     _update_running_stats,
     _view,
     _wants_grad,
@@ -210,21 +211,22 @@ class _ActMixin:
             return y
         _check_training(input, axis, factor, self.eps)
         step = _ext_call(ext, "act_train_step", input, residual, w, b, rm, rv, self.eps, factor, axis)
-        if path == "triton":  # the kernels leave the running statistics to the rule below
+        m = input.numel() // input.shape[axis]
+        if path == "triton":  # the running statistics by the plain layer's rule, in one more launch
             stats: list = []
             y = _FusedAct.apply(input, w, b, residual, self.eps, axis, stats)
-            (mean, var), updated = stats, None
-        elif step is not None:  # (y, 1: updated, 0: a non-finite batch, nothing written)
-            y, updated = step[0], step[1] == 1
+            updated = _triton_update(rm, rv, *stats, m, factor)
         else:
-            status: list = []
-            y = _CpuAct.apply(input, w, b, residual, self.eps, axis, rm, rv, factor, status)
-            mean, var, updated = status
-        if updated is None:  # buffers the kernel does not update itself (another dtype; Triton)
-            m = input.numel() // input.shape[axis]
-            updated = _update_running_stats(rm, rv, mean, var * (m / (m - 1)), factor)
-        elif not updated:
-            _warn_not_finite(stacklevel=6)  # the caller of the layer
+            if step is not None:  # (y, 1: updated, 0: a non-finite batch, nothing written)
+                y, updated = step[0], step[1] == 1
+            else:
+                status: list = []
+                y = _CpuAct.apply(input, w, b, residual, self.eps, axis, rm, rv, factor, status)
+                mean, var, updated = status
+            if updated is None:  # buffers the kernel does not update itself (another dtype)
+                updated = _update_running_stats(rm, rv, mean, var * (m / (m - 1)), factor)
+            elif not updated:
+                _warn_not_finite(stacklevel=6)  # the caller of the layer
         if isinstance(updated, Tensor):  # on CUDA: counted on the device, never read back
             self.num_batches_tracked.add_(updated.to(self.num_batches_tracked.dtype))
         elif updated:

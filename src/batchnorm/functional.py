@@ -310,6 +310,8 @@ def batch_norm_with_status(
     if running_mean is None:
         return y, True
     m = input.numel() // C
+    if path == "triton":
+        return y, _triton_update(running_mean, running_var, mean, var, m, momentum)
     return y, _update_running_stats(running_mean, running_var, mean, var * (m / (m - 1)), momentum)
 
 
@@ -715,6 +717,24 @@ def _update_running_stats(
         return False
     running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
     running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return True
+
+
+def _triton_update(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, m: int, momentum: float | Tensor
+) -> bool | Tensor:
+    """`_update_running_stats` from the batch's biased var, in one Triton launch where it takes the
+    buffers (`triton_bn.update_running`: float32) instead of a dozen small torch ops. Its 0-dim
+    result is read later on a CUDA device (`_warn_when_read`), at once under the interpreter."""
+    flag = _kernels().triton_bn.update_running(mean, var, running_mean, running_var, m, momentum)
+    if flag is None:
+        return _update_running_stats(running_mean, running_var, mean, var * (m / (m - 1)), momentum)
+    if _reads_back_later(flag):
+        _warn_when_read(flag)
+        return flag
+    if not bool(flag):
+        _warn_not_finite(stacklevel=4)
+        return False
     return True
 
 

@@ -30,6 +30,8 @@ Kernels (grid axis 0 is the long one; axis 1 walks channel blocks):
                         ReLU mask for the fused variant (and writing dresidual = dy * mask there).
     _grad_merge_kernel  grid (C-blocks). Sums the partials; dweight, dbias and the dx coefficients.
     _dx_kernel          grid (tiles, C-blocks). dx = k*dy + b*(x - mean) + c.
+    _running_kernel     grid (1,). The layers' running-statistics rule (`update_running`): every
+                        channel or none, the outcome a flag on the device.
 
 Layout: every tensor is handled as a dense (A, C, B) block read in memory order, element (a, c, b)
 at a*C*B + c*B + b: NCHW is (N, C, H*W), channels_last / channels_last_3d / (N, L, C) with axis=-1
@@ -46,8 +48,8 @@ written back in their own dtype); mean, invstd and the parameter gradients come 
 
 Non-finite batches: a channel whose batch mean or variance is not finite keeps its running
 statistics (checked per channel, in the kernel). `functional.batch_norm` skips the whole update
-with a warning instead; a caller that wants that exactly passes running_mean=None and updates the
-running statistics itself from `mean` and `invstd`.
+with a warning instead; a caller that wants that exactly passes running_mean=None and calls
+`update_running` with the mean and var (`return_var=True`): one launch, nothing read back.
 
 Triton is imported lazily: importing this module never imports triton. The first `available()`,
 `supports()` or kernel call imports it and compiles the module's kernel functions with
@@ -85,6 +87,7 @@ __all__ = [
     "train_backward_act",
     "train_forward",
     "train_forward_act",
+    "update_running",
     "why_unavailable",
 ]
 
@@ -389,6 +392,42 @@ def _dx_kernel(
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+def _running_kernel(
+    mean_ptr, var_ptr,  # the batch's mean and biased var, float32 (C,)
+    rmean_ptr, rvar_ptr,  # running statistics, float32 (C,), updated in place
+    momentum_ptr, flag_ptr,  # momentum_ptr: a 0-dim float tensor (MOMENTUM_PTR); flag: 0-dim uint8, 1 = updated
+    C, momentum, unbias,  # unbias = m / (m - 1)
+    MOMENTUM_PTR: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The layers' running-statistics rule in one program: every channel or none.
+
+    Pass 1 counts the channels whose mean or unbiased variance is not finite; pass 2 writes
+    running = (1 - momentum) * running + momentum * batch only if there were none. The flag says
+    which, on the device: nothing is read back to the host.
+    """
+    big = 3.4028234663852886e38  # float32 max: |v| <= big is False for inf and NaN
+    bad = tl.zeros([BLOCK_C], dtype=tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        mu = tl.load(mean_ptr + c, mask=cmask, other=0.0)
+        v = tl.load(var_ptr + c, mask=cmask, other=0.0) * unbias
+        bad += tl.where(cmask & ~((tl.abs(mu) <= big) & (tl.abs(v) <= big)), 1, 0)
+    n_bad = tl.max(bad, axis=0)
+    ok = (tl.zeros([BLOCK_C], dtype=tl.int32) + n_bad) == 0  # as a vector: it masks the stores
+    f = tl.load(momentum_ptr).to(tl.float32) if MOMENTUM_PTR else momentum
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        wmask = (c < C) & ok
+        mu = tl.load(mean_ptr + c, mask=wmask, other=0.0)
+        v = tl.load(var_ptr + c, mask=wmask, other=0.0) * unbias
+        rm = tl.load(rmean_ptr + c, mask=wmask, other=0.0)
+        rv = tl.load(rvar_ptr + c, mask=wmask, other=0.0)
+        tl.store(rmean_ptr + c, rm * (1.0 - f) + mu * f, mask=wmask)
+        tl.store(rvar_ptr + c, rv * (1.0 - f) + v * f, mask=wmask)
+    tl.store(flag_ptr, (n_bad == 0).to(tl.uint8))
+
+
 _JIT = (
     "_tile_offsets",
     "_pivot",
@@ -400,6 +439,7 @@ _JIT = (
     "_grad_reduce_kernel",
     "_grad_merge_kernel",
     "_dx_kernel",
+    "_running_kernel",
 )
 _STREAMING = ("_stats_kernel", "_apply_kernel", "_grad_reduce_kernel", "_dx_kernel")
 
@@ -850,6 +890,39 @@ def train_forward_act(
         mean, invstd, var = _stats(x, A, C, B, eps, running_mean, running_var, momentum)
         y = _apply(x, A, C, B, mean, invstd, w, b, True, r, act == "relu")
     return (y, mean, invstd, var) if return_var else (y, mean, invstd)
+
+
+def update_running(
+    mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, m: int, momentum: float | Tensor
+) -> Tensor | None:
+    """The layers' running-statistics rule in one kernel launch: if every channel's mean and
+    unbiased variance m / (m - 1) * var are finite, running = (1 - momentum) * running +
+    momentum * batch for both buffers, else neither changes. Returns the outcome as a 0-dim bool
+    tensor on their device (True: updated), so that nothing is read back to the host.
+
+    mean, var: the batch's float32 (C,) (`train_forward(..., return_var=True)`); the buffers:
+    contiguous float32 (C,) on the same device; momentum: a float or a 0-dim tensor (momentum=None's
+    1 / (num_batches_tracked + 1)); m > 1. None where these do not hold (the caller's torch ops then).
+    """
+    C = mean.numel()
+    vectors = (mean, var, running_mean, running_var)
+    if m < 2 or not all(
+        t.dtype == torch.float32 and t.numel() == C and t.is_contiguous() and t.device == mean.device for t in vectors
+    ):
+        return None
+    tensor_momentum = isinstance(momentum, Tensor)
+    if tensor_momentum and (momentum.numel() != 1 or momentum.device != mean.device):
+        return None
+    if not supports(mean, 0):
+        return None
+    flag = torch.empty(1, dtype=torch.uint8, device=mean.device)  # (triton stores no torch.bool)
+    with _on(mean):
+        _running_kernel[(1,)](
+            mean, var, running_mean, running_var, momentum if tensor_momentum else flag, flag,
+            C, 0.0 if tensor_momentum else float(momentum), m / (m - 1),
+            MOMENTUM_PTR=tensor_momentum, BLOCK_C=min(_np2(C), 1024),
+        )  # fmt: skip
+    return flag.view(torch.bool)[0]
 
 
 def inference(
