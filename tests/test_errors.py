@@ -345,6 +345,32 @@ def test_cuda_training_step_never_waits_for_the_gpu(backend, make, momentum):
             layer(x)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cuda_graph_of_a_training_forward_keeps_a_bad_batch_out(backend):
+    """A training forward captured in a CUDA graph (nothing is read back, so it can be): replays
+    of good batches move the running statistics, a replay of a bad one leaves them."""
+    layer = bn.BatchNorm2d(8).cuda()
+    x = torch.randn(4, 8, 6, 6, device="cuda")
+    with use_backend(backend), torch.no_grad():
+        layer(x)  # compile the kernels and warm the allocator outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            layer(x)
+    x.copy_(torch.randn_like(x) * 3 + 1)
+    before = _snapshot(layer)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(layer.running_mean, before["running_mean"])
+    moved = _snapshot(layer)
+    x[0, 0, 0, 0] = float("nan")
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_unchanged(layer, moved)
+
+
 # --------------------------------------------------------------------------- nothing corrupted
 
 

@@ -768,12 +768,17 @@ def _warn_when_read(finite: Tensor) -> None:
     The 0-dim flag is copied into pinned host memory behind the step's work (non_blocking), with
     an event after it; this call and every later one warn for the flags whose events have
     completed, so the warning may come a step or two after its batch. Without an event (a tensor
-    already on the host) the flag is read at once."""
-    host = finite.to("cpu", non_blocking=True)  # (pinned, from CUDA)
+    already on the host) the flag is read at once; while a CUDA graph is captured, never (the
+    graph's replays still keep a non-finite batch out of the running statistics)."""
     event = None
     if finite.is_cuda:
+        if torch.cuda.is_current_stream_capturing():  # a CUDA graph: no copy to read, no warning
+            return
+        host = finite.to("cpu", non_blocking=True)  # (into pinned memory)
         event = torch.cuda.Event()
         event.record()
+    else:
+        host = finite
     _unread.append((host, event))
     while _unread and (_unread[0][1] is None or _unread[0][1].query()):
         flag, _ = _unread.popleft()
