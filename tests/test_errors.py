@@ -244,13 +244,22 @@ def device_rule(monkeypatch) -> list[torch.Tensor]:
     0-dim tensor, the update a select, the count a device add, momentum=None's factor a tensor);
     the warning through `_warn_when_read`, at once here (no event to wait for). Returns the flags
     it was handed."""
-    from batchnorm import functional
+    from batchnorm import functional, modules
 
-    monkeypatch.setattr(functional, "_reads_back_later", lambda t: True)
+    for module in (functional, modules):
+        monkeypatch.setattr(module, "_reads_back_later", lambda t: True)
     handed: list[torch.Tensor] = []
     read = functional._warn_when_read
     monkeypatch.setattr(functional, "_warn_when_read", lambda finite: (handed.append(finite), read(finite)))
     return handed
+
+
+def _ghost(C, **kw):
+    return bn.BatchNorm2d(C, virtual_batch_size=2, **kw)
+
+
+def _renorm(C, **kw):  # (the limits' schedule from the step count: a tensor on CUDA)
+    return bn.BatchNorm2d(C, renorm=bn.Renorm(r_max=3.0, d_max=5.0, warmup_steps=1, r_max_steps=3, d_max_steps=3), **kw)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "mNone"])
@@ -261,12 +270,15 @@ def device_rule(monkeypatch) -> list[torch.Tensor]:
         ("torch", bn.BatchNorm2d),
         ("triton", bn.BatchNorm2d),
         ("triton", bn.BatchNormAct2d),
+        ("composite", _ghost),
+        ("composite", _renorm),
     ],
-    ids=["composite", "torch", "triton", "triton-act"],
+    ids=["composite", "torch", "triton", "triton-act", "ghost", "renorm"],
 )
 def test_device_rule_keeps_a_bad_batch_out_without_reading_back(backend, make, momentum, device_rule, request):
-    """The backends a CUDA tensor takes, under the rule above: the same buffers as torch's layer
-    for the good batches, nothing written or counted for the bad one, and its warning."""
+    """The paths a CUDA tensor takes, under the rule above: the same buffers as torch's layer for
+    the good batches (ghost batches and renorm update them from the whole batch's statistics too),
+    nothing written or counted for the bad one, and its warning."""
     if backend == "triton":
         request.getfixturevalue("triton_calls")  # skips where the Triton kernels cannot run
     ours, theirs = make(3, momentum=momentum), torch.nn.BatchNorm2d(3, momentum=momentum)
@@ -314,7 +326,9 @@ def test_warning_waits_for_its_flag(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "mNone"])
-@pytest.mark.parametrize("make", [bn.BatchNorm2d, bn.BatchNormAct2d], ids=["bn", "act"])
+@pytest.mark.parametrize(
+    "make", [bn.BatchNorm2d, bn.BatchNormAct2d, _ghost, _renorm], ids=["bn", "act", "ghost", "renorm"]
+)
 @pytest.mark.parametrize("backend", ["auto", "torch", "composite"])
 def test_cuda_training_step_never_waits_for_the_gpu(backend, make, momentum):
     """torch.cuda's sync debug mode raises on any host synchronisation: training steps (forward and

@@ -194,7 +194,9 @@ class _GeneralTrain(torch.autograd.Function):
         if total.count.dim() == 2:
             total = Moments(total.count[0], total.mean[0], total.m2[0])
 
-        if m is None and not (sync and k is None):  # the counts follow from the shapes (each group local)
+        # The counts follow from the shapes: each group local, or (SyncBN) this process's share
+        # alone has 2 values per channel; else they are read (on CUDA a read waits for the GPU).
+        if m is None and not (sync and k is None and N * per < 2):
             check_shapes_no_single_value(N, k, per)
         else:
             check_counts_no_single_value(norm.count, N, k)

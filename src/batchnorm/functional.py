@@ -264,7 +264,9 @@ def batch_norm_with_status(
         if _recording():  # the count is a value of the graph: its test goes into the update's select
             few = total.count[0] < 2
             return y, _update_running_stats(running_mean, running_var, total.mean, total.unbiased_var, momentum) | few
-        if float(total.count[0]) < 2:
+        # Without a mask every group has this process's m values or more: at least 2 needs no
+        # read of the count (on CUDA a read waits for the GPU).
+        if (mask is not None or input.numel() // C < 2) and float(total.count[0]) < 2:
             return y, True
         return y, _update_running_stats(running_mean, running_var, total.mean, total.unbiased_var, momentum)
 

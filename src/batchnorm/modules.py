@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import _cumulative_factor, _recording, batch_norm_with_status
+from .functional import _cumulative_factor, _reads_back_later, _recording, batch_norm_with_status
 from .renorm import Renorm
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -90,7 +90,7 @@ class _Forward:
         keep = not training or self.track_running_stats
         renorm = None
         if use_batch and self.renorm is not None and tracking:
-            step = 0 if tracked is None else tracked if _recording() else int(tracked)
+            step = 0 if tracked is None else tracked if _recording() or _reads_back_later(tracked) else int(tracked)
             renorm = self.renorm.limits(step)
         y, counted = batch_norm_with_status(
             input,
