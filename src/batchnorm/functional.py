@@ -726,7 +726,7 @@ def _triton_update(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, m: int, momentum: float | Tensor
 ) -> bool | Tensor:
     """`_update_running_stats` from the batch's biased var, in one Triton launch where it takes the
-    buffers (`triton_bn.update_running`: float32) instead of a dozen small torch ops. Its 0-dim
+    buffers (`triton_bn.update_running`: float32) instead of about 15 small torch ops. Its 0-dim
     result is read later on a CUDA device (`_warn_when_read`), at once under the interpreter."""
     flag = _kernels().triton_bn.update_running(mean, var, running_mean, running_var, m, momentum)
     if flag is None:
