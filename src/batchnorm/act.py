@@ -27,6 +27,7 @@ from torch import Tensor
 from .functional import (
     _backward_differentiable,
     _check_training,
+    _coefficients,
     _compiling_kernel,
     _cumulative_factor,
     _eval_coefficients,
@@ -82,8 +83,7 @@ class _FusedAct(torch.autograd.Function):
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # gradients of gradients wanted: g = dy * mask, then BN's backward
             ndim = x.dim()
-            scale = invstd if weight is None else invstd * weight.float()
-            shift = -mean * scale if bias is None else bias.float() - mean * scale
+            scale, shift = _coefficients(mean, invstd, weight, bias, torch.float32)
             pre = torch.addcmul(_view(shift, ndim, ctx.axis), x.float(), _view(scale, ndim, ctx.axis))
             passed = (pre if residual is None else pre + residual.float()) > 0  # (may differ where y ~ 0)
             g = dy * passed

@@ -673,10 +673,15 @@ def _eval_coefficients(
     mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, acc: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """(scale, shift) in `acc`: scale = weight * (var + eps)^-1/2, shift = bias - mean * scale."""
-    scale = torch.rsqrt(var.to(acc) + eps)
-    if weight is not None:
-        scale = scale * weight.to(acc)
-    shift = -mean.to(acc) * scale
+    return _coefficients(mean.to(acc), torch.rsqrt(var.to(acc) + eps), weight, bias, acc)
+
+
+def _coefficients(
+    mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None, acc: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """(scale, shift) in `acc` from mean and invstd: scale = weight * invstd, shift = bias - mean * scale."""
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    shift = -mean * scale
     if bias is not None:
         shift = shift + bias.to(acc)
     return scale, shift
