@@ -1358,7 +1358,7 @@ INLINE void rows_avx512(int op, const void *x, const void *dy, void *out, int64_
         /* streaming (inputs from memory): the first tile prefetches whole rows (rows_pf) */
         for (; j + nv * VEC <= W; j += nv * VEC)
             rows_tile_apply(op, x, dy, out, W, r0, r1, j, nv, mw, sw, bw, hw, gsw, ghw, st,
-                            st && ROW_PF && j == 0 && W > nv * VEC, dt);
+                            tile_pf(st ? 2 : 0, j, W, nv), dt);
         for (; j + VEC <= W; j += VEC)
             rows_tile_apply(op, x, dy, out, W, r0, r1, j, 1, mw, sw, bw, hw, gsw, ghw, st, 0, dt);
         if (j < W) {
