@@ -147,9 +147,15 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_VARIANTS = [("affine", "float32"), ("no-affine", "float32"), ("no-bias", "float32"), ("affine", "bfloat16")]
 
 
+@pytest.mark.parametrize("path", ["split", "channel"])
 @pytest.mark.parametrize("affine, dtype_name", TRITON_VARIANTS, ids=[f"{a}-{d}" for a, d in TRITON_VARIANTS])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_triton_path_matches_torch_training_then_eval(layout, affine, dtype_name, tol, triton_calls):
+def test_triton_path_matches_torch_training_then_eval(layout, affine, dtype_name, path, tol, triton_calls, monkeypatch):
+    """Both paths of the kernels' training step (triton_bn.path_override): the split reduction,
+    or one program per channel block."""
+    from batchnorm.kernels import triton_bn
+
+    monkeypatch.setattr(triton_bn, "path_override", path)
     with bn.functional.use_backend("triton"):
         _train_then_eval(layout, 0.1, affine, True, dtype_name, tol, TRITON_DEVICE)
     # every training step on the kernels (eval with gradients wanted takes differentiable torch ops)

@@ -12,6 +12,7 @@ dbias (and dresidual for the fused BN + add + ReLU) with F.batch_norm / autograd
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,14 @@ def _needs_triton(request):
     """Skip, with the reason, where triton cannot run; the import test runs everywhere."""
     if _WHY is not None and request.function is not test_import_needs_no_triton:
         pytest.skip(f"Triton kernels unavailable: {_WHY}")
+
+
+@pytest.fixture(params=["split", "channel"])
+def path(request, monkeypatch):
+    """Each training-step path in turn: the split reduction, its merge and the elementwise pass
+    (three launches per direction), or the whole-channel kernels (one)."""
+    monkeypatch.setattr(tb, "path_override", request.param)
+    return request.param
 
 
 # --------------------------------------------------------------------------- the oracle
@@ -149,16 +158,16 @@ CASES = [
 
 
 @pytest.mark.parametrize(("shape", "axis", "channels_last"), CASES)
-def test_train_forward_backward_float32(shape, axis, channels_last):
+def test_train_forward_backward_float32(shape, axis, channels_last, path):
     _check_train(shape, axis, torch.float32, channels_last)
 
 
-def test_without_affine_or_running_stats():
+def test_without_affine_or_running_stats(path):
     _check_train((3, 5, 4, 3), 1, torch.float32, affine=False, running=False)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 1.0, 0.3])
-def test_momentum(momentum):
+def test_momentum(momentum, path):
     _check_train((4, 3, 5), 1, torch.float32, channels_last=False, momentum=momentum)
 
 
@@ -166,7 +175,7 @@ def test_momentum(momentum):
     ("dtype", "channels_last"),
     [pytest.param(torch.bfloat16, True, id="bf16-channels_last"), pytest.param(torch.float16, False, id="f16")],
 )
-def test_half_inputs_accumulate_in_float32(dtype, channels_last):
+def test_half_inputs_accumulate_in_float32(dtype, channels_last, path):
     """Half x and dy with float32 weight, bias and running statistics (mixed precision)."""
     _check_train((3, 5, 4, 3), 1, dtype, channels_last)
 
@@ -201,7 +210,7 @@ def _check_large_offset(shape, channels_last=False):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_large_offset_keeps_variance(channels_last):
+def test_large_offset_keeps_variance(channels_last, path):
     _check_large_offset((4, 3, 6, 5), channels_last)
 
 
@@ -217,7 +226,7 @@ def test_large_offset_keeps_variance(channels_last):
         pytest.param(tb.Tuning(tile=4, max_block_c=1, programs=3, merge_block_s=1, merge_block_c=1), id="tiny-tiles"),
     ],
 )
-def test_tilings_agree(monkeypatch, tuning):
+def test_tilings_agree(monkeypatch, tuning, path):
     """Splits that get no tile, a single tile per channel, many tiny tiles: the same results."""
     monkeypatch.setattr(tb, "tuning_override", tuning)
     C = 5 if tuning.tile > 4 else 3  # (fewer programs to interpret for the tiny tiles)
@@ -236,7 +245,7 @@ def test_autotuned_path(monkeypatch):
 
 @pytest.mark.parametrize("residual", [False, True], ids=["bn-relu", "bn-add-relu"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_fused_act(residual, channels_last):
+def test_fused_act(residual, channels_last, path):
     shape = (3, 5, 4, 3)
     x, w, b, rm, rv = _make(shape, 1, torch.float32, channels_last)
     r = torch.randn(shape, device=DEVICE) if residual else None
@@ -262,7 +271,7 @@ def test_fused_act_none_is_plain_bn():
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
 
 
-def test_fused_residual_in_another_layout():
+def test_fused_residual_in_another_layout(path):
     """A contiguous residual with a channels_last x is copied into x's layout; results the same."""
     shape = (2, 3, 3, 4)
     x, w, b, _, _ = _make(shape, 1, torch.float32, channels_last=True)
@@ -297,7 +306,7 @@ def test_inference(channels_last):
         tb.inference(x, scale, shift, 1, act="gelu")
 
 
-def test_expanded_dy():
+def test_expanded_dy(path):
     """dy from y.sum().backward() is an expanded tensor (stride 0): copied into x's layout."""
     x, w, b, _, _ = _make((3, 5, 4, 3), 1, torch.float32, channels_last=True)
     dy = torch.ones((), device=DEVICE).expand(x.shape)
@@ -308,7 +317,7 @@ def test_expanded_dy():
         _close(name, got, ref[name], torch.float32)
 
 
-def test_need_dx_false():
+def test_need_dx_false(path):
     x, w, b, _, _ = _make((3, 5, 4), 1, torch.float32)
     dy = torch.randn(x.shape, device=DEVICE)
     _, mean, invstd = tb.train_forward(x, w, b, 1e-5, 1)
@@ -318,7 +327,7 @@ def test_need_dx_false():
     assert torch.equal(dw, dw2) and torch.equal(db, db2)
 
 
-def test_properties_after_training_forward():
+def test_properties_after_training_forward(path):
     """Every output channel has mean 0 and variance 1 (no affine); momentum 1 stores the batch stats."""
     x, _, _, rm, rv = _make((4, 3, 5, 2), 1, torch.float32, offset=3.0)
     y, mean, _ = tb.train_forward(x, None, None, 1e-5, 1, rm, rv, momentum=1.0)
@@ -330,7 +339,7 @@ def test_properties_after_training_forward():
 
 
 @pytest.mark.parametrize("act", [False, True], ids=["bn", "act"])
-def test_return_var_keeps_the_digits_of_a_tiny_variance(act):
+def test_return_var_keeps_the_digits_of_a_tiny_variance(act, path):
     """return_var gives the biased var as the kernel computed it: channels of variance 1e-12,
     1e-8 and 1 (eps 1e-5, where invstd**-2 - eps keeps no digit of the first) against float64's,
     and the kernel's own running update (momentum 1) stores it unbiased."""
@@ -382,7 +391,7 @@ def test_update_running_declines_what_it_does_not_take():
     assert torch.equal(rm, torch.zeros(4, device=DEVICE)) and torch.equal(rv, torch.ones(4, device=DEVICE))
 
 
-def test_nonfinite_channel_keeps_its_running_stats():
+def test_nonfinite_channel_keeps_its_running_stats(path):
     """A NaN in channel 1 leaves that channel's running statistics alone; the others update."""
     x, _, _, rm, rv = _make((4, 3, 5), 1, torch.float32)
     x[2, 1, 3] = float("nan")
@@ -392,7 +401,7 @@ def test_nonfinite_channel_keeps_its_running_stats():
     assert not torch.equal(rm[0], rm0[0]) and not torch.equal(rv[2], rv0[2])
 
 
-def test_one_value_per_channel_skips_running_update():
+def test_one_value_per_channel_skips_running_update(path):
     x, _, _, rm, rv = _make((1, 3), 1, torch.float32)
     rm0, rv0 = rm.clone(), rv.clone()
     y, _, _ = tb.train_forward(x, None, None, 1e-5, 1, rm, rv, 0.1)
@@ -431,6 +440,67 @@ def test_tile_heuristics_split_whatever_c_is():
     assert tb._tile_shape(32 * 56 * 56, 64, 1, t.tile, t.max_block_c) == (32, 64, 1)
     # ResNet's last stage (32, 2048, 7, 7): 32 planes of 49 per tile.
     assert tb._tile_shape(32, 2048, 49, t.tile, t.max_block_c) == (32, 1, 64)
+
+
+def test_whole_channel_rule():
+    """On an H100-like tuning: the whole-channel kernels where the split reduction would give every
+    channel block one split anyway (ResNet's 7x7 and 14x14 stages, NCHW: 2048 and 1024 channel
+    blocks for 528 programs) or a block has at most `channel_tiles` tiles; the split path where the
+    channel blocks are few and long."""
+    t = tb.Tuning(programs=528)
+
+    def whole(A, C, B):
+        return tb._whole_channels(A, C, B, tb._tile_shape(A, C, B, t.tile, t.max_block_c), t)
+
+    assert whole(32, 2048, 49) and whole(32, 1024, 196)  # one split per channel
+    assert whole(128, 64, 1)  # 2-D (128, 64): one block of 4 tiles
+    assert not whole(32, 64, 56 * 56) and not whole(8, 3, 224 * 224)  # NCHW, few channels
+    assert not whole(32 * 49, 2048, 1) and not whole(4096, 1024, 1)  # channels_last / 2-D: 32 and 16 blocks
+    assert not whole(512, 256, 1)  # 16 tiles per block
+
+
+@pytest.fixture
+def launches(monkeypatch) -> list[str]:
+    """The kernels launched while the test runs, by name, in order."""
+    calls: list[str] = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            calls.append(self.name)
+            return self.kernel[grid]
+
+    for name in tb._JIT:
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(tb, name, Spy(name, getattr(tb, name)))
+    return calls
+
+
+@pytest.mark.parametrize(("C", "whole"), [(12, True), (2, False)], ids=["12-blocks", "2-blocks"])
+def test_training_step_launches(monkeypatch, launches, C, whole):
+    """One launch per direction on the whole-channel path, three on the split path, as the rule
+    picks them (the interpreter's tuning: 6 programs, at most 2 tiles for the whole-channel kernels;
+    NCHW (4, C, 5, 5) has C channel blocks of four tiles, one sample's plane each: 12 blocks take one
+    split each, 2 would take three)."""
+    x, w, b, rm, rv = _make((4, C, 5, 5), 1, torch.float32)
+    t = tb._tuning(x)
+    assert tb._whole_channels(4, C, 25, tb._tile_shape(4, C, 25, t.tile, t.max_block_c), t) == whole
+    dy = torch.randn_like(x)
+    ref = _reference(x, w, b, rm, rv, 0.1, 1e-5, 1, dy)
+    y, mean, invstd = tb.train_forward(x, w, b, 1e-5, 1, rm, rv)
+    dx, dw, db = tb.train_backward(dy, x, w, mean, invstd, 1)
+    if whole:
+        assert launches == ["_channel_forward_kernel", "_channel_backward_kernel"]
+    else:
+        forward = ["_stats_kernel", "_stats_merge_kernel", "_apply_kernel"]
+        assert launches == [*forward, "_grad_reduce_kernel", "_grad_merge_kernel", "_dx_kernel"]
+    for name, got in dict(y=y, dx=dx, dweight=dw, dbias=db, running_mean=rm, running_var=rv).items():
+        _close(name, got, ref[name], torch.float32)
+    monkeypatch.setattr(tb, "path_override", "whole")
+    with pytest.raises(ValueError, match="path_override must be None, 'split' or 'channel'"):
+        tb.train_forward(x, w, b, 1e-5, 1)
 
 
 # --------------------------------------------------------------------------- compiles for a GPU
@@ -487,6 +557,12 @@ for dtype, blocks, int64, ones in cases:
         compile_("_grad_reduce_kernel", dtype, **tile, HAS_W=False, HAS_B=False, RELU=False, HAS_RES=False)
     compile_("_grad_reduce_kernel", dtype, **tile, **flags, RELU=True, HAS_RES=True)
     compile_("_dx_kernel", dtype, **no_s, **flags, RELU=True)
+    compile_("_channel_forward_kernel", dtype, **no_s, **flags, HAS_RES=True, RELU=True, HAS_RUNNING=not int64)
+    compile_("_channel_backward_kernel", dtype, **no_s, **flags, RELU=True, HAS_RES=True, NEED_DX=True)
+    if first:
+        plain = dict(HAS_W=False, HAS_B=False, HAS_RES=False, RELU=False)
+        compile_("_channel_forward_kernel", dtype, **no_s, **plain, HAS_RUNNING=False)
+        compile_("_channel_backward_kernel", dtype, **no_s, **plain, NEED_DX=False)
     compile_("_stats_merge_kernel", dtype, HAS_RUNNING=not int64, BLOCK_S=32, BLOCK_C=128, INT64=int64, **merge)
     if dtype != "bf16":
         merge.pop("B", None)
@@ -581,3 +657,23 @@ class TestGPU:
         monkeypatch.setenv("BATCHNORM_TRITON_AUTOTUNE", "1")
         _check_train((16, 64, 28, 28), 1, torch.float32, channels_last=True)
         _check_train((16, 64, 28, 28), 1, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- the GPU session's A/B script
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's smoke run (on a GPU, gpu_check.sh paths runs it)")
+def test_paths_benchmark_smoke(tmp_path):
+    """benchmarks/triton_paths.py, which a GPU session runs (`gpu_check.sh paths`), on its tiny
+    inputs in the interpreter: every input timed on both paths and torch's, the rule recorded."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "triton_paths.py")
+    out = tmp_path / "paths.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, script, "--smoke", "--json", str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 and {r["rule"] for r in rows} == {"split", "channel"}
+    for r in rows:
+        assert set(r["ms"]) == {"split", "channel", "torch"} and all(v > 0 for v in r["ms"].values())

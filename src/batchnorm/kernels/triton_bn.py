@@ -30,6 +30,12 @@ Kernels (grid axis 0 is the long one; axis 1 walks channel blocks):
                         ReLU mask for the fused variant (and writing dresidual = dy * mask there).
     _grad_merge_kernel  grid (C-blocks). Sums the partials; dweight, dbias and the dx coefficients.
     _dx_kernel          grid (tiles, C-blocks). dx = k*dy + b*(x - mean) + c.
+    _channel_forward_kernel, _channel_backward_kernel
+                        grid (C-blocks). The whole-channel path: one program per channel block does
+                        a direction's three steps over all its tiles (statistics, epilogue, apply;
+                        s1 and s2, coefficients, dx), one launch instead of three, no partials. Taken
+                        where the split reduction would give each channel block one split anyway,
+                        or a block has few tiles (`_whole_channels`; `path_override` forces a path).
     _running_kernel     grid (1,). The layers' running-statistics rule (`update_running`): every
                         channel or none, the outcome a flag on the device.
 
@@ -152,6 +158,67 @@ def _scale_shift(mean, invstd, w_ptr, b_ptr, c, cmask, HAS_W: tl.constexpr, HAS_
     return scale, shift
 
 
+def _tiles_moments(x_ptr, c, pivot, A, C, B, start, end, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_B: tl.constexpr, INT64: tl.constexpr):  # fmt: skip
+    """(count, mean - pivot, M2) of tiles [start, end) of channels c, float32 (BLOCK_C,) each: every
+    tile in two passes (its mean, then squared deviations from it), merged with Chan's formula."""
+    nb = tl.cdiv(B, BLOCK_B)
+    acc_n = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t in range(start, end):
+        ia = t // nb
+        ib = t - ia * nb
+        offs, mask = _tile_offsets(ia, ib, c, A, C, B, BLOCK_A, BLOCK_B, INT64)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xs = tl.where(mask, x - pivot[None, :, None], 0.0)
+        n_t = (tl.minimum(A - ia * BLOCK_A, BLOCK_A) * tl.minimum(B - ib * BLOCK_B, BLOCK_B)).to(tl.float32)
+        mean_t = _reduce_ab(xs) / n_t  # pass 1: the tile's mean
+        d = tl.where(mask, xs - mean_t[None, :, None], 0.0)
+        m2_t = _reduce_ab(d * d)  # pass 2: squared deviations from it
+        n = acc_n + n_t  # Chan: merge (n_t, mean_t, m2_t) into the accumulator
+        delta = mean_t - acc_mean
+        frac = n_t / n
+        acc_mean += delta * frac
+        acc_m2 += m2_t + delta * delta * acc_n * frac
+        acc_n = n
+    return acc_n, acc_mean, acc_m2
+
+
+def _finish_stats(
+    pivot, acc_mean, acc_m2, c, cmask,
+    mean_ptr, invstd_ptr, var_ptr, rmean_ptr, rvar_ptr,
+    m, eps, momentum, unbias, HAS_RUNNING: tl.constexpr,
+):  # fmt: skip
+    """The statistics' epilogue: mean, invstd and the biased var stored (and returned: mean, invstd),
+    the running statistics updated in place per channel where finite (HAS_RUNNING)."""
+    mean = pivot + acc_mean
+    var = acc_m2 / m  # biased: normalizes
+    invstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + c, mean, mask=cmask)
+    tl.store(invstd_ptr + c, invstd, mask=cmask)
+    tl.store(var_ptr + c, var, mask=cmask)
+    if HAS_RUNNING:
+        big = 3.4028234663852886e38  # float32 max: |v| <= big is False for inf and NaN
+        ok = cmask & (tl.abs(mean) <= big) & (var <= big)
+        rm = tl.load(rmean_ptr + c, mask=ok, other=0.0)
+        rv = tl.load(rvar_ptr + c, mask=ok, other=0.0)
+        new_rm = rm.to(tl.float32) * (1.0 - momentum) + momentum * mean
+        new_rv = rv.to(tl.float32) * (1.0 - momentum) + momentum * (var * unbias)  # unbiased is stored
+        tl.store(rmean_ptr + c, new_rm.to(rm.dtype), mask=ok)
+        tl.store(rvar_ptr + c, new_rv.to(rv.dtype), mask=ok)
+    return mean, invstd
+
+
+def _saved_stats(mean_ptr, invstd_ptr, w_ptr, b_ptr, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """The backward's per-channel inputs as float32: (mean, invstd, scale, shift), scale and shift
+    those of the forward's apply pass (`_scale_shift`), for the ReLU mask's recomputation."""
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    scale, shift = _scale_shift(mean, invstd, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
+    return mean, invstd, scale, shift
+
+
 def _stats_kernel(
     x_ptr, cnt_ptr, mean_ptr, m2_ptr,  # x (A, C, B); partials (S, C) float32 each
     A, C, B, S,
@@ -173,25 +240,7 @@ def _stats_kernel(
     per = tl.cdiv(n_tiles, S)
     start = s * per
     end = tl.minimum(start + per, n_tiles)
-    acc_n = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for t in range(start, end):
-        ia = t // nb
-        ib = t - ia * nb
-        offs, mask = _tile_offsets(ia, ib, c, A, C, B, BLOCK_A, BLOCK_B, INT64)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xs = tl.where(mask, x - pivot[None, :, None], 0.0)
-        n_t = (tl.minimum(A - ia * BLOCK_A, BLOCK_A) * tl.minimum(B - ib * BLOCK_B, BLOCK_B)).to(tl.float32)
-        mean_t = _reduce_ab(xs) / n_t  # pass 1: the tile's mean
-        d = tl.where(mask, xs - mean_t[None, :, None], 0.0)
-        m2_t = _reduce_ab(d * d)  # pass 2: squared deviations from it
-        n = acc_n + n_t  # Chan: merge (n_t, mean_t, m2_t) into the accumulator
-        delta = mean_t - acc_mean
-        frac = n_t / n
-        acc_mean += delta * frac
-        acc_m2 += m2_t + delta * delta * acc_n * frac
-        acc_n = n
+    acc_n, acc_mean, acc_m2 = _tiles_moments(x_ptr, c, pivot, A, C, B, start, end, BLOCK_A, BLOCK_C, BLOCK_B, INT64)
     out = s * C + c
     tl.store(cnt_ptr + out, acc_n, mask=cmask)
     tl.store(mean_ptr + out, acc_mean, mask=cmask)
@@ -232,21 +281,25 @@ def _stats_merge_kernel(
         acc_mean += delta * frac
         acc_m2 += m2_b + delta * delta * acc_n * frac
         acc_n = tot
-    mean = _pivot(x_ptr, c, cmask, B, INT64) + acc_mean
-    var = acc_m2 / m  # biased: normalizes
-    invstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(mean_ptr + c, mean, mask=cmask)
-    tl.store(invstd_ptr + c, invstd, mask=cmask)
-    tl.store(var_ptr + c, var, mask=cmask)
-    if HAS_RUNNING:
-        big = 3.4028234663852886e38  # float32 max: |v| <= big is False for inf and NaN
-        ok = cmask & (tl.abs(mean) <= big) & (var <= big)
-        rm = tl.load(rmean_ptr + c, mask=ok, other=0.0)
-        rv = tl.load(rvar_ptr + c, mask=ok, other=0.0)
-        new_rm = rm.to(tl.float32) * (1.0 - momentum) + momentum * mean
-        new_rv = rv.to(tl.float32) * (1.0 - momentum) + momentum * (var * unbias)  # unbiased is stored
-        tl.store(rmean_ptr + c, new_rm.to(rm.dtype), mask=ok)
-        tl.store(rvar_ptr + c, new_rv.to(rv.dtype), mask=ok)
+    _finish_stats(
+        _pivot(x_ptr, c, cmask, B, INT64), acc_mean, acc_m2, c, cmask,
+        mean_ptr, invstd_ptr, var_ptr, rmean_ptr, rvar_ptr, m, eps, momentum, unbias, HAS_RUNNING,
+    )  # fmt: skip
+
+
+def _apply_tile(
+    x_ptr, y_ptr, r_ptr, ia, ib, c, scale, shift, A, C, B,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, INT64: tl.constexpr,
+):  # fmt: skip
+    """y = x * scale + shift [+ residual] [relu] on tile (ia, ib) of channels c."""
+    offs, mask = _tile_offsets(ia, ib, c, A, C, B, BLOCK_A, BLOCK_B, INT64)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = x * scale[None, :, None] + shift[None, :, None]
+    if HAS_RES:
+        y = y + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.where(y <= 0.0, 0.0, y)  # NaN stays NaN, as torch.relu
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _apply_kernel(
@@ -273,14 +326,42 @@ def _apply_kernel(
     else:
         scale = p0
         shift = p1
-    offs, mask = _tile_offsets(ia, ib, c, A, C, B, BLOCK_A, BLOCK_B, INT64)
+    _apply_tile(x_ptr, y_ptr, r_ptr, ia, ib, c, scale, shift, A, C, B, HAS_RES, RELU, BLOCK_A, BLOCK_B, INT64)
+
+
+def _gated_grad(dy_ptr, x_ptr, r_ptr, offs, mask, scale, shift, RELU: tl.constexpr, HAS_RES: tl.constexpr):
+    """(g, x) of a tile as float32: g = dy, or with RELU dy where x * scale + shift [+ residual] > 0
+    (the forward's pre-activation, recomputed); masked lanes 0."""
+    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = x * scale[None, :, None] + shift[None, :, None]
-    if HAS_RES:
-        y = y + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.where(y <= 0.0, 0.0, y)  # NaN stays NaN, as torch.relu
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        pre = x * scale[None, :, None] + shift[None, :, None]
+        if HAS_RES:
+            pre = pre + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.where(pre > 0.0, g, 0.0)
+    return g, x
+
+
+def _tiles_grad_sums(
+    dy_ptr, x_ptr, r_ptr, dr_ptr, c, mean, scale, shift, A, C, B, start, end,
+    RELU: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, INT64: tl.constexpr,
+):  # fmt: skip
+    """s1 = sum g, s2 = sum g * (x - mean) over tiles [start, end) of channels c ((BLOCK_C,) float32,
+    from tile-shaped accumulators), g as `_gated_grad`'s; with RELU and HAS_RES also dresidual = g."""
+    nb = tl.cdiv(B, BLOCK_B)
+    acc1 = tl.zeros([BLOCK_A, BLOCK_C, BLOCK_B], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_A, BLOCK_C, BLOCK_B], dtype=tl.float32)
+    for t in range(start, end):
+        ia = t // nb
+        ib = t - ia * nb
+        offs, mask = _tile_offsets(ia, ib, c, A, C, B, BLOCK_A, BLOCK_B, INT64)
+        g, x = _gated_grad(dy_ptr, x_ptr, r_ptr, offs, mask, scale, shift, RELU, HAS_RES)
+        if RELU and HAS_RES:
+            tl.store(dr_ptr + offs, g.to(dr_ptr.dtype.element_ty), mask=mask)
+        acc1 += g  # masked lanes hold g = 0
+        acc2 += g * (x - mean[None, :, None])
+    return _reduce_ab(acc1), _reduce_ab(acc2)
 
 
 def _grad_reduce_kernel(
@@ -299,36 +380,29 @@ def _grad_reduce_kernel(
     cb = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    if RELU:
-        invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-        scale, shift = _scale_shift(mean, invstd, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
+    mean, _, scale, shift = _saved_stats(mean_ptr, invstd_ptr, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
     nb = tl.cdiv(B, BLOCK_B)
     n_tiles = tl.cdiv(A, BLOCK_A) * nb
     per = tl.cdiv(n_tiles, S)
     start = s * per
     end = tl.minimum(start + per, n_tiles)
-    acc1 = tl.zeros([BLOCK_A, BLOCK_C, BLOCK_B], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_A, BLOCK_C, BLOCK_B], dtype=tl.float32)
-    for t in range(start, end):
-        ia = t // nb
-        ib = t - ia * nb
-        offs, mask = _tile_offsets(ia, ib, c, A, C, B, BLOCK_A, BLOCK_B, INT64)
-        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if RELU:
-            pre = x * scale[None, :, None] + shift[None, :, None]
-            if HAS_RES:
-                pre = pre + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                g = tl.where(pre > 0.0, g, 0.0)
-                tl.store(dr_ptr + offs, g.to(dr_ptr.dtype.element_ty), mask=mask)
-            else:
-                g = tl.where(pre > 0.0, g, 0.0)
-        acc1 += g  # masked lanes hold g = 0
-        acc2 += g * (x - mean[None, :, None])
+    s1, s2 = _tiles_grad_sums(
+        dy_ptr, x_ptr, r_ptr, dr_ptr, c, mean, scale, shift, A, C, B, start, end,
+        RELU, HAS_RES, BLOCK_A, BLOCK_C, BLOCK_B, INT64,
+    )  # fmt: skip
     out = s * C + c
-    tl.store(part_ptr + out, _reduce_ab(acc1), mask=cmask)
-    tl.store(part_ptr + S * C + out, _reduce_ab(acc2), mask=cmask)
+    tl.store(part_ptr + out, s1, mask=cmask)
+    tl.store(part_ptr + S * C + out, s2, mask=cmask)
+
+
+def _grad_coefficients(s1, s2, invstd, w_ptr, dw_ptr, db_ptr, c, cmask, m, HAS_W: tl.constexpr):
+    """dweight = s2 * invstd and dbias = s1 stored; returns dx's coefficients k, b, c (module docstring)."""
+    k = invstd
+    if HAS_W:
+        k = invstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(dw_ptr + c, s2 * invstd, mask=cmask)
+    tl.store(db_ptr + c, s1, mask=cmask)
+    return k, -k * invstd * invstd * s2 / m, -k * s1 / m
 
 
 def _grad_merge_kernel(
@@ -351,14 +425,16 @@ def _grad_merge_kernel(
         s1 += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), axis=0)
         s2 += tl.sum(tl.load(part_ptr + S * C + offs, mask=mask, other=0.0), axis=0)
     invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    k = invstd
-    if HAS_W:
-        k = invstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-        tl.store(dw_ptr + c, s2 * invstd, mask=cmask)
-    tl.store(db_ptr + c, s1, mask=cmask)
+    k, bc, cc = _grad_coefficients(s1, s2, invstd, w_ptr, dw_ptr, db_ptr, c, cmask, m, HAS_W)
     tl.store(coef_ptr + c, k, mask=cmask)
-    tl.store(coef_ptr + C + c, -k * invstd * invstd * s2 / m, mask=cmask)
-    tl.store(coef_ptr + 2 * C + c, -k * s1 / m, mask=cmask)
+    tl.store(coef_ptr + C + c, bc, mask=cmask)
+    tl.store(coef_ptr + 2 * C + c, cc, mask=cmask)
+
+
+def _store_dx(dx_ptr, offs, mask, g, x, mean, k, bc, cc):
+    """dx = k*g + b*(x - mean) + c on a tile (k, b, c: dx's coefficients, (BLOCK_C,))."""
+    dx = k[None, :, None] * g + bc[None, :, None] * (x - mean[None, :, None]) + cc[None, :, None]
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _dx_kernel(
@@ -376,20 +452,76 @@ def _dx_kernel(
     ib = t - ia * nb
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    mean, _, scale, shift = _saved_stats(mean_ptr, invstd_ptr, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
     k = tl.load(coef_ptr + c, mask=cmask, other=0.0)
     bc = tl.load(coef_ptr + C + c, mask=cmask, other=0.0)
     cc = tl.load(coef_ptr + 2 * C + c, mask=cmask, other=0.0)
     offs, mask = _tile_offsets(ia, ib, c, A, C, B, BLOCK_A, BLOCK_B, INT64)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
-        invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-        scale, shift = _scale_shift(mean, invstd, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
-        pre = x * scale[None, :, None] + shift[None, :, None]
-        g = tl.where(pre > 0.0, g, 0.0)
-    dx = k[None, :, None] * g + bc[None, :, None] * (x - mean[None, :, None]) + cc[None, :, None]
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    g, x = _gated_grad(g_ptr, x_ptr, x_ptr, offs, mask, scale, shift, RELU, False)
+    _store_dx(dx_ptr, offs, mask, g, x, mean, k, bc, cc)
+
+
+def _channel_forward_kernel(
+    x_ptr, y_ptr, r_ptr,  # x, y, residual: (A, C, B) in one layout
+    w_ptr, b_ptr,
+    mean_ptr, invstd_ptr, var_ptr,  # outputs (C,) float32
+    rmean_ptr, rvar_ptr,  # running statistics (C,), updated in place if HAS_RUNNING
+    A, C, B, m, eps, momentum, unbias,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+    INT64: tl.constexpr,
+):  # fmt: skip
+    """The whole training forward of channel block cb in one program: the statistics of all its
+    tiles (as _stats_kernel with one split), the epilogue (as _stats_merge_kernel's), then the
+    apply pass over the same tiles, which a GPU's L2 cache still holds where the block is small."""
+    cb = tl.program_id(0)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    pivot = _pivot(x_ptr, c, cmask, B, INT64)
+    nb = tl.cdiv(B, BLOCK_B)
+    n_tiles = tl.cdiv(A, BLOCK_A) * nb
+    _, acc_mean, acc_m2 = _tiles_moments(x_ptr, c, pivot, A, C, B, 0, n_tiles, BLOCK_A, BLOCK_C, BLOCK_B, INT64)
+    mean, invstd = _finish_stats(
+        pivot, acc_mean, acc_m2, c, cmask,
+        mean_ptr, invstd_ptr, var_ptr, rmean_ptr, rvar_ptr, m, eps, momentum, unbias, HAS_RUNNING,
+    )  # fmt: skip
+    scale, shift = _scale_shift(mean, invstd, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
+    for t in range(0, n_tiles):
+        ia = t // nb
+        ib = t - ia * nb
+        _apply_tile(x_ptr, y_ptr, r_ptr, ia, ib, c, scale, shift, A, C, B, HAS_RES, RELU, BLOCK_A, BLOCK_B, INT64)
+
+
+def _channel_backward_kernel(
+    dy_ptr, x_ptr, r_ptr, dr_ptr, dx_ptr,  # (A, C, B) in one layout
+    mean_ptr, invstd_ptr, w_ptr, b_ptr,  # (C,)
+    dw_ptr, db_ptr,  # outputs (C,) float32
+    A, C, B, m,
+    RELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, NEED_DX: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, INT64: tl.constexpr,
+):  # fmt: skip
+    """The whole training backward of channel block cb in one program: s1, s2 over all its tiles
+    (writing dresidual with RELU and HAS_RES, as _grad_reduce_kernel), dweight, dbias and the
+    coefficients (as _grad_merge_kernel), then dx over the same tiles (g recomputed from dy, x and
+    the residual rather than read back from dresidual)."""
+    cb = tl.program_id(0)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mean, invstd, scale, shift = _saved_stats(mean_ptr, invstd_ptr, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
+    nb = tl.cdiv(B, BLOCK_B)
+    n_tiles = tl.cdiv(A, BLOCK_A) * nb
+    s1, s2 = _tiles_grad_sums(
+        dy_ptr, x_ptr, r_ptr, dr_ptr, c, mean, scale, shift, A, C, B, 0, n_tiles,
+        RELU, HAS_RES, BLOCK_A, BLOCK_C, BLOCK_B, INT64,
+    )  # fmt: skip
+    k, bc, cc = _grad_coefficients(s1, s2, invstd, w_ptr, dw_ptr, db_ptr, c, cmask, m, HAS_W)
+    if NEED_DX:
+        for t in range(0, n_tiles):
+            ia = t // nb
+            ib = t - ia * nb
+            offs, mask = _tile_offsets(ia, ib, c, A, C, B, BLOCK_A, BLOCK_B, INT64)
+            g, x = _gated_grad(dy_ptr, x_ptr, r_ptr, offs, mask, scale, shift, RELU, HAS_RES)
+            _store_dx(dx_ptr, offs, mask, g, x, mean, k, bc, cc)
 
 
 def _running_kernel(
@@ -433,12 +565,22 @@ _JIT = (
     "_pivot",
     "_reduce_ab",
     "_scale_shift",
+    "_saved_stats",
+    "_tiles_moments",
+    "_finish_stats",
+    "_apply_tile",
+    "_gated_grad",
+    "_tiles_grad_sums",
+    "_grad_coefficients",
+    "_store_dx",
     "_stats_kernel",
     "_stats_merge_kernel",
     "_apply_kernel",
     "_grad_reduce_kernel",
     "_grad_merge_kernel",
     "_dx_kernel",
+    "_channel_forward_kernel",
+    "_channel_backward_kernel",
     "_running_kernel",
 )
 _STREAMING = ("_stats_kernel", "_apply_kernel", "_grad_reduce_kernel", "_dx_kernel")
@@ -621,7 +763,9 @@ def _vector(t: Tensor | None, C: int, name: str, x: Tensor) -> Tensor | None:
 class Tuning:
     """Block-size heuristics. `tile`: elements per program tile (a power of 2); `max_block_c`: channels per
     tile in the channels-last layout (B == 1); `programs`: how many programs a split reduction aims for
-    (splits S = programs / channel blocks); merge_block_*: the merge kernels' tile; num_warps."""
+    (splits S = programs / channel blocks); merge_block_*: the merge kernels' tile; num_warps;
+    `channel_tiles`: the whole-channel kernels run where a channel block has at most this many tiles
+    (besides where the split reduction would give it a single split anyway; `_whole_channels`)."""
 
     tile: int = 2048
     max_block_c: int = 64
@@ -629,12 +773,16 @@ class Tuning:
     merge_block_s: int = 32
     merge_block_c: int = 128
     num_warps: int = 4
+    channel_tiles: int = 4  # (an estimate: not yet measured on a GPU; benchmarks/triton_notes.md)
 
 
 # Small tiles under the interpreter: each program runs as numpy, and tests then cover many tiles,
 # splits and channel blocks on tiny shapes.
-_INTERPRETER_TUNING = Tuning(tile=32, max_block_c=4, programs=6, merge_block_s=2, merge_block_c=4, num_warps=1)
+_INTERPRETER_TUNING = Tuning(
+    tile=32, max_block_c=4, programs=6, merge_block_s=2, merge_block_c=4, num_warps=1, channel_tiles=2
+)
 tuning_override: Tuning | None = None  # set to force a Tuning (tests, experiments)
+path_override: str | None = None  # "split" or "channel" forces that path (tests, experiments); None: the rule
 
 
 def _tuning(x: Tensor) -> Tuning:
@@ -684,6 +832,24 @@ def _splits(A: int, C: int, B: int, shape: tuple[int, int, int], t: Tuning) -> i
     """S: splits of the N*H*W axis so that S * channel blocks ~ t.programs, at most one tile each."""
     ba, bc, bb = shape
     return max(1, min(-(-t.programs // -(-C // bc)), _n_tiles(A, B, ba, bb)))
+
+
+def _whole_channels(A: int, C: int, B: int, shape: tuple[int, int, int], t: Tuning) -> bool:
+    """Whether a training step runs the whole-channel kernels (one program per channel block, one
+    launch per direction) instead of the split reduction, its merge and the elementwise pass (three).
+
+    Where the split reduction gives each channel block one split (the channel blocks alone fill
+    `t.programs`, or a block is one tile), the whole-channel kernel does the same work with the
+    same programs and no partials: two launches fewer. Where a channel block has at most
+    `t.channel_tiles` tiles, the call is too small for its launches' cost to be hidden.
+    `path_override` forces either path.
+    """
+    if path_override is not None:
+        if path_override not in ("split", "channel"):
+            raise ValueError(f"path_override must be None, 'split' or 'channel', got {path_override!r}")
+        return path_override == "channel"
+    ba, _, bb = shape
+    return _splits(A, C, B, shape, t) == 1 or _n_tiles(A, B, ba, bb) <= t.channel_tiles
 
 
 def _autotune_enabled() -> bool:
@@ -750,19 +916,36 @@ def _launch_streaming(
 # =========================================================================== API
 
 
+def _running(
+    x: Tensor, C: int, m: int, running_mean: Tensor | None, running_var: Tensor | None, momentum: float
+) -> tuple[bool, Tensor | None, Tensor | None, tuple[float, float]]:
+    """(has_running, running_mean, running_var, (momentum, unbias)) for the statistics' epilogue, after
+    checking the buffers; None for the buffers where there is no update (also for m == 1: one value
+    per channel has no unbiased variance)."""
+    has_running = running_mean is not None and m > 1
+    if has_running:
+        for name, r in (("running_mean", running_mean), ("running_var", running_var)):
+            if r.numel() != C or r.device != x.device or not r.is_contiguous() or not r.is_floating_point():
+                raise ValueError(
+                    f"{name} must be a contiguous floating (C,) = ({C},) tensor on {x.device} (it is "
+                    f"updated in place), got {r.dtype} of shape {tuple(r.shape)} on {r.device}"
+                )
+        return True, running_mean, running_var, (float(momentum), m / (m - 1))
+    return False, None, None, (float(momentum), 1.0)
+
+
 def _stats(
     x: Tensor,
     A: int,
     C: int,
     B: int,
+    shape: tuple[int, int, int],
+    t: Tuning,
     eps: float,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    momentum: float,
+    running: tuple,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """mean, invstd and the biased var (float32 (C,)) of x's channels, with the fused running-statistics update."""
-    t = _tuning(x)
-    shape = _tile_shape(A, C, B, t.tile, t.max_block_c)
+    """mean, invstd and the biased var (float32 (C,)) of x's channels, with the fused running-statistics
+    update (`running`: `_running`'s answer); split reduction, then merge: two launches."""
     S = _splits(A, C, B, shape, t)
     int64 = x.numel() >= 2**31
     part = torch.empty((3, S, C), dtype=torch.float32, device=x.device)  # count, mean, M2
@@ -775,24 +958,12 @@ def _stats(
         (x, part[0], part[1], part[2], A, C, B, S),
         dict(INT64=int64),
     )
-    m = A * B
-    mean = torch.empty(C, dtype=torch.float32, device=x.device)
-    invstd = torch.empty(C, dtype=torch.float32, device=x.device)
-    var = torch.empty(C, dtype=torch.float32, device=x.device)
-    has_running = running_mean is not None and m > 1  # one value per channel: no unbiased variance
-    if has_running:
-        for name, r in (("running_mean", running_mean), ("running_var", running_var)):
-            if r.numel() != C or r.device != x.device or not r.is_contiguous() or not r.is_floating_point():
-                raise ValueError(
-                    f"{name} must be a contiguous floating (C,) = ({C},) tensor on {x.device} (it is "
-                    f"updated in place), got {r.dtype} of shape {tuple(r.shape)} on {r.device}"
-                )
-    rm = running_mean if has_running else mean
-    rv = running_var if has_running else invstd
+    mean, invstd, var = (torch.empty(C, dtype=torch.float32, device=x.device) for _ in range(3))
+    has_running, rm, rv, (momentum, unbias) = running
     bc = min(_np2(C), t.merge_block_c)
     _stats_merge_kernel[(triton.cdiv(C, bc),)](
-        x, part[0], part[1], part[2], mean, invstd, var, rm, rv,
-        S, C, B, float(m), float(eps), float(momentum), m / (m - 1) if m > 1 else 1.0,
+        x, part[0], part[1], part[2], mean, invstd, var, mean if rm is None else rm, var if rv is None else rv,
+        S, C, B, float(A * B), float(eps), momentum, unbias,
         HAS_RUNNING=has_running, BLOCK_S=min(_np2(S), t.merge_block_s), BLOCK_C=bc, INT64=int64,
     )  # fmt: skip
     return mean, invstd, var
@@ -886,10 +1057,45 @@ def train_forward_act(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     r = None if residual is None else _in_layout(residual, x, "residual")
+    running = _running(x, C, A * B, running_mean, running_var, momentum)
+    t = _tuning(x)
+    shape = _tile_shape(A, C, B, t.tile, t.max_block_c)
     with _on(x):
-        mean, invstd, var = _stats(x, A, C, B, eps, running_mean, running_var, momentum)
-        y = _apply(x, A, C, B, mean, invstd, w, b, True, r, act == "relu")
+        if _whole_channels(A, C, B, shape, t):
+            y, mean, invstd, var = _channel_forward(x, A, C, B, shape, t, eps, w, b, r, act == "relu", running)
+        else:
+            mean, invstd, var = _stats(x, A, C, B, shape, t, eps, running)
+            y = _apply(x, A, C, B, mean, invstd, w, b, True, r, act == "relu")
     return (y, mean, invstd, var) if return_var else (y, mean, invstd)
+
+
+def _channel_forward(
+    x: Tensor,
+    A: int,
+    C: int,
+    B: int,
+    shape: tuple[int, int, int],
+    t: Tuning,
+    eps: float,
+    w: Tensor | None,
+    b: Tensor | None,
+    r: Tensor | None,
+    relu: bool,
+    running: tuple,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, invstd, var) from `_channel_forward_kernel`: one launch, one program per channel block."""
+    y = _empty_like(x)
+    mean, invstd, var = (torch.empty(C, dtype=torch.float32, device=x.device) for _ in range(3))
+    has_running, rm, rv, (momentum, unbias) = running
+    ba, bc, bb = shape
+    _channel_forward_kernel[(triton.cdiv(C, bc),)](
+        x, y, x if r is None else r, mean if w is None else w, mean if b is None else b,
+        mean, invstd, var, mean if rm is None else rm, var if rv is None else rv,
+        A, C, B, float(A * B), float(eps), momentum, unbias,
+        HAS_W=w is not None, HAS_B=b is not None, HAS_RES=r is not None, RELU=relu, HAS_RUNNING=has_running,
+        BLOCK_A=ba, BLOCK_C=bc, BLOCK_B=bb, INT64=x.numel() >= 2**31, num_warps=t.num_warps,
+    )  # fmt: skip
+    return y, mean, invstd, var
 
 
 def update_running(
@@ -1014,9 +1220,24 @@ def _backward_on_device(
 
     t = _tuning(x)
     shape = _tile_shape(A, C, B, t.tile, t.max_block_c)
-    S = _splits(A, C, B, shape, t)
     int64 = x.numel() >= 2**31
     flags = dict(HAS_W=w is not None, HAS_B=b is not None, INT64=int64)
+    m = A * B
+    dw = torch.empty(C, dtype=torch.float32, device=x.device) if w is not None else None
+    db = torch.empty(C, dtype=torch.float32, device=x.device)
+    if _whole_channels(A, C, B, shape, t):
+        dx = _empty_like(x) if need_dx else None
+        ba, bc, bb = shape
+        _channel_backward_kernel[(triton.cdiv(C, bc),)](
+            dy, x, x if r is None else r, x if dr is None else dr, x if dx is None else dx,
+            mu, istd, mu if w is None else w, mu if b is None else b, db if dw is None else dw, db,
+            A, C, B, float(m),
+            RELU=relu, HAS_RES=r is not None, NEED_DX=need_dx, **flags,
+            BLOCK_A=ba, BLOCK_C=bc, BLOCK_B=bb, num_warps=t.num_warps,
+        )  # fmt: skip
+        return dx, dw, db, dr
+
+    S = _splits(A, C, B, shape, t)
     part = torch.empty((2, S, C), dtype=torch.float32, device=x.device)
     _launch_streaming(
         "_grad_reduce_kernel",
@@ -1029,9 +1250,6 @@ def _backward_on_device(
         dict(RELU=relu, HAS_RES=r is not None, **flags),
     )  # fmt: skip
 
-    m = A * B
-    dw = torch.empty(C, dtype=torch.float32, device=x.device) if w is not None else None
-    db = torch.empty(C, dtype=torch.float32, device=x.device)
     coef = torch.empty((3, C), dtype=torch.float32, device=x.device)  # k, b, c of dx
     bc = min(_np2(C), t.merge_block_c)
     _grad_merge_kernel[(triton.cdiv(C, bc),)](
