@@ -4,20 +4,23 @@
 #
 #   bash benchmarks/gpu_check.sh quick   # the Triton kernels' tests and the layers' parity on the Triton
 #                                        # path, on the GPU, then `batchnorm bench --device cuda --quick`
+#   bash benchmarks/gpu_check.sh paths   # the training step's split and whole-channel paths against
+#                                        # torch's kernel (benchmarks/triton_paths.py): the path rule
 #   bash benchmarks/gpu_check.sh full    # the full bench suite (28 cases): the issue's GPU targets
 #
-# Each step has a time limit (in all at most 560 s for quick, 540 s for full), so a slow step leaves
-# the others their time and the run ends inside the tool's 600 s; the bench runs without
-# torch.compile, whose compile times would eat the lease. Logs and the bench's JSON go to $OUT (the
-# device tool's folder that comes back), else /tmp/gpu_check: machine.txt, tests.log, bench.log,
-# cuda-<gpu>-<suite>.json. The exit status is the first failing step's. Runs from the checkout
-# without installing it (PYTHONPATH=src): the GPU machines' python3 has torch, triton, typer, rich
-# and pytest. PYTHON picks another interpreter. Nobody has run it on a GPU yet: its limits are
+# In that order where the lease allows. Each step has a time limit (in all at most 560 s for quick,
+# 300 s for paths, 540 s for full), so a slow step leaves the others their time and the run ends
+# inside the tool's 600 s; the bench runs without torch.compile, whose compile times would eat the
+# lease. Logs and the JSON go to $OUT (the device tool's folder that comes back), else
+# /tmp/gpu_check: machine.txt, tests.log, bench.log, paths.log, cuda-<gpu>-<suite>.json. The exit
+# status is the first failing step's. Runs from the checkout without installing it
+# (PYTHONPATH=src): the GPU machines' python3 has torch, triton, typer, rich and pytest. PYTHON
+# picks another interpreter. Nobody has run it on a GPU yet: its limits are
 # estimates (the kernels' first compiles dominate).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 suite=${1:-quick}
-[[ $suite == quick || $suite == full ]] || { echo "usage: $0 quick|full" >&2; exit 2; }
+[[ $suite == quick || $suite == paths || $suite == full ]] || { echo "usage: $0 quick|paths|full" >&2; exit 2; }
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -67,6 +70,10 @@ if [[ $suite == quick ]]; then
 fi
 
 gpu=$("$py" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+if [[ $suite == paths ]]; then
+    step 300 "$out/paths.log" "$py" benchmarks/triton_paths.py --json "$out/cuda-$gpu-paths.json"
+    exit $status
+fi
 flags=(--device cuda --no-compile --json "$out/cuda-$gpu-$suite.json")
 [[ $suite == quick ]] && flags+=(--quick)
 step $([[ $suite == quick ]] && echo 150 || echo 540) "$out/bench.log" "$py" -m batchnorm.bench "${flags[@]}"
