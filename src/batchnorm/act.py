@@ -227,8 +227,8 @@ class _ActMixin:
                 updated = _update_running_stats(rm, rv, mean, var * (m / (m - 1)), factor)
             elif not updated:
                 _warn_not_finite(stacklevel=6)  # the caller of the layer
-        if isinstance(updated, Tensor):  # on CUDA: counted on the device, never read back
-            self.num_batches_tracked.add_(updated.to(self.num_batches_tracked.dtype))
+        if isinstance(updated, Tensor):  # on CUDA: counted on the device, never read back (int64 += bool)
+            self.num_batches_tracked.add_(updated)
         elif updated:
             self.num_batches_tracked.add_(1)
         return y

@@ -364,19 +364,24 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def _kernels():
-    from . import kernels
+_kernels_module: Any = None
 
-    return kernels
+
+def _kernels():
+    """batchnorm.kernels, imported on first use (an import statement costs ~1 us a call)."""
+    global _kernels_module
+    if _kernels_module is None:
+        from . import kernels
+
+        _kernels_module = kernels
+    return _kernels_module
 
 
 def _triton_ok(input: Tensor, axis: int) -> bool:
     """Whether the Triton kernels take this input: a CUDA tensor, or, where they were compiled for
     triton's interpreter (TRITON_INTERPRET=1), a CPU tensor ("auto" never sends one there: the
     interpreter is for tests of the Triton path on machines without a GPU)."""
-    from .kernels import triton_bn
-
-    return triton_bn.supports(input, axis)
+    return _kernels().triton_bn.supports(input, axis)
 
 
 def _pick_path(input: Tensor, axis: int) -> str:

@@ -109,8 +109,8 @@ class _Forward:
             process_group=self._sync_group(input) if use_batch else None,
         )
         if tracking and tracked is not None:
-            if isinstance(counted, Tensor):  # traced by torch.compile / torch.export: a 0-dim bool
-                tracked.add_(counted.to(tracked.dtype))
+            if isinstance(counted, Tensor):  # a 0-dim bool: on CUDA, or traced by torch.compile / torch.export
+                tracked.add_(counted)  # (int64 += bool: one op, one launch on a GPU)
             elif counted:
                 tracked.add_(1)
         return y

@@ -75,6 +75,7 @@ at that moment (then the kernels take CPU tensors). Block sizes come from a heur
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -599,6 +600,8 @@ def _load() -> bool:
     Success is final (the kernels are compiled for one mode: CUDA, or the interpreter); a failure
     is looked at again if TRITON_INTERPRET has changed since.
     """
+    if _state.get("loaded") is True:  # (every call asks: the environment is read only until then)
+        return True
     interpret = _interpret_env()
 
     def known() -> bool:
@@ -753,7 +756,7 @@ def _vector(t: Tensor | None, C: int, name: str, x: Tensor) -> Tensor | None:
         return None
     if t.numel() != C or t.device != x.device:
         raise ValueError(f"{name} must be ({C},) on {x.device}, got shape {tuple(t.shape)} on {t.device}")
-    return t.detach().reshape(C).contiguous()
+    return t if t.dim() == 1 and t.is_contiguous() else t.detach().reshape(C).contiguous()
 
 
 # =========================================================================== tiles
@@ -794,10 +797,16 @@ def _tuning(x: Tensor) -> Tuning:
     return Tuning(programs=4 * sms)
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launch grids (triton.cdiv costs ~2 us a call on the host in triton 3.9)."""
+    return -(-a // b)
+
+
 def _np2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=4096)  # (a step asks twice per layer; ~4 us each time otherwise)
 def _tile_shape(A: int, C: int, B: int, tile: int, max_block_c: int) -> tuple[int, int, int]:
     """(BLOCK_A, BLOCK_C, BLOCK_B) of about `tile` elements that streams contiguous memory.
 
@@ -934,6 +943,11 @@ def _running(
     return False, None, None, (float(momentum), 1.0)
 
 
+def _stats_outputs(x: Tensor, C: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Uninitialized float32 (C,) mean, invstd and var on x's device: rows of one (3, C) allocation."""
+    return torch.empty((3, C), dtype=torch.float32, device=x.device).unbind(0)
+
+
 def _stats(
     x: Tensor,
     A: int,
@@ -953,15 +967,15 @@ def _stats(
         "_stats_kernel",
         (A, C, B),
         shape,
-        lambda ba, bc, bb: (S, triton.cdiv(C, bc)),
+        lambda ba, bc, bb: (S, _cdiv(C, bc)),
         t,
         (x, part[0], part[1], part[2], A, C, B, S),
         dict(INT64=int64),
     )
-    mean, invstd, var = (torch.empty(C, dtype=torch.float32, device=x.device) for _ in range(3))
+    mean, invstd, var = _stats_outputs(x, C)
     has_running, rm, rv, (momentum, unbias) = running
     bc = min(_np2(C), t.merge_block_c)
-    _stats_merge_kernel[(triton.cdiv(C, bc),)](
+    _stats_merge_kernel[(_cdiv(C, bc),)](
         x, part[0], part[1], part[2], mean, invstd, var, mean if rm is None else rm, var if rv is None else rv,
         S, C, B, float(A * B), float(eps), momentum, unbias,
         HAS_RUNNING=has_running, BLOCK_S=min(_np2(S), t.merge_block_s), BLOCK_C=bc, INT64=int64,
@@ -988,7 +1002,7 @@ def _apply(
         "_apply_kernel",
         (A, C, B),
         _tile_shape(A, C, B, t.tile, t.max_block_c),
-        lambda ba, bc, bb: (_n_tiles(A, B, ba, bb), triton.cdiv(C, bc)),
+        lambda ba, bc, bb: (_n_tiles(A, B, ba, bb), _cdiv(C, bc)),
         t,
         (x, y, x if residual is None else residual, p0, p1, p0 if weight is None else weight,
          p0 if bias is None else bias, A, C, B),
@@ -1085,10 +1099,10 @@ def _channel_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, invstd, var) from `_channel_forward_kernel`: one launch, one program per channel block."""
     y = _empty_like(x)
-    mean, invstd, var = (torch.empty(C, dtype=torch.float32, device=x.device) for _ in range(3))
+    mean, invstd, var = _stats_outputs(x, C)
     has_running, rm, rv, (momentum, unbias) = running
     ba, bc, bb = shape
-    _channel_forward_kernel[(triton.cdiv(C, bc),)](
+    _channel_forward_kernel[(_cdiv(C, bc),)](
         x, y, x if r is None else r, mean if w is None else w, mean if b is None else b,
         mean, invstd, var, mean if rm is None else rm, var if rv is None else rv,
         A, C, B, float(A * B), float(eps), momentum, unbias,
@@ -1119,7 +1133,7 @@ def update_running(
     tensor_momentum = isinstance(momentum, Tensor)
     if tensor_momentum and (momentum.numel() != 1 or momentum.device != mean.device):
         return None
-    if not supports(mean, 0):
+    if not available() or mean.device.type != _device_type():  # (supports(), without the layout it checked above)
         return None
     flag = torch.empty(1, dtype=torch.uint8, device=mean.device)  # (triton stores no torch.bool)
     with _on(mean):
@@ -1228,7 +1242,7 @@ def _backward_on_device(
     if _whole_channels(A, C, B, shape, t):
         dx = _empty_like(x) if need_dx else None
         ba, bc, bb = shape
-        _channel_backward_kernel[(triton.cdiv(C, bc),)](
+        _channel_backward_kernel[(_cdiv(C, bc),)](
             dy, x, x if r is None else r, x if dr is None else dr, x if dx is None else dx,
             mu, istd, mu if w is None else w, mu if b is None else b, db if dw is None else dw, db,
             A, C, B, float(m),
@@ -1243,7 +1257,7 @@ def _backward_on_device(
         "_grad_reduce_kernel",
         (A, C, B),
         shape,
-        lambda ba, bc, bb: (S, triton.cdiv(C, bc)),
+        lambda ba, bc, bb: (S, _cdiv(C, bc)),
         t,
         (dy, x, x if r is None else r, x if dr is None else dr, mu, istd,
          mu if w is None else w, mu if b is None else b, part, A, C, B, S),
@@ -1252,7 +1266,7 @@ def _backward_on_device(
 
     coef = torch.empty((3, C), dtype=torch.float32, device=x.device)  # k, b, c of dx
     bc = min(_np2(C), t.merge_block_c)
-    _grad_merge_kernel[(triton.cdiv(C, bc),)](
+    _grad_merge_kernel[(_cdiv(C, bc),)](
         part, mu, istd, mu if w is None else w, db if dw is None else dw, db, coef, S, C, float(m),
         HAS_W=w is not None, BLOCK_S=min(_np2(S), t.merge_block_s), BLOCK_C=bc,
     )  # fmt: skip
@@ -1265,7 +1279,7 @@ def _backward_on_device(
             "_dx_kernel",
             (A, C, B),
             shape,
-            lambda ba, bc, bb: (_n_tiles(A, B, ba, bb), triton.cdiv(C, bc)),
+            lambda ba, bc, bb: (_n_tiles(A, B, ba, bb), _cdiv(C, bc)),
             t,
             (g, x, dx, mu, istd, mu if w is None else w, mu if b is None else b, coef, A, C, B),
             dict(RELU=relu and dr is None, **flags),

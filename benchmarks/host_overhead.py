@@ -1,0 +1,102 @@
+"""The host's share of a training step on the Triton path, measured without a GPU.
+
+    python benchmarks/host_overhead.py [--repeats 3000]
+
+On a GPU a small layer's step costs what the host spends issuing it when that exceeds the
+kernels' time: our Python (the layer, the dispatch, the autograd Function, the checks and the
+allocations) plus one Triton launch per kernel. This script times the Python part on the CPU:
+the Triton kernels are compiled for the interpreter (TRITON_INTERPRET=1) and then replaced by
+stubs that launch nothing, so what is left is everything but the launches (on a GPU each adds
+Triton's launcher, some microseconds). For scale, torch's own layer on the same tiny CPU input
+(its whole step, arithmetic included). Prints the median microseconds of each:
+
+    forward (no grad)   layer(x) under torch.no_grad(): statistics, running update, count
+    step                layer(x).backward(g): forward, autograd, backward
+    train_forward       triton_bn.train_forward alone (return_var=True)
+    train_backward      triton_bn.train_backward alone
+    update_running      triton_bn.update_running alone
+
+The stubs leave the outputs uninitialized, so the finiteness test of the running update sees
+garbage; its warning is silenced. Nothing here is a GPU timing: it is the part of one that does
+not depend on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+import warnings
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first compiled
+
+import torch
+
+import batchnorm as bn
+from batchnorm.kernels import triton_bn as tb
+
+
+class _Stub:
+    """A kernel that launches nothing: kernel[grid](*args, **meta) returns at once."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: None
+
+
+def median_us(fn, repeats: int) -> float:
+    for _ in range(50):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3000)
+    args = ap.parse_args()
+    if not tb.available():
+        raise SystemExit(f"the Triton kernels cannot load here: {tb.why_unavailable()}")
+    for name in tb._JIT:
+        if name.endswith("_kernel"):
+            setattr(tb, name, _Stub())
+    warnings.simplefilter("ignore", RuntimeWarning)
+
+    x = torch.randn(8, 16, 4, 4, requires_grad=True)
+    g = torch.ones_like(x)
+    ours, theirs = bn.BatchNorm2d(16), torch.nn.BatchNorm2d(16)
+    xd = x.detach()
+    mean, invstd = xd.mean((0, 2, 3)), torch.ones(16)
+    rm, rv = torch.zeros(16), torch.ones(16)
+
+    def forward(layer):
+        def run():
+            with torch.no_grad():
+                layer(x)
+
+        return run
+
+    def step(layer):
+        return lambda: layer(x).backward(g)
+
+    rows = []
+    with bn.functional.use_backend("triton"):
+        rows += [
+            ("forward (no grad), ours", forward(ours)),
+            ("forward (no grad), torch", forward(theirs)),
+            ("step, ours", step(ours)),
+            ("step, torch", step(theirs)),
+            ("train_forward", lambda: tb.train_forward(xd, ours.weight, ours.bias, 1e-5, 1, return_var=True)),
+            ("train_backward", lambda: tb.train_backward(g, xd, ours.weight, mean, invstd, 1)),
+            ("update_running", lambda: tb.update_running(mean, invstd, rm, rv, 128, 0.1)),
+        ]
+        for name, fn in rows:
+            print(f"{name:28s} {median_us(fn, args.repeats):7.1f} us")
+
+
+if __name__ == "__main__":
+    main()
