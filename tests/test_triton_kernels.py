@@ -483,7 +483,8 @@ def test_training_step_launches(monkeypatch, launches, C, whole):
     """One launch per direction on the whole-channel path, three on the split path, as the rule
     picks them (the interpreter's tuning: 6 programs, at most 2 tiles for the whole-channel kernels;
     NCHW (4, C, 5, 5) has C channel blocks of four tiles, one sample's plane each: 12 blocks take one
-    split each, 2 would take three)."""
+    split each, 2 would take three; the same tuning on a GPU)."""
+    monkeypatch.setattr(tb, "tuning_override", tb._INTERPRETER_TUNING)
     x, w, b, rm, rv = _make((4, C, 5, 5), 1, torch.float32)
     t = tb._tuning(x)
     assert tb._whole_channels(4, C, 25, tb._tile_shape(4, C, 25, t.tile, t.max_block_c), t) == whole
