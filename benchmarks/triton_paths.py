@@ -9,8 +9,12 @@ milliseconds of a training forward + backward through `batchnorm.functional.batc
 pass: three launches per direction) and once with "channel" (the whole-channel kernels: one), and
 of `F.batch_norm` (cuDNN / torch's CUDA kernel); each round runs the three in a fresh random order,
 synchronized before and after each call (so small inputs measure the launches and the host's work).
-It prints which path the rule (`triton_bn._whole_channels`) picks and the faster path: what to
-check the rule against, and to set `Tuning.channel_tiles` from (benchmarks/triton_notes.md).
+Then each runs 20 steps back to back: the time to issue them (the host's share of a step) and to
+finish them (the step's cost when the host runs ahead, as in training). Where the two are equal
+the step is bound by the host, and the host's Python is what to cut (benchmarks/host_overhead.py
+measures it without a GPU). It prints which path the rule (`triton_bn._whole_channels`) picks and
+the faster path: what to check the rule against, and to set `Tuning.channel_tiles` from
+(benchmarks/triton_notes.md).
 --smoke runs two tiny inputs in triton's interpreter (the timings mean nothing there).
 """
 
@@ -32,6 +36,7 @@ SUITE = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14
 SUITE += [(8, 3, 224, 224)]
 SMALL = [(128, 64), (256, 256), (512, 256), (1024, 512), (32, 16, 8, 8), (64, 64, 16, 16), (32, 128, 512), (4096, 1024)]
 SMOKE = [(6, 7), (3, 2, 4, 4)]
+BACK_TO_BACK = 20  # steps issued without a synchronization, for the host's share
 
 
 def inputs(smoke: bool) -> list[tuple[tuple[int, ...], bool]]:
@@ -46,7 +51,7 @@ def step(fn, x, w, b, rm, rv, dy):
     y.backward(dy)
 
 
-def measure(shape, channels_last, device, repeats) -> dict:
+def measure(shape, channels_last, device, repeats, back_to_back) -> dict:
     C = shape[1]
     x = torch.randn(shape, device=device)
     if channels_last:
@@ -87,6 +92,20 @@ def measure(shape, channels_last, device, repeats) -> dict:
                 times[name].append(time.perf_counter() - t0)
             x.grad = w.grad = b.grad = None
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    host, pipelined = {}, {}
+    for name, call in calls.items():  # back to back: the host's share, and the rate when it is hidden
+        issue, total = [], []
+        for _ in range(3 if repeats > 1 else 1):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(back_to_back):
+                call()
+                x.grad = w.grad = b.grad = None
+            issue.append(time.perf_counter() - t0)
+            sync()
+            total.append(time.perf_counter() - t0)
+        host[name] = statistics.median(issue) * 1e3 / back_to_back
+        pipelined[name] = statistics.median(total) * 1e3 / back_to_back
     A, C_, B = tb._canonical(x, 1)
     t = tb._tuning(x)
     shape_t = tb._tile_shape(A, C_, B, t.tile, t.max_block_c)
@@ -99,6 +118,8 @@ def measure(shape, channels_last, device, repeats) -> dict:
         tiles_per_block=tb._n_tiles(A, B, shape_t[0], shape_t[2]),
         rule="channel" if tb._whole_channels(A, C_, B, shape_t, t) else "split",
         ms=ms,
+        host_ms=host,
+        pipelined_ms=pipelined,
     )
 
 
@@ -113,16 +134,19 @@ def main() -> None:
         why = tb.why_unavailable() or ("--smoke needs TRITON_INTERPRET=1" if args.smoke else "no CUDA device")
         raise SystemExit(f"the Triton kernels cannot run this here: {why}")
     rows = []
-    print(f"{'input':30s} {'split':>9s} {'channel':>9s} {'torch':>9s}  S  tiles  rule     faster")
+    print(f"{'input':24s} {'split':>8s} {'channel':>8s} {'torch':>8s}  S  tiles rule    faster  ms per step;")
+    print(f"{'':24s} then host / pipelined ms per step back to back: split, channel, torch")
     for shape, cl in inputs(args.smoke):
-        row = measure(shape, cl, device, 1 if args.smoke else args.repeats)
+        row = measure(shape, cl, device, *((1, 1) if args.smoke else (args.repeats, BACK_TO_BACK)))
         rows.append(row)
         ms = row["ms"]
         faster = min(("split", "channel"), key=ms.get)
         name = "x".join(map(str, shape)) + (" cl" if cl else "")
+        host, piped = row["host_ms"], row["pipelined_ms"]
+        pairs = "  ".join(f"{host[k]:.4f}/{piped[k]:.4f}" for k in ("split", "channel", "torch"))
         print(
-            f"{name:30s} {ms['split']:9.4f} {ms['channel']:9.4f} {ms['torch']:9.4f} "
-            f"{row['splits']:2d} {row['tiles_per_block']:6d}  {row['rule']:8s} {faster}"
+            f"{name:24s} {ms['split']:8.4f} {ms['channel']:8.4f} {ms['torch']:8.4f} "
+            f"{row['splits']:2d} {row['tiles_per_block']:6d} {row['rule']:7s} {faster:7s} {pairs}"
         )
     if args.json:
         info = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"

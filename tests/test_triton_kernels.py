@@ -677,4 +677,5 @@ def test_paths_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 3 and {r["rule"] for r in rows} == {"split", "channel"}
     for r in rows:
-        assert set(r["ms"]) == {"split", "channel", "torch"} and all(v > 0 for v in r["ms"].values())
+        for timing in (r["ms"], r["host_ms"], r["pipelined_ms"]):
+            assert set(timing) == {"split", "channel", "torch"} and all(v > 0 for v in timing.values())
