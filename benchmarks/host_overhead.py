@@ -11,6 +11,7 @@ Triton's launcher, some microseconds). For scale, torch's own layer on the same 
 (its whole step, arithmetic included). Prints the median microseconds of each:
 
     forward (no grad)   layer(x) under torch.no_grad(): statistics, running update, count
+    eval (no grad)      the layer in eval mode under torch.no_grad(): the running statistics
     step                layer(x).backward(g): forward, autograd, backward
     train_forward       triton_bn.train_forward alone (return_var=True)
     train_backward      triton_bn.train_backward alone
@@ -83,11 +84,15 @@ def main() -> None:
     def step(layer):
         return lambda: layer(x).backward(g)
 
+    ours_eval, theirs_eval = bn.BatchNorm2d(16).eval(), torch.nn.BatchNorm2d(16).eval()
+
     rows = []
     with bn.functional.use_backend("triton"):
         rows += [
             ("forward (no grad), ours", forward(ours)),
             ("forward (no grad), torch", forward(theirs)),
+            ("eval (no grad), ours", forward(ours_eval)),
+            ("eval (no grad), torch", forward(theirs_eval)),
             ("step, ours", step(ours)),
             ("step, torch", step(theirs)),
             ("train_forward", lambda: tb.train_forward(xd, ours.weight, ours.bias, 1e-5, 1, return_var=True)),

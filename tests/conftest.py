@@ -104,6 +104,7 @@ def triton_calls(monkeypatch) -> list[str]:
 
         return call
 
-    for name in ("train_forward", "train_backward", "inference", "train_forward_act", "train_backward_act"):
+    training = ("train_forward", "train_backward", "train_forward_act", "train_backward_act")
+    for name in (*training, "inference", "eval_forward"):
         monkeypatch.setattr(triton_bn, name, spy(getattr(triton_bn, name), name))
     return calls

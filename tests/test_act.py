@@ -291,7 +291,7 @@ def test_triton_act_layer_equals_the_composite(layer, shape, fmt, options, resid
         for name, buffer in plain.named_buffers():
             torch.testing.assert_close(getattr(fused, name), buffer, rtol=1e-5, atol=1e-6, msg=name)
     assert fused.num_batches_tracked == 3
-    assert triton_calls == ["train_forward_act", "train_backward_act"] * 3 + ["inference"]
+    assert triton_calls == ["train_forward_act", "train_backward_act"] * 3 + ["eval_forward"]
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["relu", "add-relu"])

@@ -306,6 +306,32 @@ def test_inference(channels_last):
         tb.inference(x, scale, shift, 1, act="gelu")
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_eval_forward_takes_the_running_statistics(channels_last, dtype, affine):
+    """eval_forward computes scale and shift in the kernel from the running statistics (float64
+    ones here, float32 weight, bias): against torch in float64, with and without the residual +
+    ReLU tail, and equal to inference() with the coefficients computed outside."""
+    x, w, b, rm, rv = _make((3, 5, 4, 3), 1, dtype, channels_last, affine)
+    rm, rv = rm.double() * 3, rv.double() * 1e-3  # far from 0 and 1, another dtype
+    y = tb.eval_forward(x, rm, rv, w, b, 1e-5, 1)
+    want = F.batch_norm(x.double(), rm, rv, None if w is None else w.double(), None if b is None else b.double(),
+                        False, 0.1, 1e-5)  # fmt: skip
+    assert y.dtype == x.dtype and y.stride() == x.stride()
+    _close("y", y, want, dtype)
+    residual = torch.randn(x.shape, device=DEVICE).to(dtype)
+    y = tb.eval_forward(x, rm, rv, w, b, 1e-5, 1, residual, "relu")
+    _close("relu(y + residual)", y, torch.relu(want + residual.double()), dtype)
+    scale = torch.rsqrt(rv.float() + 1e-5) * (1 if w is None else w)
+    shift = -rm.float() * scale + (0 if b is None else b)
+    _close("vs inference", tb.eval_forward(x, rm, rv, w, b, 1e-5, 1), tb.inference(x, scale, shift, 1), dtype)
+    with pytest.raises(ValueError, match=r"var must be \(5,\)"):
+        tb.eval_forward(x, rm, rv[:4], w, b, 1e-5, 1)
+    with pytest.raises(ValueError, match="act must be one of"):
+        tb.eval_forward(x, rm, rv, w, b, 1e-5, 1, act="gelu")
+
+
 def test_expanded_dy(path):
     """dy from y.sum().backward() is an expanded tensor (stride 0): copied into x's layout."""
     x, w, b, _, _ = _make((3, 5, 4, 3), 1, torch.float32, channels_last=True)
@@ -552,9 +578,10 @@ for dtype, blocks, int64, ones in cases:
     merge = {k: v for k, v in ones.items() if k != "A"}
     first = dtype == "fp32"  # the flag-less variants once
     compile_("_stats_kernel", dtype, **tile)
-    compile_("_apply_kernel", dtype, **no_s, **flags, FROM_STATS=True, HAS_RES=True, RELU=True)
+    compile_("_apply_kernel", dtype, **no_s, **flags, COEFS=1, HAS_RES=True, RELU=True)
+    compile_("_apply_kernel", dtype, **no_s, **flags, COEFS=2, HAS_RES=False, RELU=False)
     if first:
-        compile_("_apply_kernel", dtype, **no_s, FROM_STATS=False, HAS_W=False, HAS_B=False, HAS_RES=False, RELU=False)
+        compile_("_apply_kernel", dtype, **no_s, COEFS=0, HAS_W=False, HAS_B=False, HAS_RES=False, RELU=False)
         compile_("_grad_reduce_kernel", dtype, **tile, HAS_W=False, HAS_B=False, RELU=False, HAS_RES=False)
     compile_("_grad_reduce_kernel", dtype, **tile, **flags, RELU=True, HAS_RES=True)
     compile_("_dx_kernel", dtype, **no_s, **flags, RELU=True)

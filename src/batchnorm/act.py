@@ -30,7 +30,6 @@ from .functional import (
     _coefficients,
     _compiling_kernel,
     _cumulative_factor,
-    _eval_coefficients,
     _pick_path,
     _triton_update,
     _update_running_stats,
@@ -184,11 +183,10 @@ class _ActMixin:
             if y is None:
                 y = cpu.eval_forward(input, rm, rv, w, b, self.eps, axis, relu=True, residual=residual)
             return y
-        if path == "triton-eval":  # one pass: relu(x * scale + shift + residual)
+        if path == "triton-eval":  # one pass, one launch: relu(x * scale + shift + residual)
             from .kernels import triton_bn
 
-            scale, shift = _eval_coefficients(rm, rv, w, b, self.eps, torch.float32)
-            return triton_bn.inference(input, scale, shift, axis, residual, "relu")
+            return triton_bn.eval_forward(input, rm, rv, w, b, self.eps, axis, residual, "relu")
         if path == "graph-eval":
             ops = _cpu_ops.operands(input, axis, rm, rv, w, b)
             return None if ops is None else torch.ops.batchnorm.cpu_relu_eval(input, residual, *ops, self.eps, axis)

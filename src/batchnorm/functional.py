@@ -665,10 +665,10 @@ def _inference(
         path = _pick_path(input, axis)
         if path == "torch":
             return _torch_eval(input, mean, var, weight, bias, eps, axis)
+        if path == "triton":  # scale and shift are computed inside the kernel: one launch
+            return _kernels().triton_bn.eval_forward(input, mean, var, weight, bias, eps, axis)
     acc = _acc_dtype(input.dtype)
     scale, shift = _eval_coefficients(mean, var, weight, bias, eps, acc)
-    if path == "triton":
-        return _kernels().triton_bn.inference(input, scale, shift, axis)
     x = input if input.dtype == acc else input.to(acc)
     y = torch.addcmul(_view(shift, input.dim(), axis), x, _view(scale, input.dim(), axis))
     return y.to(input.dtype)

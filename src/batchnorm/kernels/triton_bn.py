@@ -25,7 +25,8 @@ Kernels (grid axis 0 is the long one; axis 1 walks channel blocks):
                         and merges tiles with Chan's formula into float32 (count, mean, M2) partials.
     _stats_merge_kernel grid (C-blocks). Merges the S partials (Chan), then in its epilogue writes mean
                         and invstd and updates the running statistics in place (the fused update).
-    _apply_kernel       grid (tiles, C-blocks). y = x*scale + shift [+ residual] [relu].
+    _apply_kernel       grid (tiles, C-blocks). y = x*scale + shift [+ residual] [relu], scale and shift
+                        given, or from mean and invstd (training) or the running var (eval).
     _grad_reduce_kernel grid (S, C-blocks). Partial s1, s2 (float32 tile accumulators), recomputing the
                         ReLU mask for the fused variant (and writing dresidual = dy * mask there).
     _grad_merge_kernel  grid (C-blocks). Sums the partials; dweight, dbias and the dx coefficients.
@@ -88,6 +89,7 @@ from torch import Tensor
 __all__ = [
     "Tuning",
     "available",
+    "eval_forward",
     "inference",
     "supports",
     "train_backward",
@@ -305,14 +307,17 @@ def _apply_tile(
 
 def _apply_kernel(
     x_ptr, y_ptr, r_ptr,  # x, y, residual: (A, C, B) in one layout
-    p0_ptr, p1_ptr,  # FROM_STATS: mean, invstd; else: scale, shift. (C,)
+    p0_ptr, p1_ptr,  # (C,): COEFS 0: scale, shift; 1: mean, invstd; 2: mean, var (running statistics)
     w_ptr, b_ptr,
-    A, C, B,
-    FROM_STATS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    A, C, B, eps,
+    COEFS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, RELU: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, INT64: tl.constexpr,
 ):  # fmt: skip
-    """y = x * scale + shift [+ residual] [relu] for one tile: one read (two with residual), one write."""
+    """y = x * scale + shift [+ residual] [relu] for one tile: one read (two with residual), one write.
+
+    scale and shift as given (COEFS 0), or from the statistics (`_scale_shift`) with invstd given
+    (1: the training forward) or (var + eps)**-1/2 of the running variance (2: eval)."""
     t = tl.program_id(0)
     cb = tl.program_id(1)
     nb = tl.cdiv(B, BLOCK_B)
@@ -322,11 +327,12 @@ def _apply_kernel(
     cmask = c < C
     p0 = tl.load(p0_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     p1 = tl.load(p1_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    if FROM_STATS:
-        scale, shift = _scale_shift(p0, p1, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
-    else:
+    if COEFS == 0:
         scale = p0
         shift = p1
+    else:
+        invstd = p1 if COEFS == 1 else 1.0 / tl.sqrt(p1 + eps)
+        scale, shift = _scale_shift(p0, invstd, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
     _apply_tile(x_ptr, y_ptr, r_ptr, ia, ib, c, scale, shift, A, C, B, HAS_RES, RELU, BLOCK_A, BLOCK_B, INT64)
 
 
@@ -992,10 +998,12 @@ def _apply(
     p1: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    from_stats: bool,
+    coefs: int,
     residual: Tensor | None,
     relu: bool,
+    eps: float = 0.0,
 ) -> Tensor:
+    """y from `_apply_kernel`; p0, p1 and coefs as its (0: scale, shift; 1: mean, invstd; 2: mean, var)."""
     t = _tuning(x)
     y = _empty_like(x)
     _launch_streaming(
@@ -1005,8 +1013,8 @@ def _apply(
         lambda ba, bc, bb: (_n_tiles(A, B, ba, bb), _cdiv(C, bc)),
         t,
         (x, y, x if residual is None else residual, p0, p1, p0 if weight is None else weight,
-         p0 if bias is None else bias, A, C, B),
-        dict(FROM_STATS=from_stats, HAS_W=weight is not None, HAS_B=bias is not None,
+         p0 if bias is None else bias, A, C, B, float(eps)),
+        dict(COEFS=coefs, HAS_W=weight is not None, HAS_B=bias is not None,
              HAS_RES=residual is not None, RELU=relu, INT64=x.numel() >= 2**31),
     )  # fmt: skip
     return y
@@ -1079,7 +1087,7 @@ def train_forward_act(
             y, mean, invstd, var = _channel_forward(x, A, C, B, shape, t, eps, w, b, r, act == "relu", running)
         else:
             mean, invstd, var = _stats(x, A, C, B, shape, t, eps, running)
-            y = _apply(x, A, C, B, mean, invstd, w, b, True, r, act == "relu")
+            y = _apply(x, A, C, B, mean, invstd, w, b, 1, r, act == "relu")
     return (y, mean, invstd, var) if return_var else (y, mean, invstd)
 
 
@@ -1161,7 +1169,34 @@ def inference(
     sc, sh = _vector(scale, C, "scale", x), _vector(shift, C, "shift", x)
     r = None if residual is None else _in_layout(residual, x, "residual")
     with _on(x):
-        return _apply(x, A, C, B, sc, sh, None, None, False, r, act == "relu")
+        return _apply(x, A, C, B, sc, sh, None, None, 0, r, act == "relu")
+
+
+def eval_forward(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    axis: int,
+    residual: Tensor | None = None,
+    act: str | None = None,
+) -> Tensor:
+    """Eval-mode BN from the running statistics in one launch: y = act(x * scale + shift + residual)
+    with scale = weight * (var + eps)**-1/2 and shift = bias - mean * scale computed in the kernel
+    (`inference` takes them ready-made, which costs the caller about six small torch ops, each a
+    launch on a GPU). mean, var, weight, bias: (C,) of any float dtype (read as float32; weight and
+    bias may be None). Otherwise as `inference`.
+    """
+    if act not in (*_ACTS, None):
+        raise ValueError(f"act must be one of {_ACTS} or None, got {act!r}")
+    A, C, B = _prepare(x, axis)
+    mu, v = _vector(mean, C, "mean", x), _vector(var, C, "var", x)
+    w, b = _vector(weight, C, "weight", x), _vector(bias, C, "bias", x)
+    r = None if residual is None else _in_layout(residual, x, "residual")
+    with _on(x):
+        return _apply(x, A, C, B, mu, v, w, b, 2, r, act == "relu", eps)
 
 
 def train_backward(
