@@ -59,11 +59,11 @@ PY
 "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" || exit 2
 
 if [[ $suite == quick ]]; then
-    # The kernels (every test of the file, then the `gpu`-marked ones: larger shapes, training steps
-    # under the sync debug mode), the layers' parity on the Triton path, every backend's parity, the
-    # fused BN + ReLU layers.
-    step 200 "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
-    step 90 "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_kernels.py \
+    # The kernels (the file's tests but the `gpu`-marked ones, then those: larger shapes, and of the
+    # other files training steps under the sync debug mode), the layers' parity on the Triton path,
+    # every backend's parity, the fused BN + ReLU layers.
+    step 150 "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_triton_kernels.py
+    step 140 "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_kernels.py \
         tests/test_act.py tests/test_errors.py
     step 120 "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider -k "triton or gpu" \
         tests/test_parity.py tests/test_backends.py tests/test_act.py
