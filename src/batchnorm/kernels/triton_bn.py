@@ -1143,14 +1143,14 @@ def update_running(
         return None
     if not available() or mean.device.type != _device_type():  # (supports(), without the layout it checked above)
         return None
-    flag = torch.empty(1, dtype=torch.uint8, device=mean.device)  # (triton stores no torch.bool)
+    flag = torch.empty((), dtype=torch.uint8, device=mean.device)  # (triton stores no torch.bool)
     with _on(mean):
         _running_kernel[(1,)](
             mean, var, running_mean, running_var, momentum if tensor_momentum else flag, flag,
             C, 0.0 if tensor_momentum else float(momentum), m / (m - 1),
             MOMENTUM_PTR=tensor_momentum, BLOCK_C=min(_np2(C), 1024),
         )  # fmt: skip
-    return flag.view(torch.bool)[0]
+    return flag.view(torch.bool)
 
 
 def inference(
