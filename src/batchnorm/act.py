@@ -29,6 +29,7 @@ from .functional import (
     _check_training,
     _coefficients,
     _compiling_kernel,
+    _count_batch,
     _cumulative_factor,
     _pick_path,
     _triton_update,
@@ -208,13 +209,13 @@ class _ActMixin:
             self.num_batches_tracked.add_(counted.to(self.num_batches_tracked.dtype))
             return y
         _check_training(input, axis, factor, self.eps)
-        step = _ext_call(ext, "act_train_step", input, residual, w, b, rm, rv, self.eps, factor, axis)
         m = input.numel() // input.shape[axis]
         if path == "triton":  # the running statistics by the plain layer's rule, in one more launch
             stats: list = []
             y = _FusedAct.apply(input, w, b, residual, self.eps, axis, stats)
             updated = _triton_update(rm, rv, *stats, m, factor)
         else:
+            step = _ext_call(ext, "act_train_step", input, residual, w, b, rm, rv, self.eps, factor, axis)
             if step is not None:  # (y, 1: updated, 0: a non-finite batch, nothing written)
                 y, updated = step[0], step[1] == 1
             else:
@@ -225,10 +226,7 @@ class _ActMixin:
                 updated = _update_running_stats(rm, rv, mean, var * (m / (m - 1)), factor)
             elif not updated:
                 _warn_not_finite(stacklevel=6)  # the caller of the layer
-        if isinstance(updated, Tensor):  # on CUDA: counted on the device, never read back (int64 += bool)
-            self.num_batches_tracked.add_(updated)
-        elif updated:
-            self.num_batches_tracked.add_(1)
+        _count_batch(self.num_batches_tracked, updated)
         return y
 
     def _fusable(self, input: Tensor, mask: Tensor | None) -> bool:

@@ -762,6 +762,16 @@ def _reads_back_later(t: Tensor) -> bool:
     return t.is_cuda
 
 
+def _count_batch(tracked: Tensor, counted: bool | Tensor) -> None:
+    """num_batches_tracked += 1 where the batch counted: a bool, or a 0-dim bool tensor (on CUDA,
+    or traced by torch.compile / torch.export) added on its device, never read back (int64 += bool:
+    one op, one launch on a GPU)."""
+    if isinstance(counted, Tensor):
+        tracked.add_(counted)
+    elif counted:
+        tracked.add_(1)
+
+
 def _cumulative_factor(tracked: Tensor) -> float | Tensor:
     """momentum=None's factor 1 / (num_batches_tracked + 1): a Python float, or a 0-dim float64
     tensor where reading the count back is not wanted (a graph being recorded, a CUDA buffer)."""

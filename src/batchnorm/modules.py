@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import _cumulative_factor, _reads_back_later, _recording, batch_norm_with_status
+from .functional import _count_batch, _cumulative_factor, _reads_back_later, _recording, batch_norm_with_status
 from .renorm import Renorm
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -109,10 +109,7 @@ class _Forward:
             process_group=self._sync_group(input) if use_batch else None,
         )
         if tracking and tracked is not None:
-            if isinstance(counted, Tensor):  # a 0-dim bool: on CUDA, or traced by torch.compile / torch.export
-                tracked.add_(counted)  # (int64 += bool: one op, one launch on a GPU)
-            elif counted:
-                tracked.add_(1)
+            _count_batch(tracked, counted)
         return y
 
     def extra_repr(self) -> str:

@@ -933,20 +933,19 @@ def _launch_streaming(
 
 def _running(
     x: Tensor, C: int, m: int, running_mean: Tensor | None, running_var: Tensor | None, momentum: float
-) -> tuple[bool, Tensor | None, Tensor | None, tuple[float, float]]:
-    """(has_running, running_mean, running_var, (momentum, unbias)) for the statistics' epilogue, after
-    checking the buffers; None for the buffers where there is no update (also for m == 1: one value
-    per channel has no unbiased variance)."""
-    has_running = running_mean is not None and m > 1
-    if has_running:
+) -> tuple[Tensor | None, Tensor | None, float, float]:
+    """(running_mean, running_var, momentum, unbias) for the statistics' epilogue, after checking the
+    buffers; None for the buffers where there is no update (also for m == 1: one value per channel
+    has no unbiased variance)."""
+    if running_mean is not None and m > 1:
         for name, r in (("running_mean", running_mean), ("running_var", running_var)):
             if r.numel() != C or r.device != x.device or not r.is_contiguous() or not r.is_floating_point():
                 raise ValueError(
                     f"{name} must be a contiguous floating (C,) = ({C},) tensor on {x.device} (it is "
                     f"updated in place), got {r.dtype} of shape {tuple(r.shape)} on {r.device}"
                 )
-        return True, running_mean, running_var, (float(momentum), m / (m - 1))
-    return False, None, None, (float(momentum), 1.0)
+        return running_mean, running_var, float(momentum), m / (m - 1)
+    return None, None, float(momentum), 1.0
 
 
 def _stats_outputs(x: Tensor, C: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -979,12 +978,12 @@ def _stats(
         dict(INT64=int64),
     )
     mean, invstd, var = _stats_outputs(x, C)
-    has_running, rm, rv, (momentum, unbias) = running
+    rm, rv, momentum, unbias = running
     bc = min(_np2(C), t.merge_block_c)
     _stats_merge_kernel[(_cdiv(C, bc),)](
         x, part[0], part[1], part[2], mean, invstd, var, mean if rm is None else rm, var if rv is None else rv,
         S, C, B, float(A * B), float(eps), momentum, unbias,
-        HAS_RUNNING=has_running, BLOCK_S=min(_np2(S), t.merge_block_s), BLOCK_C=bc, INT64=int64,
+        HAS_RUNNING=rm is not None, BLOCK_S=min(_np2(S), t.merge_block_s), BLOCK_C=bc, INT64=int64,
     )  # fmt: skip
     return mean, invstd, var
 
@@ -1108,13 +1107,13 @@ def _channel_forward(
     """(y, mean, invstd, var) from `_channel_forward_kernel`: one launch, one program per channel block."""
     y = _empty_like(x)
     mean, invstd, var = _stats_outputs(x, C)
-    has_running, rm, rv, (momentum, unbias) = running
+    rm, rv, momentum, unbias = running
     ba, bc, bb = shape
     _channel_forward_kernel[(_cdiv(C, bc),)](
         x, y, x if r is None else r, mean if w is None else w, mean if b is None else b,
         mean, invstd, var, mean if rm is None else rm, var if rv is None else rv,
         A, C, B, float(A * B), float(eps), momentum, unbias,
-        HAS_W=w is not None, HAS_B=b is not None, HAS_RES=r is not None, RELU=relu, HAS_RUNNING=has_running,
+        HAS_W=w is not None, HAS_B=b is not None, HAS_RES=r is not None, RELU=relu, HAS_RUNNING=rm is not None,
         BLOCK_A=ba, BLOCK_C=bc, BLOCK_B=bb, INT64=x.numel() >= 2**31, num_warps=t.num_warps,
     )  # fmt: skip
     return y, mean, invstd, var
