@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -483,6 +484,27 @@ def test_whole_channel_rule():
     assert not whole(32, 64, 56 * 56) and not whole(8, 3, 224 * 224)  # NCHW, few channels
     assert not whole(32 * 49, 2048, 1) and not whole(4096, 1024, 1)  # channels_last / 2-D: 32 and 16 blocks
     assert not whole(512, 256, 1)  # 16 tiles per block
+
+
+def test_device_tuning_made_once_per_device(monkeypatch):
+    """On a GPU the tuning (4 programs per SM) is made at a device's first call and then reused: no
+    property query and no new Tuning per launch. Two fake devices with 132 and 108 SMs."""
+    queries = []
+
+    def properties(device):
+        queries.append(device.index)
+        return SimpleNamespace(multi_processor_count={0: 132, 1: 108}[device.index])
+
+    monkeypatch.setitem(tb._state, "interpret", False)
+    monkeypatch.setattr(tb, "_device_tunings", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    on = [SimpleNamespace(device=torch.device("cuda", i)) for i in (0, 1)]
+    first = [tb._tuning(x) for x in on]
+    assert [t.programs for t in first] == [528, 432]
+    assert [tb._tuning(x) for x in on for _ in range(3)] == [first[0]] * 3 + [first[1]] * 3
+    assert queries == [0, 1]
+    monkeypatch.setattr(tb, "tuning_override", tb._INTERPRETER_TUNING)  # the override still wins
+    assert tb._tuning(on[0]) is tb._INTERPRETER_TUNING
 
 
 @pytest.fixture

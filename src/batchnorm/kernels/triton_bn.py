@@ -794,13 +794,23 @@ tuning_override: Tuning | None = None  # set to force a Tuning (tests, experimen
 path_override: str | None = None  # "split" or "channel" forces that path (tests, experiments); None: the rule
 
 
+_device_tunings: dict[int, Tuning] = {}  # per CUDA device index, made on its first call
+
+
 def _tuning(x: Tensor) -> Tuning:
+    """The tuning for x's device: `tuning_override`, the interpreter's, or the default with 4
+    programs per SM. Kept per device, so a call costs no property query and no new Tuning (a few
+    us a launch on the host, where small layers are bound by the host's time)."""
     if tuning_override is not None:
         return tuning_override
     if _state.get("interpret"):
         return _INTERPRETER_TUNING
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return Tuning(programs=4 * sms)
+    index = x.device.index
+    t = _device_tunings.get(index)
+    if t is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        t = _device_tunings[index] = Tuning(programs=4 * sms)
+    return t
 
 
 def _cdiv(a: int, b: int) -> int:
