@@ -13,6 +13,10 @@ Triton's launcher, some microseconds). For scale, torch's own layer on the same 
     forward (no grad)   layer(x) under torch.no_grad(): statistics, running update, count
     eval (no grad)      the layer in eval mode under torch.no_grad(): the running statistics
     step                layer(x).backward(g): forward, autograd, backward
+    functional forward  functional.batch_norm(x, ...) with autograd recording: no layer
+    Function step       the autograd Function alone (no running update), forward + backward
+    autograd's share    a Function of the same signature returning ready-made gradients, step:
+                        what autograd's engine and the three gradients' accumulation cost
     train_forward       triton_bn.train_forward alone (return_var=True)
     train_backward      triton_bn.train_backward alone
     update_running      triton_bn.update_running alone
@@ -85,6 +89,19 @@ def main() -> None:
         return lambda: layer(x).backward(g)
 
     ours_eval, theirs_eval = bn.BatchNorm2d(16).eval(), torch.nn.BatchNorm2d(16).eval()
+    w, b = ours.weight, ours.bias
+    train = bn.functional._BatchNormTrain
+    ready = (torch.zeros_like(xd), torch.zeros(16), torch.zeros(16))
+
+    class Ready(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias, eps, axis, path, fused, stats):
+            ctx.save_for_backward(x, weight, mean, invstd)
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, dy):
+            return (*ready, None, None, None, None, None)
 
     rows = []
     with bn.functional.use_backend("triton"):
@@ -95,6 +112,10 @@ def main() -> None:
             ("eval (no grad), torch", forward(theirs_eval)),
             ("step, ours", step(ours)),
             ("step, torch", step(theirs)),
+            ("functional forward, ours", lambda: bn.functional.batch_norm(x, rm, rv, w, b, True)),
+            ("functional forward, torch", lambda: torch.nn.functional.batch_norm(x, rm, rv, w, b, True)),
+            ("Function step", lambda: train.apply(x, w, b, 1e-5, 1, "triton", None, []).backward(g)),
+            ("autograd's share, step", lambda: Ready.apply(x, w, b, 1e-5, 1, "triton", None, []).backward(g)),
             ("train_forward", lambda: tb.train_forward(xd, ours.weight, ours.bias, 1e-5, 1, return_var=True)),
             ("train_backward", lambda: tb.train_backward(g, xd, ours.weight, mean, invstd, 1)),
             ("update_running", lambda: tb.update_running(mean, invstd, rm, rv, 128, 0.1)),

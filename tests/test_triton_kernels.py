@@ -728,3 +728,14 @@ def test_paths_benchmark_smoke(tmp_path):
     for r in rows:
         for timing in (r["ms"], r["host_ms"], r["pipelined_ms"]):
             assert set(timing) == {"split", "channel", "torch"} and all(v > 0 for v in timing.values())
+
+
+def test_host_overhead_benchmark_smoke():
+    """benchmarks/host_overhead.py (the host's share of a Triton step, kernels stubbed) runs and
+    prints a positive median for each of its rows."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "host_overhead.py")
+    proc = subprocess.run([sys.executable, script, "--repeats", "5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = dict(line.rsplit(None, 2)[:2] for line in proc.stdout.splitlines())
+    assert len(rows) == 13 and {"step, ours", "step, torch", "autograd's share, step"} <= set(rows)
+    assert all(float(us) > 0 for us in rows.values())
