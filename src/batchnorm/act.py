@@ -5,8 +5,8 @@
 On CUDA with Triton the training forward is one fused pass after the
 statistics and the backward recomputes the ReLU mask from x and the saved
 statistics instead of storing it (`kernels.triton_bn.train_forward_act`);
-inference is one pass (`kernels.triton_bn.inference` with the residual and
-the ReLU).
+inference is one pass and one launch (`kernels.triton_bn.eval_forward` with the
+residual and the ReLU: scale and shift from the running statistics in the kernel).
 On the CPU kernel the add and the ReLU ride in BN's apply pass, in training
 and in inference, and without a residual the ReLU's backward rides in BN's
 backward passes: one C++ call each (the entry points `act_train_step`, with
@@ -206,7 +206,7 @@ class _ActMixin:
             with torch.no_grad():
                 rm.copy_(new_mean)
                 rv.copy_(new_var)
-            self.num_batches_tracked.add_(counted.to(self.num_batches_tracked.dtype))
+            _count_batch(self.num_batches_tracked, counted)
             return y
         _check_training(input, axis, factor, self.eps)
         m = input.numel() // input.shape[axis]

@@ -103,6 +103,12 @@ __all__ = [
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTS = ("relu",)
 
+
+def _check_act(act: str | None) -> None:
+    if act not in (*_ACTS, None):
+        raise ValueError(f"act must be one of {_ACTS} or None, got {act!r}")
+
+
 # Bound by _load() on first use; the kernel functions below are plain Python until then.
 triton: Any = None
 tl: Any = None
@@ -1081,8 +1087,7 @@ def train_forward_act(
     recomputes the ReLU mask from x, mean, invstd, weight, bias and the residual. Otherwise as
     `train_forward` (statistics, running-statistics update and return_var are the same).
     """
-    if act not in (*_ACTS, None):
-        raise ValueError(f"act must be one of {_ACTS} or None, got {act!r}")
+    _check_act(act)
     A, C, B = _prepare(x, axis)
     w, b = _vector(weight, C, "weight", x), _vector(bias, C, "bias", x)
     if (running_mean is None) != (running_var is None):
@@ -1172,8 +1177,7 @@ def inference(
     with residual and act="relu", the ResNet block tail in one pass. y has x's dtype, shape and
     strides; a residual of another layout or dtype is copied into x's first.
     """
-    if act not in (*_ACTS, None):
-        raise ValueError(f"act must be one of {_ACTS} or None, got {act!r}")
+    _check_act(act)
     A, C, B = _prepare(x, axis)
     sc, sh = _vector(scale, C, "scale", x), _vector(shift, C, "shift", x)
     r = None if residual is None else _in_layout(residual, x, "residual")
@@ -1198,8 +1202,7 @@ def eval_forward(
     launch on a GPU). mean, var, weight, bias: (C,) of any float dtype (read as float32; weight and
     bias may be None). Otherwise as `inference`.
     """
-    if act not in (*_ACTS, None):
-        raise ValueError(f"act must be one of {_ACTS} or None, got {act!r}")
+    _check_act(act)
     A, C, B = _prepare(x, axis)
     mu, v = _vector(mean, C, "mean", x), _vector(var, C, "var", x)
     w, b = _vector(weight, C, "weight", x), _vector(bias, C, "bias", x)
