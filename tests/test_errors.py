@@ -239,18 +239,24 @@ def test_torch_itself_would_poison_the_stats():
 
 
 @pytest.fixture
-def device_rule(monkeypatch) -> list[torch.Tensor]:
+def device_rule(monkeypatch) -> list:
     """CUDA's running-statistics rule, on the CPU: nothing read back during the step (the test a
-    0-dim tensor, the update a select, the count a device add, momentum=None's factor a tensor);
-    the warning through `_warn_when_read`, at once here (no event to wait for). Returns the flags
-    it was handed."""
-    from batchnorm import functional, modules
+    0-dim tensor, the update a select, the count a device add, momentum=None's factor a tensor); a
+    kept-out batch is counted on the device and `_report_skips` warns, at once here (nothing to
+    wait for). Returns what each step handed to num_batches_tracked's count."""
+    from batchnorm import act, functional, modules
 
     for module in (functional, modules):
         monkeypatch.setattr(module, "_reads_back_later", lambda t: True)
-    handed: list[torch.Tensor] = []
-    read = functional._warn_when_read
-    monkeypatch.setattr(functional, "_warn_when_read", lambda finite: (handed.append(finite), read(finite)))
+    handed: list = []
+    count = functional._count_batch
+
+    def counting(tracked, counted) -> None:
+        handed.append(counted)
+        count(tracked, counted)
+
+    for module in (modules, act):
+        monkeypatch.setattr(module, "_count_batch", counting)
     return handed
 
 
@@ -293,34 +299,59 @@ def test_device_rule_keeps_a_bad_batch_out_without_reading_back(backend, make, m
             ours(bad)
         _assert_unchanged(ours, before)
         ours(good[2]), theirs(good[2])
+    assert all(isinstance(f, torch.Tensor) for f in device_rule)  # counted on the device, not read back
     assert [bool(f) for f in device_rule] == [True, True, False, True]
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), msg=name)
 
 
-def test_warning_waits_for_its_flag(monkeypatch):
-    """A flag whose event has not completed holds back its warning, and the ones queued behind it;
-    a later call reads it once it has arrived, and warns once."""
-    from collections import deque
-
+def test_kept_out_batches_are_reported_once_their_count_arrives(monkeypatch):
+    """A CUDA device's count of kept-out batches (here a CPU tensor behind a fake device and
+    events): copied to the host at most every SKIP_REPORT_S, read only once the copy's event has
+    completed, and each batch reported once, with how many."""
     from batchnorm import functional
 
+    made: list = []
+
     class Event:
-        done = False
+        def __init__(self) -> None:
+            self.done = False
+            made.append(self)
+
+        def record(self) -> None:
+            pass
 
         def query(self) -> bool:
             return self.done
 
-    event = Event()
-    monkeypatch.setattr(functional, "_unread", deque([(torch.tensor(False), event)]))
+    device = torch.device("cuda", 0)
+    skips = functional._Skips.__new__(functional._Skips)
+    skips.count, skips.host = torch.tensor(1), torch.tensor(0)  # the device has kept one batch out
+    skips.copy, skips.due, skips.seen = None, 0.0, 0
+    monkeypatch.setitem(functional._skips, device, skips)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        functional._warn_when_read(torch.tensor(True))
-    assert len(functional._unread) == 2
-    event.done = True
-    with pytest.warns(RuntimeWarning, match="NaN or Inf") as record:
-        functional._warn_when_read(torch.tensor(True))
-    assert len(record) == 1 and not functional._unread
+        functional._report_skips(device)  # copies the count; its event has not completed
+        functional._report_skips(device)  # still on its way: no warning, no second copy
+    assert len(made) == 1
+    made[0].done = True
+    with pytest.warns(RuntimeWarning, match=r"NaN or Inf.*\(1 batch on cuda:0") as record:
+        functional._report_skips(device)
+    assert len(record) == 1 and skips.copy is None  # read; the next copy waits SKIP_REPORT_S
+    skips.count += 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        functional._report_skips(device)  # not due yet: nothing copied, nothing reported
+        assert len(made) == 1
+        skips.due = 0.0
+        functional._report_skips(device)  # due: the copy goes out
+    assert len(made) == 2
+    made[1].done = True
+    with pytest.warns(RuntimeWarning, match=r"\(2 batches on cuda:0") as record:
+        functional._report_skips(device)
+    assert len(record) == 1
 
 
 @pytest.mark.gpu
@@ -330,10 +361,13 @@ def test_warning_waits_for_its_flag(monkeypatch):
     "make", [bn.BatchNorm2d, bn.BatchNormAct2d, _ghost, _renorm], ids=["bn", "act", "ghost", "renorm"]
 )
 @pytest.mark.parametrize("backend", ["auto", "torch", "composite"])
-def test_cuda_training_step_never_waits_for_the_gpu(backend, make, momentum):
+def test_cuda_training_step_never_waits_for_the_gpu(backend, make, momentum, monkeypatch):
     """torch.cuda's sync debug mode raises on any host synchronisation: training steps (forward and
     backward), a non-finite batch and an eval call run under it; the warning comes after, once the
-    flag is home."""
+    count of kept-out batches is home (copied at every call here: SKIP_REPORT_S 0)."""
+    from batchnorm import functional
+
+    monkeypatch.setattr(functional, "SKIP_REPORT_S", 0.0)
     layer = make(8, momentum=momentum).cuda()
     x = torch.randn(4, 8, 6, 6, device="cuda", requires_grad=True)
     bad = x.detach().clone()
@@ -355,7 +389,9 @@ def test_cuda_training_step_never_waits_for_the_gpu(backend, make, momentum):
         torch.cuda.synchronize()
         _assert_unchanged(layer, before)
         assert int(layer.num_batches_tracked) == 3
-        with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        with pytest.warns(RuntimeWarning, match="NaN or Inf"):  # by the second call at the latest
+            layer(x)  # reads a copy made before the bad batch, if one was on its way; copies again
+            torch.cuda.synchronize()
             layer(x)
 
 

@@ -389,32 +389,40 @@ def test_return_var_keeps_the_digits_of_a_tiny_variance(act, path):
 def test_update_running_all_channels_or_none(C, tensor_momentum):
     """update_running: PyTorch's rule on every channel (momentum a float or a 0-dim float64 tensor),
     and a batch with one non-finite channel (NaN, inf, or a var that overflows once unbiased) writes
-    nothing; the outcome stays a 0-dim bool on the device."""
+    nothing; the outcome stays a 0-dim bool on the device, and the device's count of kept-out
+    batches (given) goes up by one for each bad batch only."""
     m = 7
     mean, var = torch.randn(C, device=DEVICE), torch.rand(C, device=DEVICE) + 0.1
     rm0, rv0 = torch.randn(C, device=DEVICE), torch.rand(C, device=DEVICE) + 0.5
     momentum = torch.tensor(0.25, dtype=torch.float64, device=DEVICE) if tensor_momentum else 0.25
+    skipped = torch.tensor(5, device=DEVICE)
     rm, rv = rm0.clone(), rv0.clone()
-    flag = tb.update_running(mean, var, rm, rv, m, momentum)
+    flag = tb.update_running(mean, var, rm, rv, m, momentum, skipped)
     assert flag.dtype == torch.bool and flag.shape == () and flag.device == mean.device and bool(flag)
     torch.testing.assert_close(rm, 0.75 * rm0 + 0.25 * mean)
     torch.testing.assert_close(rv, 0.75 * rv0 + 0.25 * var * (m / (m - 1)))
-    for channel, field, bad in ((C - 1, "mean", float("nan")), (0, "var", float("inf")), (C // 2, "var", 3e38)):
+    assert int(skipped) == 5
+    bads = ((C - 1, "mean", float("nan")), (0, "var", float("inf")), (C // 2, "var", 3e38))
+    for i, (channel, field, bad) in enumerate(bads):
         batch = {"mean": mean.clone(), "var": var.clone()}
         batch[field][channel] = bad
         rm, rv = rm0.clone(), rv0.clone()
-        flag = tb.update_running(batch["mean"], batch["var"], rm, rv, m, momentum)
+        flag = tb.update_running(batch["mean"], batch["var"], rm, rv, m, momentum, skipped)
         assert not bool(flag), (field, bad)
         assert torch.equal(rm, rm0) and torch.equal(rv, rv0), (field, bad)
+        assert int(skipped) == 6 + i, (field, bad)
+    assert bool(tb.update_running(mean, var, rm, rv, m, momentum))  # without a count: the same rule
 
 
 def test_update_running_declines_what_it_does_not_take():
-    """None (the caller's torch ops then): float64 buffers, a non-contiguous one, one value per channel."""
+    """None (the caller's torch ops then): float64 buffers, a non-contiguous one, one value per
+    channel, a count of kept-out batches that is not int64."""
     mean, var = torch.randn(4, device=DEVICE), torch.rand(4, device=DEVICE)
     rm, rv = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
     assert tb.update_running(mean, var, rm.double(), rv.double(), 5, 0.1) is None
     assert tb.update_running(mean, var, torch.zeros(8, device=DEVICE)[::2], rv, 5, 0.1) is None
     assert tb.update_running(mean, var, rm, rv, 1, 0.1) is None
+    assert tb.update_running(mean, var, rm, rv, 5, 0.1, torch.zeros((), dtype=torch.int32, device=DEVICE)) is None
     assert torch.equal(rm, torch.zeros(4, device=DEVICE)) and torch.equal(rv, torch.ones(4, device=DEVICE))
 
 
@@ -617,9 +625,10 @@ for dtype, blocks, int64, ones in cases:
     if dtype != "bf16":
         merge.pop("B", None)
         compile_("_grad_merge_kernel", dtype, HAS_W=first, BLOCK_S=32, BLOCK_C=128, **merge)
-running = {"rmean_ptr": "*fp32", "rvar_ptr": "*fp32", "flag_ptr": "*u8", "momentum_ptr": "*fp64"}
+running = {"rmean_ptr": "*fp32", "rvar_ptr": "*fp32", "flag_ptr": "*u8", "momentum_ptr": "*fp64", "skipped_ptr": "*i64"}
 for tensor_momentum in (False, True):
-    compile_("_running_kernel", "fp32", running, MOMENTUM_PTR=tensor_momentum, BLOCK_C=1024)
+    for skipped in (False, True):
+        compile_("_running_kernel", "fp32", running, MOMENTUM_PTR=tensor_momentum, HAS_SKIPPED=skipped, BLOCK_C=1024)
 print("compiled")
 """
 

@@ -29,8 +29,8 @@ may go with half inputs (mixed precision).
 from __future__ import annotations
 
 import os
+import time
 import warnings
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -705,8 +705,8 @@ def _update_running_stats(
     `unbiased` is the batch's unbiased variance m / (m - 1) * sigma2_B, what running_var stores.
     While a graph is recorded (torch.compile, torch.export, torch.jit.trace) the test is part of
     the graph: the update is a select, and the result a 0-dim bool tensor (no warning). On a CUDA
-    device the same, so that the step does not wait for the GPU; the warning comes when the test's
-    result reaches the host (`_warn_when_read`).
+    device the same, so that the step does not wait for the GPU; a kept-out batch is counted on
+    the device and the warning comes when the count reaches the host (`_report_skips`).
     """
     recording = _recording()
     if _backend in _KERNEL_BACKENDS and not recording:  # the CPU kernel's one call, where it takes them
@@ -722,7 +722,10 @@ def _update_running_stats(
             moved = running * (1 - momentum) + batch.to(running.dtype) * momentum
             running.copy_(torch.where(finite, moved, running))
         if on_device:
-            _warn_when_read(finite)
+            skipped = _skip_count(mean.device)
+            if skipped is not None:
+                skipped.add_(~finite)
+                _report_skips(mean.device)
         return finite
     if not bool(finite):
         _warn_not_finite(stacklevel=4)
@@ -736,13 +739,16 @@ def _triton_update(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, m: int, momentum: float | Tensor
 ) -> bool | Tensor:
     """`_update_running_stats` from the batch's biased var, in one Triton launch where it takes the
-    buffers (`triton_bn.update_running`: float32) instead of about 15 small torch ops. Its 0-dim
-    result is read later on a CUDA device (`_warn_when_read`), at once under the interpreter."""
-    flag = _kernels().triton_bn.update_running(mean, var, running_mean, running_var, m, momentum)
+    buffers (`triton_bn.update_running`: float32) instead of about 15 small torch ops. On a CUDA
+    device the same launch counts a kept-out batch (`_report_skips` warns later); under the
+    interpreter its 0-dim result is read at once."""
+    later = _reads_back_later(mean)
+    skipped = _skip_count(mean.device) if later else None
+    flag = _kernels().triton_bn.update_running(mean, var, running_mean, running_var, m, momentum, skipped)
     if flag is None:
         return _update_running_stats(running_mean, running_var, mean, var * (m / (m - 1)), momentum)
-    if _reads_back_later(flag):
-        _warn_when_read(flag)
+    if later:
+        _report_skips(mean.device)
         return flag
     if not bool(flag):
         _warn_not_finite(stacklevel=4)
@@ -758,7 +764,7 @@ def _reads_back_later(t: Tensor) -> bool:
     """Whether a training step on `t`'s device reads its finiteness test back later instead of at
     once: on a CUDA device, reading a value back makes the host wait for the GPU to finish all the
     work queued so far, once per layer and step. There the running statistics take the select that
-    graphs use, and the warning comes from `_warn_when_read`."""
+    graphs use, and the warning comes from `_report_skips`."""
     return t.is_cuda
 
 
@@ -780,36 +786,76 @@ def _cumulative_factor(tracked: Tensor) -> float | Tensor:
     return 1.0 / (float(tracked) + 1.0)
 
 
-# (finite, event) of CUDA steps whose flag is still on its way to the host, oldest first.
-_unread: deque[tuple[Tensor, Any]] = deque()
+# How often (seconds) a device's count of kept-out batches is copied to the host, at most.
+SKIP_REPORT_S = 0.25
 
 
-def _warn_when_read(finite: Tensor) -> None:
-    """Warn about a non-finite batch once its flag has reached the host, without waiting for it.
+class _Skips:
+    """One device's count of training batches kept out of the running statistics (their mean or
+    variance not finite), added on the device by the step that kept each out, and what the host
+    has seen of it. Reading a per-step flag would cost each layer and step a copy to the host and
+    an event; the count costs nothing more than the update's launch (`triton_bn.update_running`
+    adds to it), and one copy every SKIP_REPORT_S."""
 
-    The 0-dim flag is copied into pinned host memory behind the step's work (non_blocking), with
-    an event after it; this call and every later one warn for the flags whose events have
-    completed, so the warning may come a step or two after its batch. Without an event (a tensor
-    already on the host) the flag is read at once; while a CUDA graph is captured, never (the
-    graph's replays still keep a non-finite batch out of the running statistics)."""
-    event = None
-    if finite.is_cuda:
-        if torch.cuda.is_current_stream_capturing():  # a CUDA graph: no copy to read, no warning
-            return
-        host = finite.to("cpu", non_blocking=True)  # (into pinned memory)
-        event = torch.cuda.Event()
-        event.record()
+    __slots__ = ("copy", "count", "due", "host", "seen")
+
+    def __init__(self, device: torch.device) -> None:
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.host = torch.zeros((), dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.copy: Any = None  # the event after a copy of `count` into `host`, until it completes
+        self.due = 0.0  # time.monotonic() of the next copy
+        self.seen = 0  # the count the last warning reported
+
+
+_skips: dict[torch.device, _Skips] = {}
+
+
+def _skip_count(device: torch.device) -> Tensor | None:
+    """The device's count of kept-out batches, made on first use; None while a CUDA graph is being
+    captured before it exists (made then, it would belong to the graph's memory pool)."""
+    skips = _skips.get(device)
+    if skips is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        skips = _skips[device] = _Skips(device)
+    return skips.count
+
+
+def _report_skips(device: torch.device) -> None:
+    """Warn about the batches the device has kept out since the last warning, once their count has
+    reached the host, without waiting for it.
+
+    On a CUDA device the count is copied into pinned host memory behind the queued work
+    (non_blocking), with an event after it, at most every SKIP_REPORT_S seconds; a later call
+    reads the copy once its event has completed, so the warning may come some steps after the
+    batch (and comes for batches kept out in CUDA graph replays too). Not while a graph is
+    captured. On another device (the Triton interpreter's CPU tensors) the count is read at once.
+    """
+    skips = _skips.get(device)
+    if skips is None:
+        return
+    if device.type != "cuda":
+        seen = int(skips.count)
     else:
-        host = finite
-    _unread.append((host, event))
-    while _unread and (_unread[0][1] is None or _unread[0][1].query()):
-        flag, _ = _unread.popleft()
-        if not bool(flag):
-            warnings.warn(
-                _cpu.NOT_FINITE_MESSAGE + " (reported once the step's result reached the host: maybe a step late)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        if torch.cuda.is_current_stream_capturing():
+            return
+        seen = None
+        if skips.copy is not None and skips.copy.query():
+            seen, skips.copy = int(skips.host), None
+        now = time.monotonic()
+        if skips.copy is None and now >= skips.due:
+            skips.host.copy_(skips.count, non_blocking=True)
+            skips.copy = torch.cuda.Event()
+            skips.copy.record()
+            skips.due = now + SKIP_REPORT_S
+    if seen is not None and seen > skips.seen:
+        kept_out, skips.seen = seen - skips.seen, seen
+        warnings.warn(
+            f"{_cpu.NOT_FINITE_MESSAGE} ({kept_out} batch{'es' if kept_out > 1 else ''} on {device}: "
+            "counted there and reported once the count reached the host, maybe some steps late)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 class _FusedUpdate:

@@ -541,14 +541,17 @@ def _running_kernel(
     mean_ptr, var_ptr,  # the batch's mean and biased var, float32 (C,)
     rmean_ptr, rvar_ptr,  # running statistics, float32 (C,), updated in place
     momentum_ptr, flag_ptr,  # momentum_ptr: a 0-dim float tensor (MOMENTUM_PTR); flag: 0-dim uint8, 1 = updated
+    skipped_ptr,  # 0-dim int64: + 1 when the batch is kept out (HAS_SKIPPED)
     C, momentum, unbias,  # unbias = m / (m - 1)
-    MOMENTUM_PTR: tl.constexpr, BLOCK_C: tl.constexpr,
+    MOMENTUM_PTR: tl.constexpr, HAS_SKIPPED: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """The layers' running-statistics rule in one program: every channel or none.
 
     Pass 1 counts the channels whose mean or unbiased variance is not finite; pass 2 writes
     running = (1 - momentum) * running + momentum * batch only if there were none. The flag says
-    which, on the device: nothing is read back to the host.
+    which, on the device: nothing is read back to the host. A kept-out batch also adds 1 to the
+    device's count of them (atomically: layers on other streams share it), which the host reads
+    every so often (`functional._report_skips`) instead of each step's flag.
     """
     big = 3.4028234663852886e38  # float32 max: |v| <= big is False for inf and NaN
     bad = tl.zeros([BLOCK_C], dtype=tl.int32)
@@ -571,6 +574,8 @@ def _running_kernel(
         tl.store(rmean_ptr + c, rm * (1.0 - f) + mu * f, mask=wmask)
         tl.store(rvar_ptr + c, rv * (1.0 - f) + v * f, mask=wmask)
     tl.store(flag_ptr, (n_bad == 0).to(tl.uint8))
+    if HAS_SKIPPED:
+        tl.atomic_add(skipped_ptr, (n_bad != 0).to(tl.int64))
 
 
 _JIT = (
@@ -1135,7 +1140,13 @@ def _channel_forward(
 
 
 def update_running(
-    mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, m: int, momentum: float | Tensor
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    m: int,
+    momentum: float | Tensor,
+    skipped: Tensor | None = None,
 ) -> Tensor | None:
     """The layers' running-statistics rule in one kernel launch: if every channel's mean and
     unbiased variance m / (m - 1) * var are finite, running = (1 - momentum) * running +
@@ -1145,6 +1156,7 @@ def update_running(
     mean, var: the batch's float32 (C,) (`train_forward(..., return_var=True)`); the buffers:
     contiguous float32 (C,) on the same device; momentum: a float or a 0-dim tensor (momentum=None's
     1 / (num_batches_tracked + 1)); m > 1. None where these do not hold (the caller's torch ops then).
+    skipped: a 0-dim int64 count on the same device, + 1 when the batch is kept out (same launch).
     """
     C = mean.numel()
     vectors = (mean, var, running_mean, running_var)
@@ -1155,14 +1167,17 @@ def update_running(
     tensor_momentum = isinstance(momentum, Tensor)
     if tensor_momentum and (momentum.numel() != 1 or momentum.device != mean.device):
         return None
+    if skipped is not None and (skipped.dtype != torch.int64 or skipped.numel() != 1 or skipped.device != mean.device):
+        return None
     if not available() or mean.device.type != _device_type():  # (supports(), without the layout it checked above)
         return None
     flag = torch.empty((), dtype=torch.uint8, device=mean.device)  # (triton stores no torch.bool)
     with _on(mean):
         _running_kernel[(1,)](
             mean, var, running_mean, running_var, momentum if tensor_momentum else flag, flag,
+            flag if skipped is None else skipped,
             C, 0.0 if tensor_momentum else float(momentum), m / (m - 1),
-            MOMENTUM_PTR=tensor_momentum, BLOCK_C=min(_np2(C), 1024),
+            MOMENTUM_PTR=tensor_momentum, HAS_SKIPPED=skipped is not None, BLOCK_C=min(_np2(C), 1024),
         )  # fmt: skip
     return flag.view(torch.bool)
 
