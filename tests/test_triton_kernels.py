@@ -515,10 +515,18 @@ def test_device_tuning_made_once_per_device(monkeypatch):
     assert tb._tuning(on[0]) is tb._INTERPRETER_TUNING
 
 
+class Launches(list):
+    """Kernel names in launch order; `options`: (name, the launch's keyword arguments) alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.options: list[tuple[str, dict]] = []
+
+
 @pytest.fixture
-def launches(monkeypatch) -> list[str]:
+def launches(monkeypatch) -> Launches:
     """The kernels launched while the test runs, by name, in order."""
-    calls: list[str] = []
+    calls = Launches()
 
     class Spy:
         def __init__(self, name, kernel):
@@ -526,7 +534,13 @@ def launches(monkeypatch) -> list[str]:
 
         def __getitem__(self, grid):
             calls.append(self.name)
-            return self.kernel[grid]
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                calls.options.append((self.name, kwargs))
+                return launch(*args, **kwargs)
+
+            return run
 
     for name in tb._JIT:
         if name.endswith("_kernel"):
@@ -560,6 +574,27 @@ def test_training_step_launches(monkeypatch, launches, C, whole):
         tb.train_forward(x, w, b, 1e-5, 1)
 
 
+@pytest.mark.parametrize("path", ["split", "channel"])
+def test_every_launch_states_fp_fusion(monkeypatch, launches, path):
+    """Each kernel a training step (BN + add + ReLU), the running update and eval launch asks for FP
+    fusion itself: not Triton's default, which changes in 3.10 (and 3.9 warns about on a GPU)."""
+    monkeypatch.setattr(tb, "path_override", path)
+    x, w, b, rm, rv = _make((4, 3, 5, 5), 1, torch.float32)
+    r, dy = torch.randn_like(x), torch.randn_like(x)
+    _, mean, invstd, var = tb.train_forward_act(x, w, b, 1e-5, 1, r, "relu", return_var=True)
+    tb.train_backward_act(dy, x, w, b, mean, invstd, 1, r)
+    tb.update_running(mean, var, rm, rv, 100, 0.1, torch.zeros((), dtype=torch.int64, device=DEVICE))
+    tb.eval_forward(x, rm, rv, w, b, 1e-5, 1, r, "relu")
+    forward, backward = ["_channel_forward_kernel"], ["_channel_backward_kernel"]
+    if path == "split":
+        forward, backward = (
+            ["_stats_kernel", "_stats_merge_kernel", "_apply_kernel"],
+            ["_grad_reduce_kernel", "_grad_merge_kernel", "_dx_kernel"],
+        )
+    assert launches == [*forward, *backward, "_running_kernel", "_apply_kernel"]
+    assert [name for name, kw in launches.options if kw.get("enable_fp_fusion") is not True] == []
+
+
 # --------------------------------------------------------------------------- compiles for a GPU
 
 _AOT = r"""
@@ -591,7 +626,8 @@ def compile_(name, dtype, types=None, **constexprs):
             sig[a] = "*fp32"
         else:
             sig[a] = "fp32" if a in FLOATS else "i32"
-    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    options = {"num_warps": 4, **tb._OPTIONS}
+    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
 # Triton turns an int argument equal to 1 into a constexpr: channels_last has B == 1, and
@@ -644,7 +680,7 @@ def test_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia", reason="triton has no NVIDIA backend here")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cache = os.path.join(tempfile.gettempdir(), "batchnorm-triton-sm90-cache")
-    env.update(TRITON_CACHE_DIR=cache, TRITON_DEFAULT_FP_FUSION="1")
+    env.update(TRITON_CACHE_DIR=cache)  # (FP fusion: each compile states it, as each launch does)
     proc = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 

@@ -602,6 +602,11 @@ _JIT = (
     "_running_kernel",
 )
 _STREAMING = ("_stats_kernel", "_apply_kernel", "_grad_reduce_kernel", "_dx_kernel")
+# Every launch states FP fusion (a * b + c as one FMA) rather than take Triton's default, which
+# 3.9 warns about on the first compile and 3.10 turns off: the kernels' results then do not
+# change with the Triton version, and the fused backward recomputes the forward's pre-activation
+# bit for bit (its ReLU mask) because both compile with the same setting.
+_OPTIONS = {"enable_fp_fusion": True}
 
 
 # =========================================================================== loading
@@ -942,11 +947,11 @@ def _launch_streaming(
     """
     if _autotune_enabled():
         kernel = _autotuned(name, *acb)
-        kernel[lambda META: grid(META["BLOCK_A"], META["BLOCK_C"], META["BLOCK_B"])](*args, **meta)
+        kernel[lambda META: grid(META["BLOCK_A"], META["BLOCK_C"], META["BLOCK_B"])](*args, **meta, **_OPTIONS)
         return
     ba, bc, bb = shape
     kernel = globals()[name]
-    kernel[grid(ba, bc, bb)](*args, **meta, BLOCK_A=ba, BLOCK_C=bc, BLOCK_B=bb, num_warps=t.num_warps)
+    kernel[grid(ba, bc, bb)](*args, **meta, BLOCK_A=ba, BLOCK_C=bc, BLOCK_B=bb, num_warps=t.num_warps, **_OPTIONS)
 
 
 # =========================================================================== API
@@ -1004,7 +1009,7 @@ def _stats(
     _stats_merge_kernel[(_cdiv(C, bc),)](
         x, part[0], part[1], part[2], mean, invstd, var, mean if rm is None else rm, var if rv is None else rv,
         S, C, B, float(A * B), float(eps), momentum, unbias,
-        HAS_RUNNING=rm is not None, BLOCK_S=min(_np2(S), t.merge_block_s), BLOCK_C=bc, INT64=int64,
+        HAS_RUNNING=rm is not None, BLOCK_S=min(_np2(S), t.merge_block_s), BLOCK_C=bc, INT64=int64, **_OPTIONS,
     )  # fmt: skip
     return mean, invstd, var
 
@@ -1134,7 +1139,7 @@ def _channel_forward(
         mean, invstd, var, mean if rm is None else rm, var if rv is None else rv,
         A, C, B, float(A * B), float(eps), momentum, unbias,
         HAS_W=w is not None, HAS_B=b is not None, HAS_RES=r is not None, RELU=relu, HAS_RUNNING=rm is not None,
-        BLOCK_A=ba, BLOCK_C=bc, BLOCK_B=bb, INT64=x.numel() >= 2**31, num_warps=t.num_warps,
+        BLOCK_A=ba, BLOCK_C=bc, BLOCK_B=bb, INT64=x.numel() >= 2**31, num_warps=t.num_warps, **_OPTIONS,
     )  # fmt: skip
     return y, mean, invstd, var
 
@@ -1177,7 +1182,7 @@ def update_running(
             mean, var, running_mean, running_var, momentum if tensor_momentum else flag, flag,
             flag if skipped is None else skipped,
             C, 0.0 if tensor_momentum else float(momentum), m / (m - 1),
-            MOMENTUM_PTR=tensor_momentum, HAS_SKIPPED=skipped is not None, BLOCK_C=min(_np2(C), 1024),
+            MOMENTUM_PTR=tensor_momentum, HAS_SKIPPED=skipped is not None, BLOCK_C=min(_np2(C), 1024), **_OPTIONS,
         )  # fmt: skip
     return flag.view(torch.bool)
 
@@ -1309,7 +1314,7 @@ def _backward_on_device(
             mu, istd, mu if w is None else w, mu if b is None else b, db if dw is None else dw, db,
             A, C, B, float(m),
             RELU=relu, HAS_RES=r is not None, NEED_DX=need_dx, **flags,
-            BLOCK_A=ba, BLOCK_C=bc, BLOCK_B=bb, num_warps=t.num_warps,
+            BLOCK_A=ba, BLOCK_C=bc, BLOCK_B=bb, num_warps=t.num_warps, **_OPTIONS,
         )  # fmt: skip
         return dx, dw, db, dr
 
@@ -1330,7 +1335,7 @@ def _backward_on_device(
     bc = min(_np2(C), t.merge_block_c)
     _grad_merge_kernel[(_cdiv(C, bc),)](
         part, mu, istd, mu if w is None else w, db if dw is None else dw, db, coef, S, C, float(m),
-        HAS_W=w is not None, BLOCK_S=min(_np2(S), t.merge_block_s), BLOCK_C=bc,
+        HAS_W=w is not None, BLOCK_S=min(_np2(S), t.merge_block_s), BLOCK_C=bc, **_OPTIONS,
     )  # fmt: skip
 
     dx = None
