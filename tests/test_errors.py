@@ -318,7 +318,7 @@ def test_kept_out_batches_are_reported_once_their_count_arrives(monkeypatch):
             self.done = False
             made.append(self)
 
-        def record(self) -> None:
+        def record(self, stream) -> None:
             pass
 
         def query(self) -> bool:
@@ -331,6 +331,7 @@ def test_kept_out_batches_are_reported_once_their_count_arrives(monkeypatch):
     monkeypatch.setitem(functional._skips, device, skips)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         functional._report_skips(device)  # copies the count; its event has not completed

@@ -844,9 +844,9 @@ def _report_skips(device: torch.device) -> None:
             seen, skips.copy = int(skips.host), None
         now = time.monotonic()
         if skips.copy is None and now >= skips.due:
-            skips.host.copy_(skips.count, non_blocking=True)
-            skips.copy = torch.cuda.Event()
-            skips.copy.record()
+            skips.host.copy_(skips.count, non_blocking=True)  # (on the count's device's current stream,
+            skips.copy = torch.cuda.Event()  # which need not be the current device's)
+            skips.copy.record(torch.cuda.current_stream(device))
             skips.due = now + SKIP_REPORT_S
     if seen is not None and seen > skips.seen:
         kept_out, skips.seen = seen - skips.seen, seen
