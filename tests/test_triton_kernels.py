@@ -703,6 +703,36 @@ def test_import_needs_no_triton(monkeypatch):
         mod.train_forward(torch.randn(2, 3, device=DEVICE), None, None, 1e-5, 1)
 
 
+_FRESH = """
+import sys
+import torch
+import batchnorm as bn
+
+assert "batchnorm.kernels.triton_bn" not in sys.modules  # nothing has imported it yet
+x = torch.randn(4, 3, 5, 5, device=sys.argv[1], requires_grad=True)
+layer = bn.BatchNorm2d(3).to(x.device)
+with bn.functional.use_backend(sys.argv[2]):
+    layer(x).sum().backward()
+    with torch.no_grad():
+        layer.eval()(x)
+print("ok", int(layer.num_batches_tracked))
+"""
+
+
+def test_a_fresh_process_takes_the_triton_path():
+    """The first call in a new process finds the Triton kernels itself: until the seventeenth
+    session functional looked triton_bn up as an attribute of batchnorm.kernels, which only an
+    earlier import of the module had set (every test process had one; a user's on a GPU did not,
+    and "auto" failed with AttributeError on its first CUDA tensor)."""
+    env = dict(os.environ)
+    backend = "auto"
+    if DEVICE == "cpu":  # the interpreter: "auto" never sends a CPU tensor there, the forced backend does
+        env["TRITON_INTERPRET"], backend = "1", "triton"
+    code = [sys.executable, "-c", _FRESH, DEVICE, backend]
+    proc = subprocess.run(code, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok", "1"], proc.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------- GPU, larger shapes
 
 

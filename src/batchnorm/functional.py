@@ -364,24 +364,25 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-_kernels_module: Any = None
+_triton_module: Any = None
 
 
-def _kernels():
-    """batchnorm.kernels, imported on first use (an import statement costs ~1 us a call)."""
-    global _kernels_module
-    if _kernels_module is None:
-        from . import kernels
+def _triton_bn():
+    """batchnorm.kernels.triton_bn, imported on first use (an import statement costs ~1 us a call;
+    importing the module does not import triton)."""
+    global _triton_module
+    if _triton_module is None:
+        from .kernels import triton_bn
 
-        _kernels_module = kernels
-    return _kernels_module
+        _triton_module = triton_bn
+    return _triton_module
 
 
 def _triton_ok(input: Tensor, axis: int) -> bool:
     """Whether the Triton kernels take this input: a CUDA tensor, or, where they were compiled for
     triton's interpreter (TRITON_INTERPRET=1), a CPU tensor ("auto" never sends one there: the
     interpreter is for tests of the Triton path on machines without a GPU)."""
-    return _kernels().triton_bn.supports(input, axis)
+    return _triton_bn().supports(input, axis)
 
 
 def _pick_path(input: Tensor, axis: int) -> str:
@@ -666,7 +667,7 @@ def _inference(
         if path == "torch":
             return _torch_eval(input, mean, var, weight, bias, eps, axis)
         if path == "triton":  # scale and shift are computed inside the kernel: one launch
-            return _kernels().triton_bn.eval_forward(input, mean, var, weight, bias, eps, axis)
+            return _triton_bn().eval_forward(input, mean, var, weight, bias, eps, axis)
     acc = _acc_dtype(input.dtype)
     scale, shift = _eval_coefficients(mean, var, weight, bias, eps, acc)
     x = input if input.dtype == acc else input.to(acc)
@@ -744,7 +745,7 @@ def _triton_update(
     interpreter its 0-dim result is read at once."""
     later = _reads_back_later(mean)
     skipped = _skip_count(mean.device) if later else None
-    flag = _kernels().triton_bn.update_running(mean, var, running_mean, running_var, m, momentum, skipped)
+    flag = _triton_bn().update_running(mean, var, running_mean, running_var, m, momentum, skipped)
     if flag is None:
         return _update_running_stats(running_mean, running_var, mean, var * (m / (m - 1)), momentum)
     if later:
@@ -914,7 +915,7 @@ class _BatchNormTrain(torch.autograd.Function):
             stats += (mean, var)
             return y
         if path == "triton":
-            y, mean, invstd, var = _kernels().triton_bn.train_forward(input, weight, bias, eps, axis, return_var=True)
+            y, mean, invstd, var = _triton_bn().train_forward(input, weight, bias, eps, axis, return_var=True)
             ctx.save_for_backward(input, weight, mean, invstd)
             stats += (mean, var)
             return y
@@ -950,7 +951,7 @@ class _BatchNormTrain(torch.autograd.Function):
             return (*_backward_differentiable(ctx, input, weight, dy), None, None, None, None, None)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.path == "triton":
-            dx, dw, db = _kernels().triton_bn.train_backward(dy, input, weight, mean, invstd, ctx.axis, need_x)
+            dx, dw, db = _triton_bn().train_backward(dy, input, weight, mean, invstd, ctx.axis, need_x)
             dw = dw.to(weight.dtype) if need_w and weight is not None else None
             db = db.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
             return dx if need_x else None, dw, db, None, None, None, None, None
