@@ -7,8 +7,11 @@ For each input (the bench suite's shapes, float32, and small ones from 2-D (128,
 milliseconds of a training forward + backward through `batchnorm.functional.batch_norm` on the
 "triton" backend, once with `triton_bn.path_override = "split"` (split reduction, merge, elementwise
 pass: three launches per direction) and once with "channel" (the whole-channel kernels: one), and
-of `F.batch_norm` (cuDNN / torch's CUDA kernel); each round runs the three in a fresh random order,
-synchronized before and after each call (so small inputs measure the launches and the host's work).
+of `F.batch_norm` (cuDNN / torch's CUDA kernel), and of our "torch" backend (torch's kernel with our
+running-statistics rule: one more launch, `triton_bn.update_running(..., eps=)`, and our Python:
+what "auto" would cost if it gave small inputs to torch's kernel); each round runs the four in a
+fresh random order, synchronized before and after each call (so small inputs measure the launches
+and the host's work).
 Then each runs 20 steps back to back: the time to issue them (the host's share of a step) and to
 finish them (the step's cost when the host runs ahead, as in training). Where the two are equal
 the step is bound by the host, and the host's Python is what to cut (benchmarks/host_overhead.py
@@ -74,10 +77,15 @@ def measure(shape, channels_last, device, repeats, back_to_back) -> dict:
 
         return run
 
+    def torch_rule():
+        with bn.functional.use_backend("torch"):
+            step(bn.functional.batch_norm, x, w, b, rm, rv, dy)
+
     calls = {
         "split": ours("split"),
         "channel": ours("channel"),
         "torch": lambda: step(F.batch_norm, x, w, b, rm, rv, dy),
+        "torch-rule": torch_rule,
     }
     times = {k: [] for k in calls}
     for i in range(repeats + 2):  # two untimed rounds: compiles, allocator
@@ -134,8 +142,9 @@ def main() -> None:
         why = tb.why_unavailable() or ("--smoke needs TRITON_INTERPRET=1" if args.smoke else "no CUDA device")
         raise SystemExit(f"the Triton kernels cannot run this here: {why}")
     rows = []
-    print(f"{'input':24s} {'split':>8s} {'channel':>8s} {'torch':>8s}  S  tiles rule    faster  ms per step;")
-    print(f"{'':24s} then host / pipelined ms per step back to back: split, channel, torch")
+    columns = f"{'split':>8s} {'channel':>8s} {'torch':>8s} {'t-rule':>8s}"
+    print(f"{'input':24s} {columns}  S  tiles rule    faster  ms per step;")
+    print(f"{'':24s} then host / pipelined ms per step back to back: split, channel, torch, torch-rule")
     for shape, cl in inputs(args.smoke):
         row = measure(shape, cl, device, *((1, 1) if args.smoke else (args.repeats, BACK_TO_BACK)))
         rows.append(row)
@@ -143,9 +152,9 @@ def main() -> None:
         faster = min(("split", "channel"), key=ms.get)
         name = "x".join(map(str, shape)) + (" cl" if cl else "")
         host, piped = row["host_ms"], row["pipelined_ms"]
-        pairs = "  ".join(f"{host[k]:.4f}/{piped[k]:.4f}" for k in ("split", "channel", "torch"))
+        pairs = "  ".join(f"{host[k]:.4f}/{piped[k]:.4f}" for k in ("split", "channel", "torch", "torch-rule"))
         print(
-            f"{name:24s} {ms['split']:8.4f} {ms['channel']:8.4f} {ms['torch']:8.4f} "
+            f"{name:24s} {ms['split']:8.4f} {ms['channel']:8.4f} {ms['torch']:8.4f} {ms['torch-rule']:8.4f} "
             f"{row['splits']:2d} {row['tiles_per_block']:6d} {row['rule']:7s} {faster:7s} {pairs}"
         )
     if args.json:

@@ -305,6 +305,34 @@ def test_device_rule_keeps_a_bad_batch_out_without_reading_back(backend, make, m
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), msg=name)
 
 
+def test_device_rule_on_torchs_kernel_updates_in_one_launch(device_rule, triton_calls, monkeypatch):
+    """The "torch" backend on a CUDA device (torch's kernel, our running-statistics rule) updates
+    the buffers from torch's invstd in one Triton launch (`update_running(..., eps=)`), not in
+    about 25 small torch ops; the buffers as torch's layer's, and a bad batch kept out."""
+    from batchnorm.kernels import triton_bn
+
+    epsilons = []
+    update = triton_bn.update_running
+
+    def spy(*args, **kwargs):
+        flag = update(*args, **kwargs)
+        epsilons.append((kwargs.get("eps"), isinstance(flag, torch.Tensor)))
+        return flag
+
+    monkeypatch.setattr(triton_bn, "update_running", spy)
+    ours, theirs = bn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    x, bad = torch.randn(4, 3, 5, 5) * 2 + 1, torch.randn(4, 3, 5, 5)
+    bad[0, 1, 0, 0] = float("inf")
+    with use_backend("torch"):
+        ours(x), theirs(x)
+        with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+            ours(bad)
+    assert epsilons == [(ours.eps, True)] * 2
+    assert [bool(f) for f in device_rule] == [True, False]
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), msg=name)
+
+
 def test_kept_out_batches_are_reported_once_their_count_arrives(monkeypatch):
     """A CUDA device's count of kept-out batches (here a CPU tensor behind a fake device and
     events): copied to the host at most every SKIP_REPORT_S, read only once the copy's event has

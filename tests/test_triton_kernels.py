@@ -414,6 +414,29 @@ def test_update_running_all_channels_or_none(C, tensor_momentum):
     assert bool(tb.update_running(mean, var, rm, rv, m, momentum))  # without a count: the same rule
 
 
+def test_update_running_from_torchs_invstd():
+    """eps given: the second vector is torch's invstd = (var + eps)**-1/2, and the variance is
+    invstd**-2 - eps (0 where rounding makes it negative), as the C helper and the torch ops
+    compute it in float64; a NaN invstd keeps the batch out."""
+    m, eps = 9, 1e-3
+    mean, var = torch.randn(6, device=DEVICE), torch.rand(6, device=DEVICE) + 0.01
+    var[2] = 0.0  # a constant channel whose invstd came out above eps**-1/2 (rounding, exaggerated):
+    invstd = (var.double() + eps).rsqrt().float()
+    invstd[2] = eps**-0.5 * (1 + 1e-3)  # invstd**-2 - eps < 0, clamped to 0
+    rm0, rv0 = torch.randn(6, device=DEVICE), torch.rand(6, device=DEVICE) + 0.5
+    rm, rv = rm0.clone(), rv0.clone()
+    assert bool(tb.update_running(mean, invstd, rm, rv, m, 0.5, eps=eps))
+    want = (invstd.double().reciprocal().square() - eps).clamp_min(0.0) * (m / (m - 1))
+    torch.testing.assert_close(rm, 0.5 * rm0 + 0.5 * mean)
+    torch.testing.assert_close(rv.double(), 0.5 * rv0.double() + 0.5 * want, rtol=1e-6, atol=1e-9)
+    assert float(rv[2]) == 0.5 * float(rv0[2])  # no negative variance from the rounding
+    torch.testing.assert_close(rv.double(), 0.5 * rv0.double() + 0.5 * var.double() * m / (m - 1), rtol=1e-5, atol=1e-6)
+    invstd[4] = float("nan")
+    rm, rv = rm0.clone(), rv0.clone()
+    assert not bool(tb.update_running(mean, invstd, rm, rv, m, 0.5, eps=eps))
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
 def test_update_running_declines_what_it_does_not_take():
     """None (the caller's torch ops then): float64 buffers, a non-contiguous one, one value per
     channel, a count of kept-out batches that is not int64."""
@@ -664,7 +687,8 @@ for dtype, blocks, int64, ones in cases:
 running = {"rmean_ptr": "*fp32", "rvar_ptr": "*fp32", "flag_ptr": "*u8", "momentum_ptr": "*fp64", "skipped_ptr": "*i64"}
 for tensor_momentum in (False, True):
     for skipped in (False, True):
-        compile_("_running_kernel", "fp32", running, MOMENTUM_PTR=tensor_momentum, HAS_SKIPPED=skipped, BLOCK_C=1024)
+        flags = dict(MOMENTUM_PTR=tensor_momentum, HAS_SKIPPED=skipped, INVSTD=skipped and not tensor_momentum)
+        compile_("_running_kernel", "fp32", running, **flags, BLOCK_C=1024)
 print("compiled")
 """
 
@@ -802,7 +826,7 @@ def test_paths_benchmark_smoke(tmp_path):
     assert len(rows) == 3 and {r["rule"] for r in rows} == {"split", "channel"}
     for r in rows:
         for timing in (r["ms"], r["host_ms"], r["pipelined_ms"]):
-            assert set(timing) == {"split", "channel", "torch"} and all(v > 0 for v in timing.values())
+            assert set(timing) == {"split", "channel", "torch", "torch-rule"} and all(v > 0 for v in timing.values())
 
 
 def test_host_overhead_benchmark_smoke():

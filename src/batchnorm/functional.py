@@ -471,18 +471,27 @@ def _torch_train(input: Tensor, weight, bias, eps: float, axis: int) -> tuple[Te
 def _update_from_invstd(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, m: int, eps: float, momentum: float
 ) -> bool | Tensor:
-    """`_update_running_stats` from torch's kernel's (mean, invstd): var = invstd**-2 - eps, unbiased."""
+    """`_update_running_stats` from torch's kernel's (mean, invstd): var = invstd**-2 - eps, unbiased.
+    On a CUDA device in one Triton launch where it takes the buffers (`_triton_update`), not about
+    25 small torch ops."""
     # (not the C helper while a graph is recorded: the graph must update the buffers itself; nor
     # where the update stays on the device)
     updated = None
-    if not _recording() and not _reads_back_later(mean):
+    if not _recording():
+        if _reads_back_later(mean):
+            return _triton_update(running_mean, running_var, mean, invstd, m, momentum, eps=eps)
         updated = _cpu.update_running(mean, invstd, m, eps, running_mean, running_var, momentum)
-    if updated is None:  # buffers the C helper does not take (another dtype, a GPU): torch ops
-        var = (invstd.double().reciprocal().square() - eps).clamp_min(0.0)
-        return _update_running_stats(running_mean, running_var, mean, (var * (m / (m - 1))).to(mean.dtype), momentum)
+    if updated is None:  # buffers the C helper does not take (another dtype, a graph): torch ops
+        var = _var_from_invstd(invstd, eps, mean.dtype)
+        return _update_running_stats(running_mean, running_var, mean, var * (m / (m - 1)), momentum)
     if not updated:
         _warn_not_finite(stacklevel=4)
     return updated
+
+
+def _var_from_invstd(invstd: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """The biased var of torch's kernel's invstd = (var + eps)**-1/2: max(invstd**-2 - eps, 0), in float64."""
+    return (invstd.double().reciprocal().square() - eps).clamp_min(0.0).to(dtype)
 
 
 # Where the C++ entry points (cpu.extension) are not there or decline a call (the path below
@@ -737,16 +746,25 @@ def _update_running_stats(
 
 
 def _triton_update(
-    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, m: int, momentum: float | Tensor
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    m: int,
+    momentum: float | Tensor,
+    eps: float | None = None,
 ) -> bool | Tensor:
-    """`_update_running_stats` from the batch's biased var, in one Triton launch where it takes the
-    buffers (`triton_bn.update_running`: float32) instead of about 15 small torch ops. On a CUDA
-    device the same launch counts a kept-out batch (`_report_skips` warns later); under the
-    interpreter its 0-dim result is read at once."""
+    """`_update_running_stats` from the batch's biased var (or, eps given, from torch's invstd in
+    its place), in one Triton launch where it takes the buffers (`triton_bn.update_running`:
+    float32) instead of about 15 small torch ops. On a CUDA device the same launch counts a
+    kept-out batch (`_report_skips` warns later); under the interpreter its 0-dim result is read
+    at once."""
     later = _reads_back_later(mean)
     skipped = _skip_count(mean.device) if later else None
-    flag = _triton_bn().update_running(mean, var, running_mean, running_var, m, momentum, skipped)
+    flag = _triton_bn().update_running(mean, var, running_mean, running_var, m, momentum, skipped, eps=eps)
     if flag is None:
+        if eps is not None:
+            var = _var_from_invstd(var, eps, mean.dtype)
         return _update_running_stats(running_mean, running_var, mean, var * (m / (m - 1)), momentum)
     if later:
         _report_skips(mean.device)

@@ -537,13 +537,24 @@ def _channel_backward_kernel(
             _store_dx(dx_ptr, offs, mask, g, x, mean, k, bc, cc)
 
 
+def _unbiased_var(var_ptr, c, mask, eps, unbias, INVSTD: tl.constexpr):
+    """m / (m - 1) * var at channels c, var read as such, or (INVSTD) from torch's kernel's
+    invstd = (var + eps)**-1/2 as max(invstd**-2 - eps, 0), computed in float64."""
+    v = tl.load(var_ptr + c, mask=mask, other=1.0)
+    if INVSTD:
+        i = v.to(tl.float64)
+        v = 1.0 / (i * i) - eps
+        v = tl.where(v < 0.0, 0.0, v).to(tl.float32)  # (tl.maximum would turn NaN into 0)
+    return v * unbias
+
+
 def _running_kernel(
-    mean_ptr, var_ptr,  # the batch's mean and biased var, float32 (C,)
+    mean_ptr, var_ptr,  # the batch's mean and biased var (or invstd: INVSTD), float32 (C,)
     rmean_ptr, rvar_ptr,  # running statistics, float32 (C,), updated in place
     momentum_ptr, flag_ptr,  # momentum_ptr: a 0-dim float tensor (MOMENTUM_PTR); flag: 0-dim uint8, 1 = updated
     skipped_ptr,  # 0-dim int64: + 1 when the batch is kept out (HAS_SKIPPED)
-    C, momentum, unbias,  # unbias = m / (m - 1)
-    MOMENTUM_PTR: tl.constexpr, HAS_SKIPPED: tl.constexpr, BLOCK_C: tl.constexpr,
+    C, momentum, unbias, eps,  # unbias = m / (m - 1); eps: INVSTD's
+    MOMENTUM_PTR: tl.constexpr, HAS_SKIPPED: tl.constexpr, INVSTD: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """The layers' running-statistics rule in one program: every channel or none.
 
@@ -559,7 +570,7 @@ def _running_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < C
         mu = tl.load(mean_ptr + c, mask=cmask, other=0.0)
-        v = tl.load(var_ptr + c, mask=cmask, other=0.0) * unbias
+        v = _unbiased_var(var_ptr, c, cmask, eps, unbias, INVSTD)
         bad += tl.where(cmask & ~((tl.abs(mu) <= big) & (tl.abs(v) <= big)), 1, 0)
     n_bad = tl.max(bad, axis=0)
     ok = (tl.zeros([BLOCK_C], dtype=tl.int32) + n_bad) == 0  # as a vector: it masks the stores
@@ -568,7 +579,7 @@ def _running_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         wmask = (c < C) & ok
         mu = tl.load(mean_ptr + c, mask=wmask, other=0.0)
-        v = tl.load(var_ptr + c, mask=wmask, other=0.0) * unbias
+        v = _unbiased_var(var_ptr, c, wmask, eps, unbias, INVSTD)
         rm = tl.load(rmean_ptr + c, mask=wmask, other=0.0)
         rv = tl.load(rvar_ptr + c, mask=wmask, other=0.0)
         tl.store(rmean_ptr + c, rm * (1.0 - f) + mu * f, mask=wmask)
@@ -591,6 +602,7 @@ _JIT = (
     "_tiles_grad_sums",
     "_grad_coefficients",
     "_store_dx",
+    "_unbiased_var",
     "_stats_kernel",
     "_stats_merge_kernel",
     "_apply_kernel",
@@ -1152,6 +1164,8 @@ def update_running(
     m: int,
     momentum: float | Tensor,
     skipped: Tensor | None = None,
+    *,
+    eps: float | None = None,
 ) -> Tensor | None:
     """The layers' running-statistics rule in one kernel launch: if every channel's mean and
     unbiased variance m / (m - 1) * var are finite, running = (1 - momentum) * running +
@@ -1162,6 +1176,9 @@ def update_running(
     contiguous float32 (C,) on the same device; momentum: a float or a 0-dim tensor (momentum=None's
     1 / (num_batches_tracked + 1)); m > 1. None where these do not hold (the caller's torch ops then).
     skipped: a 0-dim int64 count on the same device, + 1 when the batch is kept out (same launch).
+    eps: given, `var` is torch's kernel's invstd = (var + eps)**-1/2 instead (`torch.native_batch_norm`
+    returns no var), and var = max(invstd**-2 - eps, 0), in float64 (where var << eps, invstd has
+    kept few of its digits).
     """
     C = mean.numel()
     vectors = (mean, var, running_mean, running_var)
@@ -1181,8 +1198,9 @@ def update_running(
         _running_kernel[(1,)](
             mean, var, running_mean, running_var, momentum if tensor_momentum else flag, flag,
             flag if skipped is None else skipped,
-            C, 0.0 if tensor_momentum else float(momentum), m / (m - 1),
-            MOMENTUM_PTR=tensor_momentum, HAS_SKIPPED=skipped is not None, BLOCK_C=min(_np2(C), 1024), **_OPTIONS,
+            C, 0.0 if tensor_momentum else float(momentum), m / (m - 1), 0.0 if eps is None else float(eps),
+            MOMENTUM_PTR=tensor_momentum, HAS_SKIPPED=skipped is not None, INVSTD=eps is not None,
+            BLOCK_C=min(_np2(C), 1024), **_OPTIONS,
         )  # fmt: skip
     return flag.view(torch.bool)
 
