@@ -180,7 +180,7 @@ def test_triton_path_running_var_of_a_nearly_constant_channel(act, triton_calls,
 
     flags = []
     update = triton_bn.update_running
-    monkeypatch.setattr(triton_bn, "update_running", lambda *a: flags.append(update(*a)) or flags[-1])
+    monkeypatch.setattr(triton_bn, "update_running", lambda *a, **k: flags.append(update(*a, **k)) or flags[-1])
     ours = (bn.BatchNormAct2d if act else bn.BatchNorm2d)(C, momentum=1.0).to(TRITON_DEVICE)
     theirs = torch.nn.BatchNorm2d(C, momentum=1.0, dtype=torch.float64)
     x = torch.randn(4, C, 3, 3, dtype=torch.float64) * 2
