@@ -836,7 +836,7 @@ def _skip_count(device: torch.device) -> Tensor | None:
     if skips is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        skips = _skips[device] = _Skips(device)
+        skips = _skips.setdefault(device, _Skips(device))  # (one count per device, if threads race here)
     return skips.count
 
 
