@@ -25,6 +25,10 @@ out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# Compiled kernels (Triton's, and the CPU kernel's) in an ignored folder of the checkout: the device
+# tool keeps ignored files between calls on a warm machine, so a second mode after the first
+# reuses the first's compiles instead of paying them again out of the lease.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.gpu-cache/triton} BATCHNORM_CACHE=${BATCHNORM_CACHE:-$PWD/.gpu-cache/cpu}
 status=0
 
 step() {  # step LIMIT_S LOG COMMAND...: run with a time limit, output to the screen and LOG
