@@ -20,6 +20,11 @@ Triton's launcher, some microseconds). For scale, torch's own layer on the same 
     train_forward       triton_bn.train_forward alone (return_var=True)
     train_backward      triton_bn.train_backward alone
     update_running      triton_bn.update_running alone
+    CUDA's rule, ...    step, forward (no grad) and eval as above with CUDA's running-statistics
+                        rule simulated (nothing read back, kept-out batches counted on the
+                        device), on the Triton path and on torch's kernel with our rule (what
+                        "auto" gives small CUDA inputs: functional.NATIVE_MAX_ELEMS_CUDA; torch's
+                        kernel computes here, so its CPU arithmetic is in those rows)
 
 The stubs leave the outputs uninitialized, so the finiteness test of the running update sees
 garbage; its warning is silenced. Nothing here is a GPU timing: it is the part of one that does
@@ -39,6 +44,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first compiled
 import torch
 
 import batchnorm as bn
+from batchnorm import functional, modules
 from batchnorm.kernels import triton_bn as tb
 
 
@@ -122,6 +128,14 @@ def main() -> None:
         ]
         for name, fn in rows:
             print(f"{name:28s} {median_us(fn, args.repeats):7.1f} us")
+
+    for module in (functional, modules):  # CUDA's rule from here on
+        module._reads_back_later = lambda t: True
+    for backend, path in (("triton", "Triton path"), ("torch", "torch's kernel")):
+        with bn.functional.use_backend(backend):
+            for name, fn in (("step", step(ours)), ("forward", forward(ours)), ("eval", forward(ours_eval))):
+                label = f"CUDA's rule, {name}, {path}"
+                print(f"{label:44s} {median_us(fn, args.repeats):7.1f} us")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,59 @@ def test_auto_gives_small_float32_calls_to_torchs_kernel(shape, extension, monke
         assert path(small, rm, rv, w, b, True) == "ours"
 
 
+def test_auto_gives_small_cuda_calls_to_torchs_kernel(monkeypatch):
+    """On a CUDA device up to NATIVE_MAX_ELEMS_CUDA[mode] elements in every mode (the host decides
+    there, and torch's kernel with our rule takes less of it), not while a graph is recorded; the
+    same dtype, parameter and axis conditions as on the CPU. (The rule alone, on a stand-in for a
+    CUDA tensor; the gpu-marked test below runs it on a GPU.)"""
+
+    class Cuda:
+        is_cpu, is_cuda = False, True
+
+        def __init__(self, n: int, dtype: torch.dtype = torch.float32) -> None:
+            self.n, self.dtype = n, dtype
+
+        def numel(self) -> int:
+            return self.n
+
+    w, w64 = torch.ones(4), torch.ones(4, dtype=torch.float64)
+    limits = F.NATIVE_MAX_ELEMS_CUDA
+    for mode in ("train_grad", "train", "eval"):
+        assert F._native_is_cheaper(mode, Cuda(limits[mode]), 1, w, w)
+        assert not F._native_is_cheaper(mode, Cuda(limits[mode] + 1), 1, w, w)
+        assert not F._native_is_cheaper(mode, Cuda(64), -1, w, w)  # another axis
+        assert not F._native_is_cheaper(mode, Cuda(64, torch.float16), 1, w, w)
+        assert not F._native_is_cheaper(mode, Cuda(64), 1, w64, w)
+        with F.use_backend("composite"):  # a forced backend is that backend
+            assert not F._native_is_cheaper(mode, Cuda(64), 1, w, w)
+    assert F._native_is_cheaper("train", Cuda(64, torch.bfloat16), 1, w, None)
+    assert not F._native_is_cheaper("train", Cuda(64, torch.bfloat16), 1, None, None)
+    monkeypatch.setattr(F, "_recording", lambda: True)
+    assert not F._native_is_cheaper("train", Cuda(64), 1, w, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_runs_small_cuda_layers_on_torchs_kernel(monkeypatch):
+    """A small CUDA layer under "auto": torch's kernel for the step and eval, the running statistics
+    and count as torch's layer's, and the update one Triton launch."""
+    calls = []
+    for name in ("_torch_train", "_torch_eval"):
+        real = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    update = triton_bn.update_running
+    monkeypatch.setattr(triton_bn, "update_running", lambda *a, **k: calls.append("update") or update(*a, **k))
+    ours, theirs = bn.BatchNorm2d(8).cuda(), torch.nn.BatchNorm2d(8).cuda()
+    x = torch.randn(4, 8, 6, 6, device="cuda", requires_grad=True)
+    ours(x).sum().backward()
+    theirs(x).sum().backward()
+    with torch.no_grad():
+        ours.eval()(x)
+    assert calls == ["_torch_train", "update", "_torch_eval"]
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_axis_output_keeps_the_input_layout(backend):
     """BatchNorm(axis=-1) on contiguous (N, L, C): y and dx contiguous too, on every path."""

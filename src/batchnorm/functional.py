@@ -505,16 +505,35 @@ def _var_from_invstd(invstd: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
 # 2 us slower at 8K elements. Measured on 2 cores (benchmarks/README.md, "Small tensors").
 NATIVE_MAX_ELEMS = {"train_grad": 1 << 16, "train": 0, "eval": 1 << 16}
 
+# The same on a CUDA device, in every mode. There the GPU's part of a call on this many elements
+# takes a microsecond or two, so the host's decides the step, and torch's kernel with our
+# running-statistics rule (`_update_from_invstd`: one Triton launch) issues it with about a third
+# less host time than the Triton path (our autograd.Function and three kernel wrappers): measured
+# with the kernels stubbed and CUDA's rule simulated on the CPU (benchmarks/host_overhead.py, the
+# "CUDA's rule" rows), a training step 90 against 137-139 us, a forward without autograd 36
+# against 53-54, eval 13-14 against 22 (2-core EPYC). Not while a graph is recorded. Where larger inputs stop
+# being the host's depends on the GPU: `benchmarks/triton_paths.py` ("torch-rule") measures it.
+NATIVE_MAX_ELEMS_CUDA = {"train_grad": 1 << 16, "train": 1 << 16, "eval": 1 << 16}
+
 
 def _native_is_cheaper(mode: str, input: Tensor, axis: int, *params: Tensor | None) -> bool:
-    """Whether "auto" gives this call to torch's kernel: a small float32 or bfloat16 CPU tensor, channels on axis 1.
+    """Whether "auto" gives this call to torch's kernel: a small float32 or bfloat16 CPU or CUDA
+    tensor (NATIVE_MAX_ELEMS, NATIVE_MAX_ELEMS_CUDA), channels on axis 1.
 
     params (weight and bias; in eval also the running statistics) must be float32 or None.
-    Training on bfloat16 needs a weight or a bias: without either, torch's kernel returns the
+    Training on bfloat16 needs a weight or a bias: without either, torch's CPU kernel returns the
     batch's invstd in bfloat16, too coarse for the running variance. Axis 1 only: torch's
     kernel would lay out the output of a moved view differently from the input.
     """
-    if _backend != "auto" or axis != 1 or not input.is_cpu or input.numel() > NATIVE_MAX_ELEMS[mode]:
+    if _backend != "auto" or axis != 1:
+        return False
+    if input.is_cpu:
+        limit = NATIVE_MAX_ELEMS[mode]
+    elif input.is_cuda and not _recording():
+        limit = NATIVE_MAX_ELEMS_CUDA[mode]
+    else:
+        return False
+    if input.numel() > limit:
         return False
     if input.dtype not in (torch.float32, torch.bfloat16):
         return False
