@@ -278,8 +278,10 @@ def _renorm(C, **kw):  # (the limits' schedule from the step count: a tensor on 
         ("triton", bn.BatchNormAct2d),
         ("composite", _ghost),
         ("composite", _renorm),
+        ("triton", _ghost),
+        ("triton", _renorm),
     ],
-    ids=["composite", "torch", "triton", "triton-act", "ghost", "renorm"],
+    ids=["composite", "torch", "triton", "triton-act", "ghost", "renorm", "triton-ghost", "triton-renorm"],
 )
 def test_device_rule_keeps_a_bad_batch_out_without_reading_back(backend, make, momentum, device_rule, request):
     """The paths a CUDA tensor takes, under the rule above: the same buffers as torch's layer for
@@ -331,6 +333,30 @@ def test_device_rule_on_torchs_kernel_updates_in_one_launch(device_rule, triton_
     assert [bool(f) for f in device_rule] == [True, False]
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), msg=name)
+
+
+@pytest.mark.parametrize("make", [_ghost, _renorm], ids=["ghost", "renorm"])
+def test_device_rule_updates_the_variants_in_one_launch(make, device_rule, triton_calls, monkeypatch):
+    """The variants' update on a CUDA device (from the whole batch's unbiased variance) is one
+    Triton launch (`update_running` with m=None) wherever the backend is not "composite"."""
+    from batchnorm.kernels import triton_bn
+
+    handed = []
+    update = triton_bn.update_running
+
+    def spy(mean, var, rm, rv, m, *args, **kwargs):
+        flag = update(mean, var, rm, rv, m, *args, **kwargs)
+        handed.append((m, isinstance(flag, torch.Tensor)))
+        return flag
+
+    monkeypatch.setattr(triton_bn, "update_running", spy)
+    layer = make(3)
+    with use_backend("triton"):
+        layer(torch.randn(4, 3, 5, 5))
+    with use_backend("composite"):
+        layer(torch.randn(4, 3, 5, 5))
+    assert handed == [(None, True)]
+    assert [bool(f) for f in device_rule] == [True, True]
 
 
 def test_kept_out_batches_are_reported_once_their_count_arrives(monkeypatch):

@@ -437,6 +437,17 @@ def test_update_running_from_torchs_invstd():
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
 
 
+def test_update_running_from_an_unbiased_variance():
+    """m=None: var is the unbiased variance already (the variants' whole-batch statistics)."""
+    mean, unbiased = torch.randn(5, device=DEVICE), torch.rand(5, device=DEVICE) + 0.1
+    rm0, rv0 = torch.randn(5, device=DEVICE), torch.rand(5, device=DEVICE) + 0.5
+    rm, rv = rm0.clone(), rv0.clone()
+    assert bool(tb.update_running(mean, unbiased, rm, rv, None, 0.25))
+    torch.testing.assert_close(rm, 0.75 * rm0 + 0.25 * mean)
+    torch.testing.assert_close(rv, 0.75 * rv0 + 0.25 * unbiased)
+    assert tb.update_running(mean, unbiased, rm, rv, None, 0.25, eps=1e-5) is None  # invstd needs m
+
+
 def test_update_running_declines_what_it_does_not_take():
     """None (the caller's torch ops then): float64 buffers, a non-contiguous one, one value per
     channel, a count of kept-out batches that is not int64."""

@@ -734,8 +734,10 @@ def _update_running_stats(
     `unbiased` is the batch's unbiased variance m / (m - 1) * sigma2_B, what running_var stores.
     While a graph is recorded (torch.compile, torch.export, torch.jit.trace) the test is part of
     the graph: the update is a select, and the result a 0-dim bool tensor (no warning). On a CUDA
-    device the same, so that the step does not wait for the GPU; a kept-out batch is counted on
-    the device and the warning comes when the count reaches the host (`_report_skips`).
+    device the same, so that the step does not wait for the GPU, in one Triton launch where it
+    takes the buffers (`triton_bn.update_running`; torch ops, about 15 small launches, on the
+    "composite" backend); a kept-out batch is counted on the device and the warning comes when
+    the count reaches the host (`_report_skips`).
     """
     recording = _recording()
     if _backend in _KERNEL_BACKENDS and not recording:  # the CPU kernel's one call, where it takes them
@@ -744,8 +746,14 @@ def _update_running_stats(
             if not updated:
                 _warn_not_finite(stacklevel=4)
             return updated
-    finite = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
     on_device = not recording and _reads_back_later(mean)
+    if on_device and _backend != "composite":  # one Triton launch where it takes the buffers (float32)
+        skipped = _skip_count(mean.device)
+        flag = _triton_bn().update_running(mean, unbiased, running_mean, running_var, None, momentum, skipped)
+        if flag is not None:
+            _report_skips(mean.device)
+            return flag
+    finite = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
     if recording or on_device:
         for running, batch in ((running_mean, mean), (running_var, unbiased)):
             moved = running * (1 - momentum) + batch.to(running.dtype) * momentum

@@ -1161,7 +1161,7 @@ def update_running(
     var: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
-    m: int,
+    m: int | None,
     momentum: float | Tensor,
     skipped: Tensor | None = None,
     *,
@@ -1174,7 +1174,8 @@ def update_running(
 
     mean, var: the batch's float32 (C,) (`train_forward(..., return_var=True)`); the buffers:
     contiguous float32 (C,) on the same device; momentum: a float or a 0-dim tensor (momentum=None's
-    1 / (num_batches_tracked + 1)); m > 1. None where these do not hold (the caller's torch ops then).
+    1 / (num_batches_tracked + 1)); m > 1, or None where var is the unbiased variance already. None
+    where these do not hold (the caller's torch ops then).
     skipped: a 0-dim int64 count on the same device, + 1 when the batch is kept out (same launch).
     eps: given, `var` is torch's kernel's invstd = (var + eps)**-1/2 instead (`torch.native_batch_norm`
     returns no var), and var = max(invstd**-2 - eps, 0), in float64 (where var << eps, invstd has
@@ -1182,7 +1183,7 @@ def update_running(
     """
     C = mean.numel()
     vectors = (mean, var, running_mean, running_var)
-    if m < 2 or not all(
+    if (m is None and eps is not None) or (m is not None and m < 2) or not all(
         t.dtype == torch.float32 and t.numel() == C and t.is_contiguous() and t.device == mean.device for t in vectors
     ):
         return None
@@ -1198,7 +1199,8 @@ def update_running(
         _running_kernel[(1,)](
             mean, var, running_mean, running_var, momentum if tensor_momentum else flag, flag,
             flag if skipped is None else skipped,
-            C, 0.0 if tensor_momentum else float(momentum), m / (m - 1), 0.0 if eps is None else float(eps),
+            C, 0.0 if tensor_momentum else float(momentum), 1.0 if m is None else m / (m - 1),
+            0.0 if eps is None else float(eps),
             MOMENTUM_PTR=tensor_momentum, HAS_SKIPPED=skipped is not None, INVSTD=eps is not None,
             BLOCK_C=min(_np2(C), 1024), **_OPTIONS,
         )  # fmt: skip
