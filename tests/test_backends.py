@@ -135,6 +135,19 @@ def test_auto_gives_small_float32_calls_to_torchs_kernel(shape, extension, monke
         assert path(small, rm, rv, w, b, True) == "ours"
 
 
+def test_only_cpu_tensors_ask_the_cpp_entry_points(monkeypatch):
+    """A tensor on another device (meta here; CUDA for users) never asks for the C++ entry points:
+    a CUDA user's first call would build them (about 15 s), and each call ask them in vain."""
+    asked = []
+    monkeypatch.setattr(cpu_kernel, "extension", lambda: asked.append(1))
+    x = torch.empty(4, 3, 5, 5, device="meta")
+    y = F.batch_norm(x, torch.zeros(3, device="meta"), torch.ones(3, device="meta"), training=False)
+    z = F.batch_norm(x, None, None, training=True)
+    assert y.shape == z.shape == x.shape and asked == []
+    F.batch_norm(torch.randn(4, 3, 5, 5), torch.zeros(3), torch.ones(3), training=False)
+    assert asked == [1]  # (a CPU tensor does)
+
+
 def test_auto_gives_small_cuda_calls_to_torchs_kernel(monkeypatch):
     """On a CUDA device up to NATIVE_MAX_ELEMS_CUDA[mode] elements in every mode (the host decides
     there, and torch's kernel with our rule takes less of it), not while a graph is recorded; the

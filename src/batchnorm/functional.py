@@ -159,8 +159,17 @@ def batch_norm_with_status(
     # The whole call in C++ when it takes it (it checks as below, else declines). Not while a
     # graph is recorded: torch.compile and torch.export take the kernel's operators below
     # (`_compiling_kernel`), torch.jit.trace torch's own operators (see _pick_path).
-    # (A 0-dim tensor momentum, as on CUDA for momentum=None, is no argument of the C++ side.)
-    fast = _backend in _KERNEL_BACKENDS and mask is None and not isinstance(momentum, Tensor) and not _recording()
+    # (A 0-dim tensor momentum, as on CUDA for momentum=None, is no argument of the C++ side.) CPU
+    # tensors only: the C++ side declines others, and a CUDA user's first call would otherwise
+    # build it (about 15 s) and every call ask it (a microsecond or two).
+    fast = (
+        _backend in _KERNEL_BACKENDS
+        and isinstance(input, Tensor)
+        and input.is_cpu
+        and mask is None
+        and not isinstance(momentum, Tensor)
+        and not _recording()
+    )
     ext = _cpu.extension() if fast else None
     if ext is not None:
         try:
