@@ -169,12 +169,14 @@ def test_auto_gives_small_cuda_calls_to_torchs_kernel(monkeypatch):
         assert F._native_is_cheaper(mode, Cuda(limits[mode]), 1, w, w)
         assert not F._native_is_cheaper(mode, Cuda(limits[mode] + 1), 1, w, w)
         assert not F._native_is_cheaper(mode, Cuda(64), -1, w, w)  # another axis
-        assert not F._native_is_cheaper(mode, Cuda(64, torch.float16), 1, w, w)
+        assert F._native_is_cheaper(mode, Cuda(64, torch.float16), 1, w, w)  # (not on the CPU)
+        assert not F._native_is_cheaper(mode, Cuda(64, torch.float64), 1, w, w)
         assert not F._native_is_cheaper(mode, Cuda(64), 1, w64, w)
         with F.use_backend("composite"):  # a forced backend is that backend
             assert not F._native_is_cheaper(mode, Cuda(64), 1, w, w)
     assert F._native_is_cheaper("train", Cuda(64, torch.bfloat16), 1, w, None)
     assert not F._native_is_cheaper("train", Cuda(64, torch.bfloat16), 1, None, None)
+    assert not F._native_is_cheaper("train", Cuda(64, torch.float16), 1, None, None)
     monkeypatch.setattr(F, "_recording", lambda: True)
     assert not F._native_is_cheaper("train", Cuda(64), 1, w, w)
 

@@ -526,27 +526,26 @@ NATIVE_MAX_ELEMS_CUDA = {"train_grad": 1 << 16, "train": 1 << 16, "eval": 1 << 1
 
 
 def _native_is_cheaper(mode: str, input: Tensor, axis: int, *params: Tensor | None) -> bool:
-    """Whether "auto" gives this call to torch's kernel: a small float32 or bfloat16 CPU or CUDA
-    tensor (NATIVE_MAX_ELEMS, NATIVE_MAX_ELEMS_CUDA), channels on axis 1.
+    """Whether "auto" gives this call to torch's kernel: a small float32 or bfloat16 CPU tensor, or
+    float32, bfloat16 or float16 CUDA tensor (NATIVE_MAX_ELEMS, NATIVE_MAX_ELEMS_CUDA), channels
+    on axis 1.
 
     params (weight and bias; in eval also the running statistics) must be float32 or None.
-    Training on bfloat16 needs a weight or a bias: without either, torch's CPU kernel returns the
-    batch's invstd in bfloat16, too coarse for the running variance. Axis 1 only: torch's
+    Training on half inputs needs a weight or a bias: without either, torch's CPU kernel returns
+    the batch's invstd in bfloat16, too coarse for the running variance (the same rule on CUDA). Axis 1 only: torch's
     kernel would lay out the output of a moved view differently from the input.
     """
     if _backend != "auto" or axis != 1:
         return False
     if input.is_cpu:
-        limit = NATIVE_MAX_ELEMS[mode]
+        limit, dtypes = NATIVE_MAX_ELEMS[mode], (torch.float32, torch.bfloat16)
     elif input.is_cuda and not _recording():
-        limit = NATIVE_MAX_ELEMS_CUDA[mode]
+        limit, dtypes = NATIVE_MAX_ELEMS_CUDA[mode], (torch.float32, torch.bfloat16, torch.float16)
     else:
         return False
-    if input.numel() > limit:
+    if input.numel() > limit or input.dtype not in dtypes:
         return False
-    if input.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    if input.dtype is torch.bfloat16 and mode != "eval" and params[0] is None and params[1] is None:
+    if input.dtype is not torch.float32 and mode != "eval" and params[0] is None and params[1] is None:
         return False
     return all(p is None or p.dtype is torch.float32 for p in params)
 
