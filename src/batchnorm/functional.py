@@ -532,8 +532,8 @@ def _native_is_cheaper(mode: str, input: Tensor, axis: int, *params: Tensor | No
 
     params (weight and bias; in eval also the running statistics) must be float32 or None.
     Training on half inputs needs a weight or a bias: without either, torch's CPU kernel returns
-    the batch's invstd in bfloat16, too coarse for the running variance (the same rule on CUDA). Axis 1 only: torch's
-    kernel would lay out the output of a moved view differently from the input.
+    the batch's invstd in bfloat16, too coarse for the running variance (the same rule on CUDA).
+    Axis 1 only: torch's kernel would lay out the output of a moved view differently from the input.
     """
     if _backend != "auto" or axis != 1:
         return False
