@@ -24,7 +24,9 @@ Triton's launcher, some microseconds). For scale, torch's own layer on the same 
                         rule simulated (nothing read back, kept-out batches counted on the
                         device), on the Triton path and on torch's kernel with our rule (what
                         "auto" gives small CUDA inputs: functional.NATIVE_MAX_ELEMS_CUDA; torch's
-                        kernel computes here, so its CPU arithmetic is in those rows)
+                        kernel computes here, so its CPU arithmetic is in those rows); "act":
+                        BatchNormAct2d with a residual, on its fused kernels, or on torch's
+                        kernel followed by the add and the ReLU
 
 The stubs leave the outputs uninitialized, so the finiteness test of the running update sees
 garbage; its warning is silenced. Nothing here is a GPU timing: it is the part of one that does
@@ -131,9 +133,24 @@ def main() -> None:
 
     for module in (functional, modules):  # CUDA's rule from here on
         module._reads_back_later = lambda t: True
+    act, act_eval, r = bn.BatchNormAct2d(16), bn.BatchNormAct2d(16).eval(), torch.randn_like(x)
+
+    def act_step():
+        act(x, residual=r).backward(g)
+
+    def act_forward():
+        with torch.no_grad():
+            act_eval(x, residual=r)
+
     for backend, path in (("triton", "Triton path"), ("torch", "torch's kernel")):
-        with bn.functional.use_backend(backend):
-            for name, fn in (("step", step(ours)), ("forward", forward(ours)), ("eval", forward(ours_eval))):
+        with bn.functional.use_backend(backend):  # (the act layers: fused kernels, or BN, add and ReLU)
+            for name, fn in (
+                ("step", step(ours)),
+                ("forward", forward(ours)),
+                ("eval", forward(ours_eval)),
+                ("act step", act_step),
+                ("act eval", act_forward),
+            ):
                 label = f"CUDA's rule, {name}, {path}"
                 print(f"{label:44s} {median_us(fn, args.repeats):7.1f} us")
 

@@ -9,7 +9,7 @@ milliseconds of a training forward + backward through `batchnorm.functional.batc
 pass: three launches per direction) and once with "channel" (the whole-channel kernels: one), and
 of `F.batch_norm` (cuDNN / torch's CUDA kernel), and of our "torch" backend (torch's kernel with our
 running-statistics rule: one more launch, `triton_bn.update_running(..., eps=)`, and our Python:
-what "auto" would cost if it gave small inputs to torch's kernel); each round runs the four in a
+what "auto" runs up to `functional.NATIVE_MAX_ELEMS_CUDA` elements); each round runs the four in a
 fresh random order, synchronized before and after each call (so small inputs measure the launches
 and the host's work).
 Then each runs 20 steps back to back: the time to issue them (the host's share of a step) and to
