@@ -239,7 +239,7 @@ def test_act_layer_checks_the_residual():
 def test_fused_act_on_gpu_matches_composite():
     pytest.importorskip("triton")
     torch.manual_seed(0)
-    x = torch.randn(8, 16, 12, 12, device="cuda", requires_grad=True)
+    x = torch.randn(8, 16, 24, 24, device="cuda", requires_grad=True)  # (above NATIVE_MAX_ELEMS_CUDA)
     r = torch.randn_like(x, requires_grad=True)
     fused = bn.BatchNormAct2d(16).cuda()
     plain = torch.nn.BatchNorm2d(16).cuda()
@@ -369,3 +369,36 @@ def test_triton_act_layer_checks_as_the_plain_layer(triton_calls):
         fused(torch.randn(1, 3, 1, 1, device=TRITON_DEVICE))
     assert triton_calls == [] and fused.num_batches_tracked == 0
 
+
+def test_small_cuda_inputs_take_the_composite_on_torchs_kernel(triton_calls, monkeypatch):
+    """Where the plain layer gives a call to torch's kernel (small CUDA inputs under "auto":
+    `_native_is_cheaper`, forced here), the act layer takes the composite instead of its fused
+    kernels (the plain layer, the add, the ReLU): torch's outputs, gradients and buffers."""
+    from batchnorm import act
+    from batchnorm.kernels import triton_bn
+
+    acts = []  # the `act` argument of each eval_forward call: "relu" only from the fused path
+    eval_forward = triton_bn.eval_forward
+    monkeypatch.setattr(
+        triton_bn, "eval_forward", lambda *a, **k: acts.append(a[8] if len(a) > 8 else None) or eval_forward(*a, **k)
+    )
+    x = torch.randn(4, 3, 5, 5, device=TRITON_DEVICE, requires_grad=True)
+    r = torch.randn_like(x)
+    fused, theirs = bn.BatchNormAct2d(3).to(TRITON_DEVICE), torch.nn.BatchNorm2d(3).to(TRITON_DEVICE)
+    monkeypatch.setattr(act, "_native_is_cheaper", lambda *args: True)
+    with bn.functional.use_backend("triton"):
+        y = fused(x, residual=r)
+        (dx,) = torch.autograd.grad(y.sum(), x)
+        with torch.no_grad():
+            y_eval = fused.eval()(x, residual=r)
+    assert triton_calls == ["train_forward", "train_backward", "eval_forward"] and acts == [None]  # the plain layer's
+    want = torch.relu(theirs(x) + r)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(dx, torch.autograd.grad(want.sum(), x)[0])
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused, name), getattr(theirs, name), msg=name)
+    torch.testing.assert_close(y_eval, torch.relu(theirs.eval()(x) + r))
+    monkeypatch.setattr(act, "_native_is_cheaper", lambda *args: False)  # (the rule's other side)
+    with bn.functional.use_backend("triton"), torch.no_grad():
+        fused.train()(x, residual=r)
+    assert triton_calls[3:] == ["train_forward_act"]

@@ -31,6 +31,7 @@ from .functional import (
     _compiling_kernel,
     _count_batch,
     _cumulative_factor,
+    _native_is_cheaper,
     _pick_path,
     _triton_update,
     _update_running_stats,
@@ -253,8 +254,9 @@ class _ActMixin:
             if graph:
                 return "graph-eval"
             path = _pick_path(input, axis)
-            if path == "triton":
-                return "triton-eval"
+            if path == "triton":  # (a small CUDA input: the plain layer's torch kernel, add and ReLU)
+                vectors = (self.running_mean, self.running_var, self.weight, self.bias)
+                return None if _native_is_cheaper("eval", input, axis, *vectors) else "triton-eval"
             return "cpu-eval" if input.is_cpu and path == "cpu" and self._big_enough(input) else None
         plain = (
             self.training
@@ -271,7 +273,10 @@ class _ActMixin:
             return "graph-train" if self.momentum is not None else None
         path = _pick_path(input, axis)
         if path == "triton":  # CUDA tensors (or CPU ones in triton's interpreter, forced: for tests)
-            return "triton"
+            # A small CUDA input is the host's: the composite, with the plain layer on torch's kernel
+            # (NATIVE_MAX_ELEMS_CUDA; host_overhead.py's "act" rows)
+            mode = "train_grad" if _wants_grad(input, residual, self.weight, self.bias) else "train"
+            return None if _native_is_cheaper(mode, input, axis, self.weight, self.bias) else "triton"
         return "cpu-train" if input.is_cpu and path == "cpu" and self._big_enough(input) else None
 
     @staticmethod

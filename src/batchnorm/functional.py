@@ -519,9 +519,9 @@ NATIVE_MAX_ELEMS = {"train_grad": 1 << 16, "train": 0, "eval": 1 << 16}
 # running-statistics rule (`_update_from_invstd`: one Triton launch) issues it with about a third
 # less host time than the Triton path (our autograd.Function and three kernel wrappers). Measured
 # with the kernels stubbed and CUDA's rule simulated on the CPU (benchmarks/host_overhead.py, the
-# "CUDA's rule" rows; 2-core EPYC): a training step 90 against 137-139 us, a forward without
-# autograd 36 against 53-54, eval 13-14 against 22. Not while a graph is recorded. Where larger
-# inputs stop being the host's depends on the GPU: `benchmarks/triton_paths.py` ("torch-rule").
+# "CUDA's rule" rows; 2-core EPYC, four runs): a training step 90-95 against 137-141 us, a forward
+# without autograd 36 against 53-54, eval 13-14 against 22. Not while a graph is recorded. Where
+# larger inputs stop being the host's depends on the GPU: `benchmarks/triton_paths.py` ("torch-rule").
 NATIVE_MAX_ELEMS_CUDA = {"train_grad": 1 << 16, "train": 1 << 16, "eval": 1 << 16}
 
 
