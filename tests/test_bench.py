@@ -304,6 +304,19 @@ def test_the_kernels_extra_build_flags_are_recorded():
     assert "BATCHNORM_KERNEL_CFLAGS" not in bench._cpu_kernel_state()  # this process: no extra flags
 
 
+def test_the_cuda_path_is_recorded(monkeypatch):
+    """A CUDA run says which of our paths "auto" takes, by size (and why not Triton's, where not)."""
+    from batchnorm.kernels import triton_bn
+
+    monkeypatch.setattr(triton_bn, "available", lambda: True)
+    assert bench._cuda_path_state() == (
+        "at most 65536 elements: torch's kernel with our running-statistics rule; above: the Triton kernels"
+    )
+    monkeypatch.setattr(triton_bn, "available", lambda: False)
+    monkeypatch.setattr(triton_bn, "why_unavailable", lambda: "no triton")
+    assert bench._cuda_path_state().endswith("above: torch ops (the Triton kernels are unavailable: no triton)")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

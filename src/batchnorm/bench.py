@@ -265,9 +265,24 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
+        info["cuda_path"] = _cuda_path_state()
     else:
         info["cpu_kernel"] = _cpu_kernel_state()
     return info
+
+
+def _cuda_path_state() -> str:
+    """Which of our paths "auto" takes on CUDA tensors: by size, the Triton kernels or torch's kernel."""
+    from . import functional
+    from .kernels import triton_bn
+
+    small = (
+        f"at most {functional.NATIVE_MAX_ELEMS_CUDA['train_grad']} elements: torch's kernel with our "
+        "running-statistics rule"
+    )
+    if not triton_bn.available():
+        return f"{small}; above: torch ops (the Triton kernels are unavailable: {triton_bn.why_unavailable()})"
+    return f"{small}; above: the Triton kernels"
 
 
 def _cpu_kernel_state() -> str:
@@ -748,8 +763,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         + (f" (at least {min_time:g} s of each)" if min_time else ""),
         highlight=False,
     )
-    if "cpu_kernel" in m:
-        console.print(f"ours: {m['cpu_kernel']}", highlight=False)
+    if "cpu_kernel" in m or "cuda_path" in m:
+        console.print(f"ours: {m.get('cpu_kernel') or m['cuda_path']}", highlight=False)
     load = m.get("load_average")
     if load and load[0] > 0.5:
         console.print(
