@@ -755,8 +755,8 @@ def _update_running_stats(
                 _warn_not_finite(stacklevel=4)
             return updated
     on_device = not recording and _reads_back_later(mean)
+    skipped = _skip_count(mean.device) if on_device else None
     if on_device and _backend != "composite":  # one Triton launch where it takes the buffers (float32)
-        skipped = _skip_count(mean.device)
         flag = _triton_bn().update_running(mean, unbiased, running_mean, running_var, None, momentum, skipped)
         if flag is not None:
             _report_skips(mean.device)
@@ -766,11 +766,9 @@ def _update_running_stats(
         for running, batch in ((running_mean, mean), (running_var, unbiased)):
             moved = running * (1 - momentum) + batch.to(running.dtype) * momentum
             running.copy_(torch.where(finite, moved, running))
-        if on_device:
-            skipped = _skip_count(mean.device)
-            if skipped is not None:
-                skipped.add_(~finite)
-                _report_skips(mean.device)
+        if skipped is not None:
+            skipped.add_(~finite)
+            _report_skips(mean.device)
         return finite
     if not bool(finite):
         _warn_not_finite(stacklevel=4)
