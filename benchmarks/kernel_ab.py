@@ -5,7 +5,8 @@ each called through ctypes on the same tensors, interleaved in random order with
     .venv/bin/python benchmarks/kernel_ab.py bwd 4096x1024 float32 nchw --build old=/tmp/old_bn_cpu.c --build new=
 
 Modes: eval (bn_eval), train (bn_train_forward, no running statistics), bwd (bn_train_backward
-with dx). A build is NAME=FLAGS (compile the checkout's kernel with these extra flags, e.g.
+with dx), bwd_relu (bn_train_backward_relu: the backward of relu(BN(x)), its gate recomputed; torch
+times its backward of the gated dy). A build is NAME=FLAGS (compile the checkout's kernel with these extra flags, e.g.
 -DBLOCK_BYTES=262144) or NAME=PATH.c (compile that file). Each build's output must equal the
 others' and torch's within bfloat16 rounding before anything is timed. Prints the median
 microseconds of each; run it several times (separate processes): on a shared VM the ratio between
@@ -42,6 +43,7 @@ def build(name: str, spec: str, directory: Path) -> ctypes.CDLL:
     lib.bn_eval.argtypes = [I32, P, P, I64, I64, I64, P, P, P, P, F64, I32]
     lib.bn_train_forward.argtypes = [I32, P, P, I64, I64, I64, P, P, F64, P, P, P, P, P, F64, I32]
     lib.bn_train_backward.argtypes = [I32, P, P, P, I64, I64, I64, P, P, P, P, P, I32]
+    lib.bn_train_backward_relu.argtypes = [I32, P, P, P, I64, I64, I64, P, P, P, P, P, P, P, I32]
     lib.bn_set_cache_bytes.argtypes = [I64]
     lib.bn_set_cache_bytes(cpu._last_level_cache_bytes())
     return lib
@@ -49,7 +51,7 @@ def build(name: str, spec: str, directory: Path) -> ctypes.CDLL:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["eval", "train", "bwd"])
+    ap.add_argument("mode", choices=["eval", "train", "bwd", "bwd_relu"])
     ap.add_argument("shape", help="e.g. 32x2048x7x7 (channels on axis 1)")
     ap.add_argument("dtype", choices=["float32", "bfloat16"])
     ap.add_argument("layout", choices=["nchw", "nhwc"])
@@ -70,6 +72,8 @@ def main() -> None:
     dims = [d for d in range(x.dim()) if d != 1]
     mean, invstd = x.float().mean(dims), (x.float().var(dims, unbiased=False) + 1e-5).rsqrt()
     dy = torch.randn_like(x)
+    scale, shift = w * invstd, b  # bwd_relu: the forward's apply, (x - mean) * scale + shift
+    shape_c = [C if d == 1 else 1 for d in range(x.dim())]
 
     def kernel_call(lib: ctypes.CDLL):
         out, s1, s2, s3 = torch.empty_like(x), torch.empty(C), torch.empty(C), torch.empty(C)
@@ -80,9 +84,14 @@ def main() -> None:
             call = lambda: lib.bn_train_forward(  # noqa: E731
                 dt, ptr(x), ptr(out), A, C, B, ptr(w), ptr(b), 1e-5, ptr(s1), ptr(s2), ptr(s3), None, None, 0.1, nt
             )
-        else:
+        elif args.mode == "bwd":
             call = lambda: lib.bn_train_backward(  # noqa: E731
                 dt, ptr(dy), ptr(x), ptr(out), A, C, B, ptr(w), ptr(mean), ptr(invstd), ptr(s1), ptr(s2), nt
+            )
+        else:
+            call = lambda: lib.bn_train_backward_relu(  # noqa: E731
+                dt, ptr(dy), ptr(x), ptr(out), A, C, B, ptr(w), ptr(mean), ptr(invstd), ptr(scale), ptr(shift),
+                ptr(s1), ptr(s2), nt,
             )
         return call, out
 
@@ -92,8 +101,11 @@ def main() -> None:
         reference = lambda: F.batch_norm(x, None, None, w, b, training=True)  # noqa: E731
     else:
         mask = [True, False, False]
+        # bwd_relu: dy where the forward's relu passed it (torch stores that mask; ours recomputes it)
+        passed = (x.float() - mean.view(shape_c)) * scale.view(shape_c) + shift.view(shape_c) > 0
+        dy_in = dy if args.mode == "bwd" else torch.where(passed, dy, 0)
         reference = lambda: torch.ops.aten.native_batch_norm_backward(  # noqa: E731
-            dy, x, w, None, None, mean, invstd, True, 1e-5, mask
+            dy_in, x, w, None, None, mean, invstd, True, 1e-5, mask
         )[0]
 
     impl, outs = {}, {}

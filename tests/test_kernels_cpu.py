@@ -45,6 +45,10 @@ LAYOUTS = [
     pytest.param((9, 5, 7, 7), None, 1, id="nchw-7x7"),  # 45 whole planes: two batches of 16 and 13 alone
     pytest.param((2, 500, 4, 5), None, 1, id="nchw-b20-wide"),  # planes (rows too wide) of 20: overlapping tails
     pytest.param((67, 32), None, 1, id="2d-c32-pairs"),  # rows of 4 x 32 columns (bfloat16 eval in pairs), 3 tail rows
+    # bfloat16 dx over rows whose coefficients overflow L1, 4 rows at a time (regular stores): 2 blocks + 3 rows, and
+    # a masked last vector; the relu backward's six coefficients per column reach it from 683 columns
+    pytest.param((11, 1041), None, 1, id="2d-c1041-row-blocks"),
+    pytest.param((6, 700), None, 1, id="2d-c700-relu-row-blocks"),
 ]
 # Big enough for two threads (the kernel gives each at least 32K elements).
 LAYOUTS_MT = [
@@ -53,6 +57,7 @@ LAYOUTS_MT = [
     pytest.param((4, 64, 18, 18), CL, 1, id="mt-nhwc-c64"),
     pytest.param((1031, 77), None, 1, id="mt-2d-odd"),
     pytest.param((200, 512), None, 1, id="mt-2d-c512"),  # wide rows on two threads
+    pytest.param((70, 1100), None, 1, id="mt-2d-c1100"),  # bfloat16 dx 4 rows at a time, 35 rows a thread
     pytest.param((2, 1, 180, 190), None, 1, id="mt-c1"),
     pytest.param((64, 200, 6), None, 1, id="mt-3d-b6"),  # rows path with B > 1
     pytest.param((64, 41, 7, 7), None, 1, id="mt-nchw-7x7"),  # 2624 planes in batches of 16, split unevenly

@@ -1228,6 +1228,12 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
     }
 }
 
+#ifndef WIDE_ROWS
+#define WIDE_ROWS 4 /* rows per load of the coefficients in rows_wide's bfloat16 dx (1: row by row) */
+#endif
+#ifndef WIDE_MIN_BYTES
+#define WIDE_MIN_BYTES 16384 /* ... where a row's coefficients (16 or 24 bytes a column) exceed this */
+#endif
 #if HAVE_AVX512
 /* The elementwise pass (APPLY: float32 and bfloat16; DX: bfloat16) on rows [lo, hi) wider than a
  * tile, row by row, each vector 32 bytes of memory: 8 float32 in a 256-bit register, or 16 bfloat16
@@ -1237,7 +1243,15 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
  * loop) and up to 15% in the training forward; bfloat16 APPLY 10-35% faster in inference, the
  * training forward within noise (its statistics pass dominates); bfloat16 DX 0-18% faster. The
  * float32 DX gained nothing (within noise, either width) and keeps the tiles. st (a constant where
- * inlined): streaming stores, which need W % 16 == 0. */
+ * inlined): streaming stores, which need W % 16 == 0.
+ * The bfloat16 DX reads four float32 coefficient vectors (six gated) per 16 values: 256 bytes
+ * against 96 of data. Where a row's coefficients no longer fit in half of L1 (from 1025 columns,
+ * 683 gated) they come from L2, so the pass takes WIDE_ROWS rows at once and loads them once per
+ * 16 columns of all four (kernel_ab.py bwd, Zen 4, whole backward, in cache: (32,2048,7,7)
+ * channels_last 631-690 -> 548-579 us, (1024,4096) 907-1041 -> 686-834, (1568,2048) 671 -> 556,
+ * (3072,1280) 1310 -> 1224; from memory, streaming stores: (32,2048,14,14) channels_last
+ * 5792-6371 -> 4317-4392. Below the rule it loses: (4096,1024) 666-826 -> 711-915, (32,512,28,28)
+ * channels_last 3180 -> 4041). Bitwise the row-by-row result. */
 INLINE void rows_wide(int op, const void *x, const void *dy, void *y, int64_t W, int64_t lo, int64_t hi,
                       const float *mw, const float *sw, const float *bw, const float *hw, const float *gsw,
                       const float *ghw, const int st, int dt) {
@@ -1275,6 +1289,43 @@ INLINE void rows_wide(int op, const void *x, const void *dy, void *y, int64_t W,
     }
     const __mmask16 last = first_lanes(W % VEC);
     const __m512 zero = _mm512_setzero_ps();
+#if WIDE_ROWS > 1
+    if (is_dx(op) && W * (op == OP_DX_RELU ? 24 : 16) > WIDE_MIN_BYTES) { /* rows [lo, r0) in blocks */
+        int64_t r0 = lo;
+        for (; r0 + WIDE_ROWS <= hi; r0 += WIDE_ROWS) {
+            const int64_t o0 = r0 * W;
+            int64_t j = 0;
+            for (; j + VEC <= W; j += VEC) {
+                const __m512 m = _mm512_loadu_ps(mw + j), sc = _mm512_loadu_ps(sw + j);
+                const __m512 b = _mm512_loadu_ps(bw + j), h = _mm512_loadu_ps(hw + j);
+                const __m512 gs = op == OP_DX_RELU ? _mm512_loadu_ps(gsw + j) : sc;
+                const __m512 gh = op == OP_DX_RELU ? _mm512_loadu_ps(ghw + j) : sc;
+                for (int k = 0; k < WIDE_ROWS; k++) {
+                    const int64_t o = o0 + k * W;
+                    const __m512 v = opv_g(op, x, dy, o + j, m, sc, b, h, gs, gh, DT_BF16);
+                    if (st)
+                        VSTREAM(y, o + j, v, DT_BF16);
+                    else {
+                        prefetch_store(y, (o + j) * 2);
+                        VSTORE(y, o + j, v, DT_BF16);
+                    }
+                }
+            }
+            if (j < W) {
+                const __m512 m = _mm512_maskz_loadu_ps(last, mw + j), sc = _mm512_maskz_loadu_ps(last, sw + j);
+                const __m512 b = _mm512_maskz_loadu_ps(last, bw + j), h = _mm512_maskz_loadu_ps(last, hw + j);
+                const __m512 gs = op == OP_DX_RELU ? _mm512_maskz_loadu_ps(last, gsw + j) : sc;
+                const __m512 gh = op == OP_DX_RELU ? _mm512_maskz_loadu_ps(last, ghw + j) : sc;
+                for (int k = 0; k < WIDE_ROWS; k++) {
+                    const int64_t o = o0 + k * W;
+                    const __m512 v = opv_masked(op, x, dy, o + j, last, m, sc, b, h, gs, gh, DT_BF16);
+                    VSTORE_MASKED(y, o + j, v, last, DT_BF16);
+                }
+            }
+        }
+        lo = r0;
+    }
+#endif
     for (int64_t o = lo * W; o < hi * W; o += W) {
         int64_t j = 0;
         for (; j + VEC <= W; j += VEC) {
