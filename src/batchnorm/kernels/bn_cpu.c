@@ -1136,15 +1136,28 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
 #if HAVE_AVX512
 /* Columns [j, j + 16*nv) of the block's nr rows at base: sum(dy) and sum(dy * (x - mu)) in
  * registers, then added in float64 to a1, a2. As rows_tile_stats for nv, masked, last; gated
- * (a constant): dy through gatev with the per-column gsw, ghw (nv <= TILE / 2: registers). */
+ * (a constant): dy through gatev with the per-column gsw, ghw, kept in registers for nv <= TILE / 2
+ * and read from L1 for wider tiles (registers run out). The gated sums take GATED_NV vectors a
+ * tile, like the plain ones: with 4 (64 columns: 128 bytes of a bfloat16 row; the rule until session 18)
+ * the relu backward's sums took 1.3-1.6x the plain ones' time on rows of 1024-2048 channels;
+ * with 8, kernel_ab.py bwd_relu, Zen 4, whole backward: (4096,1024) bfloat16 996-1560 -> 928-1327 us
+ * (six runs), (32,2048,7,7) float32 channels_last 1253-1406 -> 1143-1364 (three),
+ * (32,256,56,56) bfloat16 channels_last 7816, 8742 -> 7313, 8274. */
+#ifndef GATED_NV
+#define GATED_NV TILE
+#endif
 INLINE void rows_tile_grad(const void *dy, const void *x, const float *muw, const int gated, const float *gsw,
                            const float *ghw, int dt, int64_t base, int64_t W, int64_t nr, int64_t j, const int nv,
                            const int masked, __mmask16 last, const int pf, double *a1, double *a2) {
+    const int gate_in_regs = gated && nv <= TILE / 2;
     __m512 mu[TILE], g1[TILE], g2[TILE], gs[TILE], gh[TILE];
     for (int v = 0; v < nv; v++) {
         mu[v] = _mm512_loadu_ps(muw + j + VEC * v); /* more scratch follows muw: whole vectors stay inside */
-        gs[v] = gated ? (masked ? _mm512_maskz_loadu_ps(last, gsw + j) : _mm512_loadu_ps(gsw + j + VEC * v)) : mu[v];
-        gh[v] = gated ? (masked ? _mm512_maskz_loadu_ps(last, ghw + j) : _mm512_loadu_ps(ghw + j + VEC * v)) : mu[v];
+        gs[v] = gh[v] = mu[v];
+        if (gate_in_regs) {
+            gs[v] = masked ? _mm512_maskz_loadu_ps(last, gsw + j) : _mm512_loadu_ps(gsw + j + VEC * v);
+            gh[v] = masked ? _mm512_maskz_loadu_ps(last, ghw + j) : _mm512_loadu_ps(ghw + j + VEC * v);
+        }
         g1[v] = g2[v] = _mm512_setzero_ps();
     }
     for (int64_t r = 0; r < nr; r++) {
@@ -1154,7 +1167,10 @@ INLINE void rows_tile_grad(const void *dy, const void *x, const float *muw, cons
         for (int v = 0; v < nv; v++) {
             __m512 g = masked ? VLDM(dy, o, last, dt) : VLD(dy, o + VEC * v, dt);
             const __m512 xm = _mm512_sub_ps(masked ? VLDM(x, o, last, dt) : VLD(x, o + VEC * v, dt), mu[v]);
-            if (gated) g = gatev(g, xm, gs[v], gh[v]);
+            if (gate_in_regs)
+                g = gatev(g, xm, gs[v], gh[v]);
+            else if (gated)
+                g = gatev(g, xm, _mm512_loadu_ps(gsw + j + VEC * v), _mm512_loadu_ps(ghw + j + VEC * v));
             g1[v] = _mm512_add_ps(g1[v], g);
             g2[v] = _mm512_fmadd_ps(g, xm, g2[v]);
         }
@@ -1190,7 +1206,7 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
         (void)b2;
         int64_t j = 0;
         if (gsw) {
-            const int nv = TILE / 2;
+            const int nv = GATED_NV;
             for (; j + nv * VEC <= W; j += nv * VEC)
                 rows_tile_grad(dy, x, muw, 1, gsw, ghw, dt, base, W, nr, j, nv, 0, 0, tile_pf(pf, j, W, nv), a1, a2);
             for (; j + VEC <= W; j += VEC)
