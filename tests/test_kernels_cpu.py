@@ -45,10 +45,12 @@ LAYOUTS = [
     pytest.param((9, 5, 7, 7), None, 1, id="nchw-7x7"),  # 45 whole planes: two batches of 16 and 13 alone
     pytest.param((2, 500, 4, 5), None, 1, id="nchw-b20-wide"),  # planes (rows too wide) of 20: overlapping tails
     pytest.param((67, 32), None, 1, id="2d-c32-pairs"),  # rows of 4 x 32 columns (bfloat16 eval in pairs), 3 tail rows
-    # bfloat16 dx over rows whose coefficients overflow L1, 4 rows at a time (regular stores): 2 blocks + 3 rows, and
-    # a masked last vector; the relu backward's six coefficients per column reach it from 683 columns
+    # bfloat16 rows whose coefficients fill half of L1 take 4 rows at a time: dx from 1025 columns (2 blocks + 3
+    # rows, a masked last vector), the relu backward's from 683, the training apply's from 1366, eval in pairs from 2049
     pytest.param((11, 1041), None, 1, id="2d-c1041-row-blocks"),
     pytest.param((6, 700), None, 1, id="2d-c700-relu-row-blocks"),
+    pytest.param((6, 1401), None, 1, id="2d-c1401-apply-row-blocks"),
+    pytest.param((7, 2080), None, 1, id="2d-c2080-pairs-row-blocks"),
 ]
 # Big enough for two threads (the kernel gives each at least 32K elements).
 LAYOUTS_MT = [

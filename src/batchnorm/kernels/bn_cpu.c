@@ -1245,12 +1245,49 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
 }
 
 #ifndef WIDE_ROWS
-#define WIDE_ROWS 4 /* rows per load of the coefficients in rows_wide's bfloat16 dx (1: row by row) */
+#define WIDE_ROWS 4 /* rows per load of the coefficients in bfloat16 rows_wide and pairs (1: row by row) */
 #endif
 #ifndef WIDE_MIN_BYTES
-#define WIDE_MIN_BYTES 16384 /* ... where a row's coefficients (16 or 24 bytes a column) exceed this */
+#define WIDE_MIN_BYTES 16384 /* ... where a row's coefficients (8 to 24 bytes a column) exceed this */
 #endif
 #if HAVE_AVX512
+/* rows_wide's bfloat16 pass on nrows (a constant where inlined) whole rows from element o0: the
+ * coefficients of each 16 columns loaded once for all of them; the last vector of a row masked. */
+INLINE void wide_rows_bf16(int op, const void *x, const void *dy, void *y, int64_t W, int64_t o0, const int nrows,
+                           const float *mw, const float *sw, const float *bw, const float *hw, const float *gsw,
+                           const float *ghw, const int st) {
+    const __mmask16 last = first_lanes(W % VEC);
+    const __m512 zero = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + VEC <= W; j += VEC) {
+        const __m512 m = mw ? _mm512_loadu_ps(mw + j) : zero, sc = _mm512_loadu_ps(sw + j);
+        const __m512 b = is_dx(op) ? _mm512_loadu_ps(bw + j) : sc, h = _mm512_loadu_ps(hw + j);
+        const __m512 gs = op == OP_DX_RELU ? _mm512_loadu_ps(gsw + j) : sc;
+        const __m512 gh = op == OP_DX_RELU ? _mm512_loadu_ps(ghw + j) : sc;
+        for (int k = 0; k < nrows; k++) {
+            const int64_t o = o0 + k * W;
+            const __m512 v = opv_g(op, x, dy, o + j, m, sc, b, h, gs, gh, DT_BF16);
+            if (st)
+                VSTREAM(y, o + j, v, DT_BF16);
+            else {
+                prefetch_store(y, (o + j) * 2);
+                VSTORE(y, o + j, v, DT_BF16);
+            }
+        }
+    }
+    if (j < W) {
+        const __m512 m = mw ? _mm512_maskz_loadu_ps(last, mw + j) : zero, sc = _mm512_maskz_loadu_ps(last, sw + j);
+        const __m512 b = is_dx(op) ? _mm512_maskz_loadu_ps(last, bw + j) : sc;
+        const __m512 h = _mm512_maskz_loadu_ps(last, hw + j);
+        const __m512 gs = op == OP_DX_RELU ? _mm512_maskz_loadu_ps(last, gsw + j) : sc;
+        const __m512 gh = op == OP_DX_RELU ? _mm512_maskz_loadu_ps(last, ghw + j) : sc;
+        for (int k = 0; k < nrows; k++) {
+            const int64_t o = o0 + k * W;
+            VSTORE_MASKED(y, o + j, opv_masked(op, x, dy, o + j, last, m, sc, b, h, gs, gh, DT_BF16), last, DT_BF16);
+        }
+    }
+}
+
 /* The elementwise pass (APPLY: float32 and bfloat16; DX: bfloat16) on rows [lo, hi) wider than a
  * tile, row by row, each vector 32 bytes of memory: 8 float32 in a 256-bit register, or 16 bfloat16
  * widened to a 512-bit one; the last vector of a row masked; mw NULL: no centre (inference). For
@@ -1260,14 +1297,17 @@ INLINE void rows_grad_thread(const void *dy, const void *x, rows_shape s, const 
  * training forward within noise (its statistics pass dominates); bfloat16 DX 0-18% faster. The
  * float32 DX gained nothing (within noise, either width) and keeps the tiles. st (a constant where
  * inlined): streaming stores, which need W % 16 == 0.
- * The bfloat16 DX reads four float32 coefficient vectors (six gated) per 16 values: 256 bytes
- * against 96 of data. Where a row's coefficients no longer fit in half of L1 (from 1025 columns,
- * 683 gated) they come from L2, so the pass takes WIDE_ROWS rows at once and loads them once per
- * 16 columns of all four (kernel_ab.py bwd, Zen 4, whole backward, in cache: (32,2048,7,7)
- * channels_last 631-690 -> 548-579 us, (1024,4096) 907-1041 -> 686-834, (1568,2048) 671 -> 556,
- * (3072,1280) 1310 -> 1224; from memory, streaming stores: (32,2048,14,14) channels_last
- * 5792-6371 -> 4317-4392. Below the rule it loses: (4096,1024) 666-826 -> 711-915, (32,512,28,28)
- * channels_last 3180 -> 4041). Bitwise the row-by-row result. */
+ * The bfloat16 passes read two to six float32 coefficient vectors per 16 values (DX: four, 256
+ * bytes against 96 of data). Where a row's coefficients no longer fit in half of L1 (DX from 1025
+ * columns, 683 gated; the training APPLY from 1366) they come from L2, so the pass takes WIDE_ROWS
+ * rows at once and loads them once per 16 columns of all four. kernel_ab.py, Zen 4: bwd (whole
+ * backward), in cache: (32,2048,7,7) channels_last 631-690 -> 548-579 us, (1024,4096) 907-1041
+ * -> 686-834, (1568,2048) 671 -> 556, (3072,1280) 1310 -> 1224; from memory, streaming stores:
+ * (32,2048,14,14) channels_last 5792-6371 -> 4317-4392. train (statistics and APPLY):
+ * (32,2048,7,7) channels_last 428-555 -> 367-518, (1568,2048) 381, 453 -> 345, 408, (512,8192)
+ * 777, 871 -> 616, 706, (32,2048,14,14) channels_last 2989 -> 2377. Below the rule DX loses:
+ * (4096,1024) 666-826 -> 711-915, (32,512,28,28) channels_last 3180 -> 4041. Bitwise the
+ * row-by-row result. */
 INLINE void rows_wide(int op, const void *x, const void *dy, void *y, int64_t W, int64_t lo, int64_t hi,
                       const float *mw, const float *sw, const float *bw, const float *hw, const float *gsw,
                       const float *ghw, const int st, int dt) {
@@ -1303,70 +1343,14 @@ INLINE void rows_wide(int op, const void *x, const void *dy, void *y, int64_t W,
         }
         return;
     }
-    const __mmask16 last = first_lanes(W % VEC);
-    const __m512 zero = _mm512_setzero_ps();
+    int64_t r = lo;
 #if WIDE_ROWS > 1
-    if (is_dx(op) && W * (op == OP_DX_RELU ? 24 : 16) > WIDE_MIN_BYTES) { /* rows [lo, r0) in blocks */
-        int64_t r0 = lo;
-        for (; r0 + WIDE_ROWS <= hi; r0 += WIDE_ROWS) {
-            const int64_t o0 = r0 * W;
-            int64_t j = 0;
-            for (; j + VEC <= W; j += VEC) {
-                const __m512 m = _mm512_loadu_ps(mw + j), sc = _mm512_loadu_ps(sw + j);
-                const __m512 b = _mm512_loadu_ps(bw + j), h = _mm512_loadu_ps(hw + j);
-                const __m512 gs = op == OP_DX_RELU ? _mm512_loadu_ps(gsw + j) : sc;
-                const __m512 gh = op == OP_DX_RELU ? _mm512_loadu_ps(ghw + j) : sc;
-                for (int k = 0; k < WIDE_ROWS; k++) {
-                    const int64_t o = o0 + k * W;
-                    const __m512 v = opv_g(op, x, dy, o + j, m, sc, b, h, gs, gh, DT_BF16);
-                    if (st)
-                        VSTREAM(y, o + j, v, DT_BF16);
-                    else {
-                        prefetch_store(y, (o + j) * 2);
-                        VSTORE(y, o + j, v, DT_BF16);
-                    }
-                }
-            }
-            if (j < W) {
-                const __m512 m = _mm512_maskz_loadu_ps(last, mw + j), sc = _mm512_maskz_loadu_ps(last, sw + j);
-                const __m512 b = _mm512_maskz_loadu_ps(last, bw + j), h = _mm512_maskz_loadu_ps(last, hw + j);
-                const __m512 gs = op == OP_DX_RELU ? _mm512_maskz_loadu_ps(last, gsw + j) : sc;
-                const __m512 gh = op == OP_DX_RELU ? _mm512_maskz_loadu_ps(last, ghw + j) : sc;
-                for (int k = 0; k < WIDE_ROWS; k++) {
-                    const int64_t o = o0 + k * W;
-                    const __m512 v = opv_masked(op, x, dy, o + j, last, m, sc, b, h, gs, gh, DT_BF16);
-                    VSTORE_MASKED(y, o + j, v, last, DT_BF16);
-                }
-            }
-        }
-        lo = r0;
-    }
+    const int64_t coef_bytes = 4 * ((mw != NULL) + 2 + is_dx(op) + 2 * (op == OP_DX_RELU));
+    if (W * coef_bytes > WIDE_MIN_BYTES)
+        for (; r + WIDE_ROWS <= hi; r += WIDE_ROWS)
+            wide_rows_bf16(op, x, dy, y, W, r * W, WIDE_ROWS, mw, sw, bw, hw, gsw, ghw, st);
 #endif
-    for (int64_t o = lo * W; o < hi * W; o += W) {
-        int64_t j = 0;
-        for (; j + VEC <= W; j += VEC) {
-            const __m512 m = mw ? _mm512_loadu_ps(mw + j) : zero, sc = _mm512_loadu_ps(sw + j);
-            const __m512 b = is_dx(op) ? _mm512_loadu_ps(bw + j) : sc;
-            const __m512 gs = op == OP_DX_RELU ? _mm512_loadu_ps(gsw + j) : sc;
-            const __m512 gh = op == OP_DX_RELU ? _mm512_loadu_ps(ghw + j) : sc;
-            const __m512 v = opv_g(op, x, dy, o + j, m, sc, b, _mm512_loadu_ps(hw + j), gs, gh, DT_BF16);
-            if (st)
-                VSTREAM(y, o + j, v, DT_BF16);
-            else {
-                prefetch_store(y, (o + j) * 2);
-                VSTORE(y, o + j, v, DT_BF16);
-            }
-        }
-        if (j < W) {
-            const __m512 m = mw ? _mm512_maskz_loadu_ps(last, mw + j) : zero, sc = _mm512_maskz_loadu_ps(last, sw + j);
-            const __m512 b = is_dx(op) ? _mm512_maskz_loadu_ps(last, bw + j) : sc;
-            const __m512 gs = op == OP_DX_RELU ? _mm512_maskz_loadu_ps(last, gsw + j) : sc;
-            const __m512 gh = op == OP_DX_RELU ? _mm512_maskz_loadu_ps(last, ghw + j) : sc;
-            const __m512 h = _mm512_maskz_loadu_ps(last, hw + j);
-            const __m512 v = opv_masked(op, x, dy, o + j, last, m, sc, b, h, gs, gh, DT_BF16);
-            VSTORE_MASKED(y, o + j, v, last, DT_BF16);
-        }
-    }
+    for (; r < hi; r++) wide_rows_bf16(op, x, dy, y, W, r * W, 1, mw, sw, bw, hw, gsw, ghw, st);
 }
 
 #ifndef APPLY_ROWS
@@ -1474,27 +1458,45 @@ static void pairs_order(const float *v, float *p, int64_t W) {
         }
 }
 
+/* rows_apply_pairs' pass on nrows (a constant where inlined) whole rows from element o0: the
+ * coefficients of each 32 columns loaded once for all of them. */
+INLINE void pairs_rows(const void *x, void *y, int64_t W, int64_t o0, const int nrows, const float *sp,
+                       const float *hp, __m512i order, __m512i odd) {
+    for (int64_t j = 0; j < W; j += 32) {
+        const __m512 se = _mm512_loadu_ps(sp + j), he = _mm512_loadu_ps(hp + j);
+        const __m512 so = _mm512_loadu_ps(sp + j + 16), ho = _mm512_loadu_ps(hp + j + 16);
+        for (int k = 0; k < nrows; k++) {
+            const int64_t o = o0 + k * W;
+            const __m512i h = _mm512_loadu_si512((const void *)((const uint16_t *)x + o + j));
+            const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+            const __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(h, odd));
+            const __m512 ye = _mm512_fmadd_ps(xe, se, he), yo = _mm512_fmadd_ps(xo, so, ho);
+            const __m512i v = _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(yo, ye));
+            prefetch_store(y, (o + j) * 2);
+            _mm512_storeu_si512((void *)((uint16_t *)y + o + j), v);
+        }
+    }
+}
+
 /* bfloat16 y = x * s + h (eval, inference: no centre) on rows [lo, hi) of W % 32 == 0 columns, 32
  * values per step: one 512-bit load widened by a shift (even values) and a mask (odd ones), two
  * fused multiply-adds with the coefficients in pairs_order, one vcvtne2ps2bf16 and one permute back
  * to memory order. Bitwise rows_wide's result (the same float32 fma, the same rounding) in fewer
- * instructions than its two widening shuffles and two conversions. Regular stores (used in cache). */
+ * instructions than its two widening shuffles and two conversions. Regular stores (used in cache).
+ * Rows of more than 2048 columns go WIDE_ROWS at a time, as in rows_wide (kernel_ab.py eval:
+ * (512,8192) 443, 496 -> 298, 422 us; (1024,4096) 447, 390 -> 356, 295; at 2048 columns -6% to
+ * +10%, noise; at 1024 none). */
 static void rows_apply_pairs(const void *x, void *y, int64_t W, int64_t lo, int64_t hi, const float *sp,
                              const float *hp) {
     static const uint16_t back[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i order = _mm512_loadu_si512((const void *)back), odd = _mm512_set1_epi32((int)0xFFFF0000u);
-    for (int64_t o = lo * W; o < hi * W; o += W)
-        for (int64_t j = 0; j < W; j += 32) {
-            const __m512i h = _mm512_loadu_si512((const void *)((const uint16_t *)x + o + j));
-            const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-            const __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(h, odd));
-            const __m512 ye = _mm512_fmadd_ps(xe, _mm512_loadu_ps(sp + j), _mm512_loadu_ps(hp + j));
-            const __m512 yo = _mm512_fmadd_ps(xo, _mm512_loadu_ps(sp + j + 16), _mm512_loadu_ps(hp + j + 16));
-            const __m512i v = _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(yo, ye));
-            prefetch_store(y, (o + j) * 2);
-            _mm512_storeu_si512((void *)((uint16_t *)y + o + j), v);
-        }
+    int64_t r = lo;
+#if WIDE_ROWS > 1
+    if (W * 8 > WIDE_MIN_BYTES) /* as rows_wide */
+        for (; r + WIDE_ROWS <= hi; r += WIDE_ROWS) pairs_rows(x, y, W, r * W, WIDE_ROWS, sp, hp, order, odd);
+#endif
+    for (; r < hi; r++) pairs_rows(x, y, W, r * W, 1, sp, hp, order, odd);
 }
 #else
 #define BF16_PAIRS 0
