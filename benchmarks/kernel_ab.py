@@ -72,8 +72,7 @@ def main() -> None:
     dims = [d for d in range(x.dim()) if d != 1]
     mean, invstd = x.float().mean(dims), (x.float().var(dims, unbiased=False) + 1e-5).rsqrt()
     dy = torch.randn_like(x)
-    scale, shift = w * invstd, b  # bwd_relu: the forward's apply, (x - mean) * scale + shift
-    shape_c = [C if d == 1 else 1 for d in range(x.dim())]
+    scale, shift = w * invstd, b  # bwd_relu: the gate is the forward's apply, (x - mean) * scale + shift > 0
 
     def kernel_call(lib: ctypes.CDLL):
         out, s1, s2, s3 = torch.empty_like(x), torch.empty(C), torch.empty(C), torch.empty(C)
@@ -101,9 +100,10 @@ def main() -> None:
         reference = lambda: F.batch_norm(x, None, None, w, b, training=True)  # noqa: E731
     else:
         mask = [True, False, False]
-        # bwd_relu: dy where the forward's relu passed it (torch stores that mask; ours recomputes it)
-        passed = (x.float() - mean.view(shape_c)) * scale.view(shape_c) + shift.view(shape_c) > 0
-        dy_in = dy if args.mode == "bwd" else torch.where(passed, dy, 0)
+        dy_in = dy
+        if args.mode == "bwd_relu":  # dy where the forward's relu passed it (torch stores the mask; ours recomputes)
+            at = [C if d == 1 else 1 for d in range(x.dim())]
+            dy_in = torch.where((x.float() - mean.view(at)) * scale.view(at) + shift.view(at) > 0, dy, 0)
         reference = lambda: torch.ops.aten.native_batch_norm_backward(  # noqa: E731
             dy_in, x, w, None, None, mean, invstd, True, 1e-5, mask
         )[0]

@@ -939,7 +939,8 @@ INLINE int64_t pad16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
 /* The rows loops take one row after the other (per-column vectors are reloaded from L1 for
  * every row): interleaving 4 short rows halved the streaming rate, and pairing long rows
- * gained nothing measurable while adding compile time. */
+ * gained nothing measurable while adding compile time. The exception: bfloat16 rows whose
+ * coefficients overflow half of L1 go four at a time (rows_wide, rows_apply_pairs). */
 
 #if HAVE_AVX512
 #define TILE 8 /* vectors per column tile: 8 accumulators (+ 8 shifts, 8 means) stay in registers */
