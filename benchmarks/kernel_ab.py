@@ -6,11 +6,16 @@ each called through ctypes on the same tensors, interleaved in random order with
 
 Modes: eval (bn_eval), train (bn_train_forward, no running statistics), bwd (bn_train_backward
 with dx), bwd_relu (bn_train_backward_relu: the backward of relu(BN(x)), its gate recomputed; torch
-times its backward of the gated dy). A build is NAME=FLAGS (compile the checkout's kernel with these extra flags, e.g.
--DBLOCK_BYTES=262144) or NAME=PATH.c (compile that file). Each build's output must equal the
-others' and torch's within bfloat16 rounding before anything is timed. Prints the median
-microseconds of each; run it several times (separate processes): on a shared VM the ratio between
-processes moves more than within one.
+times its backward of the gated dy). A build is NAME=FLAGS (compile the checkout's kernel with
+these extra flags, e.g. -DBLOCK_BYTES=262144) or NAME=PATH.c [FLAGS] (compile that file). Each
+build's output must equal the others' and torch's within bfloat16 rounding before anything is
+timed. Prints the median microseconds of each; run it several times (separate processes): on a
+shared VM the ratio between processes moves more than within one.
+
+An AVX2 machine on this one: the flag -mno-avx512f builds the portable C variant such a machine
+gets, and ATEN_CPU_CAPABILITY=avx2 runs torch's AVX2 kernels (e.g. --build a512= --build
+avx2=-mno-avx512f; a file whose HAVE_AVX512 test is replaced by `#if 0` with "old=/tmp/old.c
+-mno-avx512f").
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ P, I64, I32, F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_doubl
 
 
 def build(name: str, spec: str, directory: Path) -> ctypes.CDLL:
-    """Compile one build as cpu.py does (its CFLAGS), plus `spec`'s flags, or `spec` as the source."""
-    source, extra = (Path(spec), []) if spec.endswith(".c") else (SOURCE, spec.split())
+    """Compile one build as cpu.py does (its CFLAGS): `spec` is extra flags, optionally after a source file."""
+    words = spec.split()
+    source, extra = (Path(words[0]), words[1:]) if words and words[0].endswith(".c") else (SOURCE, words)
     out = directory / f"lib{name}.so"
     subprocess.run(["gcc", *cpu.CFLAGS, *extra, "-o", str(out), str(source)], check=True)
     lib = ctypes.CDLL(str(out))
@@ -55,7 +61,7 @@ def main() -> None:
     ap.add_argument("shape", help="e.g. 32x2048x7x7 (channels on axis 1)")
     ap.add_argument("dtype", choices=["float32", "bfloat16"])
     ap.add_argument("layout", choices=["nchw", "nhwc"])
-    ap.add_argument("--build", action="append", required=True, help="NAME=FLAGS or NAME=PATH.c")
+    ap.add_argument("--build", action="append", required=True, help="NAME=FLAGS or NAME=PATH.c [FLAGS]")
     ap.add_argument("--rounds", type=int, default=200)
     args = ap.parse_args()
 

@@ -768,3 +768,28 @@ def test_concurrent_builds_of_the_portable_variant(tmp_path):
     assert len({out.strip() for out, _ in outs}) == 1
     leftovers = [p.name for p in tmp_path.rglob("*") if p.name.startswith("bn_cpu.")]
     assert leftovers == ["bn_cpu.c"]
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has_avx512(), reason="without AVX-512 this file already runs the portable C")
+@pytest.mark.skipif(bool(os.environ.get("BATCHNORM_KERNEL_CFLAGS")), reason="already a run of a variant build")
+def test_this_file_passes_on_the_portable_variant():
+    """Everything above, once more on the kernel an AVX2 machine builds (-mno-avx512f: the portable C
+    with its streaming stores and short-plane lanes), with the C++ entry points built against it."""
+    env = {**os.environ, "BATCHNORM_KERNEL_CFLAGS": "-mno-avx512f"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "not portable_variant"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout

@@ -68,7 +68,13 @@
 #include <immintrin.h>
 #define HAVE_AVX512 1 /* explicit vector code: short-plane reductions, streaming stores */
 #else
-#define HAVE_AVX512 0 /* portable C, vectorized by the compiler; regular stores */
+#define HAVE_AVX512 0 /* portable C, vectorized by the compiler */
+#endif
+#if HAVE_AVX512 || defined(__AVX2__)
+#include <immintrin.h>
+#define HAVE_STREAM 1 /* streaming stores (the portable C's through stream16: AVX2 machines) */
+#else
+#define HAVE_STREAM 0 /* regular stores only */
 #endif
 
 #define BN_ABI_VERSION 14
@@ -229,6 +235,35 @@ INLINE void VSTORE_MASKED(void *p, int64_t i, __m512 v, __mmask16 k, int dt) {
 }
 #endif
 
+#if !HAVE_AVX512 && HAVE_STREAM
+/* The portable C's streaming store: v[0:16] to the output's elements [i, i+16), i a multiple of 16
+ * of an output aligned to 64 bytes (use_stream). The values are computed by the compiler's
+ * vectorized loops into v; this only stores them, 32 bytes at once (bfloat16's in 16-byte stores
+ * took its dx pass 3x as long as regular stores). On AVX2 (this Zen 4 with -mno-avx512f,
+ * kernel_ab.py): eval of (32,64,56,56) channels_last float32 1433 -> 1102 us (the AVX-512 code's
+ * speed), NCHW float32 backward 2816 -> 2379; bfloat16 unchanged. */
+#define STREAM_N 16
+INLINE void stream16(void *out, int64_t i, const float *v, int dt) {
+    const __m256 f0 = _mm256_loadu_ps(v), f1 = _mm256_loadu_ps(v + 8);
+    if (dt == DT_F32) {
+        _mm256_stream_ps((float *)out + i, f0);
+        _mm256_stream_ps((float *)out + i + 8, f1);
+        return;
+    }
+    __m256i r[2];
+    const __m256 f[2] = {f0, f1};
+    for (int k = 0; k < 2; k++) { /* f32_to_bf16, 8 lanes at once */
+        const __m256i u = _mm256_castps_si256(f[k]);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        r[k] = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f[k], f[k], _CMP_UNORD_Q));
+        r[k] = _mm256_blendv_epi8(r[k], _mm256_set1_epi32(0x7FC0), nan);
+    }
+    const __m256i h = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xD8); /* packs per 128 bits */
+    _mm256_stream_si256((__m256i *)((uint16_t *)out + i), h);
+}
+#endif
+
 /* Whether an output of `bytes` should be written with streaming stores: when the pass's working
  * set, `arrays` tensors of that size (its inputs and the output), does not fit in the last-level
  * cache. Then cached stores of the output would evict the inputs they are computed from and cost
@@ -239,7 +274,7 @@ INLINE void VSTORE_MASKED(void *p, int64_t i, __m512 v, __mmask16 k, int dt) {
  * 0.95-1.00x of torch with cached stores, 1.07-1.11x streaming; at 98% of it (4000, 1024)
  * cached stores were 3-6% faster while the cache was quiet and 6-12% slower while it was not. */
 static int use_stream(const void *out, int64_t bytes, int arrays) {
-    return HAVE_AVX512 && out != NULL && ((uintptr_t)out & 63) == 0 && cache_bytes >= 0 &&
+    return HAVE_STREAM && out != NULL && ((uintptr_t)out & 63) == 0 && cache_bytes >= 0 &&
            bytes * arrays >= cache_bytes;
 }
 
@@ -536,55 +571,119 @@ INLINE void planes16_grad(const void *dy, const void *x, const float *mu, const 
     store16_pd(r2 + p0, reduce16(v2));
 }
 #else
-/* Mean and M2 of n >= 1 contiguous values x[off : off+n], by two passes (the chunk is in L1).
- * The last partial group of LANES values goes through the same lanes with a bound check
- * (masked loads on AVX-512), so short planes cost no serial scalar loop. */
-INLINE void seg_stats(const void *x, int64_t off, int64_t n, int dt, double *mean, double *m2) {
-    const float x0 = LD(x, off, dt);
-    float acc[LANES];
-    int64_t i;
-    for (int j = 0; j < LANES; j++) acc[j] = 0.f;
-    for (i = 0; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += LD(x, off + i + j, dt) - x0;
-    for (int j = 0; j < LANES; j++)
-        if (i + j < n) acc[j] += LD(x, off + i + j, dt) - x0;
-    const float dm = lanes_sum(acc) / (float)n; /* mean of x - x0 */
+/* Segments shorter than SHORT_SEG (short planes: 7x7, 14x14) go through SHORT_NV vectors of 8
+ * lanes, not LANES lanes: fewer lanes to sum at the end, one register on AVX2. Each lane sums its
+ * values in a fixed order, whatever the compiler makes of the loops: the ReLU backward's gated
+ * sums stay bitwise the plain ones (with `#pragma omp simd reduction` they did not). Before, the
+ * last partial group went lane by lane with a bound check, unvectorized. On AVX2 (kernel_ab.py,
+ * -mno-avx512f): (32,2048,7,7) float32 training forward 2950 -> 1014 us, backward 2745 -> 1382;
+ * (32,1024,14,14) forward 2631 -> 1841 (torch's AVX2 kernels: 3356, 2831, 6729). */
+#define SHORT_SEG (8 * LANES)
+#define SHORT_NV 1
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi" /* v8f is never passed across a call: every user is inlined */
+#endif
+typedef float v8f __attribute__((vector_size(32))); /* 8 float lanes: a ymm register, two on SSE or NEON */
 
-    for (int j = 0; j < LANES; j++) acc[j] = 0.f;
-    for (i = 0; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) {
-            float d = (LD(x, off + i + j, dt) - x0) - dm;
-            acc[j] += d * d;
-        }
-    for (int j = 0; j < LANES; j++)
-        if (i + j < n) {
-            float d = (LD(x, off + i + j, dt) - x0) - dm;
-            acc[j] += d * d;
-        }
-    *mean = (double)x0 + (double)dm;
-    *m2 = (double)lanes_sum(acc);
+INLINE v8f v8_load(const void *x, int64_t i, int dt) {
+    v8f v;
+    for (int k = 0; k < 8; k++) v[k] = LD(x, i + k, dt);
+    return v;
 }
 
-/* sum(dy) and sum(dy * (x - mu)) over n contiguous values at off (gated: dy through gate1). */
+/* a * b + c (lane by lane), rounded once where the machine has a fused multiply-add (as the AVX-512
+ * code's _mm512_fmadd_ps) and twice where it has none. Written out, not left to the compiler's
+ * contraction, which differed between two inlined copies of one loop: the ReLU backward's gated
+ * sums then differed from the plain ones in the last bit. */
+INLINE float madd(float a, float b, float c) {
+#ifdef __FP_FAST_FMAF
+    return fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+INLINE v8f v8_madd(v8f a, v8f b, v8f c) {
+    v8f r;
+    for (int k = 0; k < 8; k++) r[k] = madd(a[k], b[k], c[k]);
+    return r;
+}
+
+/* The sum of nv vectors' lanes, halving as lanes_sum does. */
+INLINE float v8_sum(v8f *a, const int nv) {
+    for (int w = nv / 2; w > 0; w /= 2)
+        for (int v = 0; v < w; v++) a[v] += a[v + w];
+    const v8f h = {a[0][4], a[0][5], a[0][6], a[0][7]};
+    const v8f q = a[0] + h;
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+/* Mean and M2 of n >= 1 contiguous values x[off : off+n], by two passes (the chunk is in L1), in
+ * nv vectors of 8 lanes (a constant where inlined) and the last n % (8 nv) values one by one. */
+INLINE void seg_stats_in(const void *x, int64_t off, int64_t n, int dt, const int nv, double *mean, double *m2) {
+    const float x0 = LD(x, off, dt);
+    const int64_t n0 = n - n % (8 * nv);
+    v8f acc[LANES / 8];
+    float t = 0.f;
+    for (int v = 0; v < nv; v++) acc[v] = (v8f){0};
+    for (int64_t i = 0; i < n0; i += 8 * nv)
+        for (int v = 0; v < nv; v++) acc[v] += v8_load(x, off + i + 8 * v, dt) - x0;
+    for (int64_t i = n0; i < n; i++) t += LD(x, off + i, dt) - x0;
+    const float dm = (v8_sum(acc, nv) + t) / (float)n; /* mean of x - x0 */
+
+    t = 0.f;
+    for (int v = 0; v < nv; v++) acc[v] = (v8f){0};
+    for (int64_t i = 0; i < n0; i += 8 * nv)
+        for (int v = 0; v < nv; v++) {
+            const v8f d = (v8_load(x, off + i + 8 * v, dt) - x0) - dm;
+            acc[v] = v8_madd(d, d, acc[v]);
+        }
+    for (int64_t i = n0; i < n; i++) {
+        const float d = (LD(x, off + i, dt) - x0) - dm;
+        t = madd(d, d, t);
+    }
+    *mean = (double)x0 + (double)dm;
+    *m2 = (double)(v8_sum(acc, nv) + t);
+}
+
+INLINE void seg_stats(const void *x, int64_t off, int64_t n, int dt, double *mean, double *m2) {
+    if (n < SHORT_SEG)
+        seg_stats_in(x, off, n, dt, SHORT_NV, mean, m2);
+    else
+        seg_stats_in(x, off, n, dt, LANES / 8, mean, m2);
+}
+
+/* sum(dy) and sum(dy * (x - mu)) over n contiguous values at off (gated: dy through gate1), in nv
+ * vectors as seg_stats_in. */
+INLINE void seg_grad_in(const void *dy, const void *x, int64_t off, int64_t n, float mu, const int gated, float gs,
+                        float gh, int dt, const int nv, double *s1, double *s2) {
+    const int64_t n0 = n - n % (8 * nv);
+    v8f a1[LANES / 8], a2[LANES / 8];
+    float t1 = 0.f, t2 = 0.f;
+    for (int v = 0; v < nv; v++) a1[v] = a2[v] = (v8f){0};
+    for (int64_t i = 0; i < n0; i += 8 * nv)
+        for (int v = 0; v < nv; v++) {
+            const v8f xm = v8_load(x, off + i + 8 * v, dt) - mu, g0 = v8_load(dy, off + i + 8 * v, dt);
+            v8f g;
+            for (int k = 0; k < 8; k++) g[k] = gate1(gated, g0[k], xm[k], gs, gh);
+            a1[v] += g;
+            a2[v] = v8_madd(g, xm, a2[v]);
+        }
+    for (int64_t i = n0; i < n; i++) {
+        const float xm = LD(x, off + i, dt) - mu, g = gate1(gated, LD(dy, off + i, dt), xm, gs, gh);
+        t1 += g;
+        t2 = madd(g, xm, t2);
+    }
+    *s1 = (double)(v8_sum(a1, nv) + t1);
+    *s2 = (double)(v8_sum(a2, nv) + t2);
+}
+
 INLINE void seg_grad_sums(const void *dy, const void *x, int64_t off, int64_t n, float mu, const int gated, float gs,
                           float gh, int dt, double *s1, double *s2) {
-    float a1[LANES], a2[LANES];
-    int64_t i;
-    for (int j = 0; j < LANES; j++) a1[j] = a2[j] = 0.f;
-    for (i = 0; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) {
-            const float xm = LD(x, off + i + j, dt) - mu, g = gate1(gated, LD(dy, off + i + j, dt), xm, gs, gh);
-            a1[j] += g;
-            a2[j] += g * xm;
-        }
-    for (int j = 0; j < LANES; j++)
-        if (i + j < n) {
-            const float xm = LD(x, off + i + j, dt) - mu, g = gate1(gated, LD(dy, off + i + j, dt), xm, gs, gh);
-            a1[j] += g;
-            a2[j] += g * xm;
-        }
-    *s1 = (double)lanes_sum(a1);
-    *s2 = (double)lanes_sum(a2);
+    if (n < SHORT_SEG)
+        seg_grad_in(dy, x, off, n, mu, gated, gs, gh, dt, SHORT_NV, s1, s2);
+    else
+        seg_grad_in(dy, x, off, n, mu, gated, gs, gh, dt, LANES / 8, s1, s2);
 }
 
 #endif
@@ -860,9 +959,23 @@ INLINE void planes_elementwise_run(int op, const void *x, const void *dy, void *
         planes_elementwise_straddling(op, x, dy, out, C, B, m, s, b, h, gs, gh, stream, dt, p0 * B, p1 * B);
 }
 #else
-/* out[i:end] = op(...) with one channel's coefficients (portable variant). */
+/* out[i:end] = op(...) with one channel's coefficients (portable variant); stream: the whole
+ * groups of STREAM_N with streaming stores, if i is a multiple of STREAM_N (the callers' ranges
+ * start on planes whose length is, or on multiples of 64). */
 INLINE void span(int op, const void *x, const void *dy, void *out, int64_t i, int64_t end, float m, float s,
-                 float b, float h, float gs, float gh, int dt) {
+                 float b, float h, float gs, float gh, int stream, int dt) {
+#if HAVE_STREAM
+    if (stream && i % STREAM_N == 0) {
+        for (; i + STREAM_N <= end; i += STREAM_N) {
+            float v[STREAM_N];
+#pragma omp simd
+            for (int k = 0; k < STREAM_N; k++) v[k] = op1_g(op, x, dy, i + k, m, s, b, h, gs, gh, dt);
+            stream16(out, i, v, dt);
+        }
+    }
+#else
+    (void)stream;
+#endif
 #pragma omp simd
     for (int64_t j = i; j < end; j++) ST(out, j, op1_g(op, x, dy, j, m, s, b, h, gs, gh, dt), dt);
 }
@@ -870,35 +983,37 @@ INLINE void span(int op, const void *x, const void *dy, void *out, int64_t i, in
 /* The elementwise pass over the elements [lo, hi) of the planes of B values. */
 INLINE void planes_elementwise_span(int op, const void *x, const void *dy, void *out, int64_t C, int64_t B,
                                     const float *m, const float *s, const float *b, const float *h,
-                                    const float *gs, const float *gh, int dt, int64_t lo, int64_t hi) {
+                                    const float *gs, const float *gh, int stream, int dt, int64_t lo, int64_t hi) {
     if (lo >= hi) return;
+    /* Streaming stores only where every plane starts on a group: the groups that straddle planes
+     * would mix regular and streaming stores in one cache line, which took (32,2048,7,7) float32's
+     * dx pass 2.5x as long as regular stores alone. */
+    stream = stream && B % STREAM_N == 0;
     int64_t p = lo / B, c = p % C;
     for (int64_t i = lo; i < hi; p++) {
         int64_t end = (p + 1) * B < hi ? (p + 1) * B : hi;
         const int gated = op == OP_DX_RELU;
         span(op, x, dy, out, i, end, m[c], s[c], is_dx(op) ? b[c] : 0.f, h[c], gated ? gs[c] : 0.f,
-             gated ? gh[c] : 0.f, dt);
+             gated ? gh[c] : 0.f, stream, dt);
         i = end;
         if (++c == C) c = 0;
     }
 }
 
-/* The elementwise pass over this thread's share of the P planes of B values (regular stores only). */
+/* The elementwise pass over this thread's share of the P planes of B values. */
 INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C,
                                int64_t B, const float *m, const float *s, const float *b, const float *h,
                                const float *gs, const float *gh, int stream, int dt, int t, int T) {
     int64_t lo, hi;
-    (void)stream;
     part_elems(P * B, t, T, &lo, &hi);
-    planes_elementwise_span(op, x, dy, out, C, B, m, s, b, h, gs, gh, dt, lo, hi);
+    planes_elementwise_span(op, x, dy, out, C, B, m, s, b, h, gs, gh, stream, dt, lo, hi);
 }
 
 /* The elementwise pass over the whole planes [p0, p1) on one thread. */
 INLINE void planes_elementwise_run(int op, const void *x, const void *dy, void *out, int64_t C, int64_t B,
                                    const float *m, const float *s, const float *b, const float *h, const float *gs,
                                    const float *gh, int stream, int dt, int64_t p0, int64_t p1) {
-    (void)stream;
-    planes_elementwise_span(op, x, dy, out, C, B, m, s, b, h, gs, gh, dt, p0 * B, p1 * B);
+    planes_elementwise_span(op, x, dy, out, C, B, m, s, b, h, gs, gh, stream, dt, p0 * B, p1 * B);
 }
 
 #endif
@@ -1519,16 +1634,28 @@ INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, r
     else
         rows_avx512(op, x, dy, out, W, lo, hi, mw, sw, bw, hw, gsw, ghw, 0, dt);
 #else
-    (void)stream; /* regular stores only */
+    (void)stream; /* unused where there are no streaming stores */
     for (int64_t r = lo; r < hi; r++) {
         const int64_t o = r * W;
+#if HAVE_STREAM
+        if (stream && W % STREAM_N == 0) { /* every row starts on a group */
+            for (int64_t j = 0; j < W; j += STREAM_N) {
+                float v[STREAM_N];
+#pragma omp simd
+                for (int k = 0; k < STREAM_N; k++)
+                    v[k] = rows_op1(op, x, dy, o + j + k, j + k, mw, sw, bw, hw, gsw, ghw, dt);
+                stream16(out, o + j, v, dt);
+            }
+            continue;
+        }
+#endif
 #pragma omp simd
         for (int64_t j = 0; j < W; j++)
             ST(out, o + j, rows_op1(op, x, dy, o + j, j, mw, sw, bw, hw, gsw, ghw, dt), dt);
     }
 #endif
     if (t == T - 1) rows_tail(op, x, dy, out, s, mw, sw, bw, hw, gsw, ghw, dt);
-#if HAVE_AVX512
+#if HAVE_STREAM
     if (stream) _mm_sfence();
 #endif
 }
@@ -1669,7 +1796,7 @@ INLINE void fwd_planes_body(int dt, int op, const void *x, const void *res, void
 #pragma omp barrier
     BY_APPLY_OP(op, planes_elementwise, x, res, y, A * C, C, B, coef, coef + C, NULL, coef + 2 * C, NULL, NULL, stream,
                 dt, t, T);
-#if HAVE_AVX512
+#if HAVE_STREAM
     if (stream) _mm_sfence();
 #endif
 }
@@ -1929,7 +2056,7 @@ INLINE void bwd_planes_body(int dt, const int gated, const void *dy, const void 
 #pragma omp barrier
     planes_elementwise(gated ? OP_DX_RELU : OP_DX, x, dy, dx, A * C, C, B, mean, coef, coef + C, coef + 2 * C, gs, gh,
                        stream, dt, t, T);
-#if HAVE_AVX512
+#if HAVE_STREAM
     if (stream) _mm_sfence();
 #endif
 }
@@ -1953,7 +2080,7 @@ INLINE void bwd_groups_body(int dt, const int gated, const void *dy, const void 
             planes_elementwise_run(gated ? OP_DX_RELU : OP_DX, x, dy, dx, C, B, mean, coef, coef + C, coef + 2 * C, gs,
                                    gh, stream, dt, a * C + c0, a * C + c1);
     }
-#if HAVE_AVX512
+#if HAVE_STREAM
     if (stream) _mm_sfence();
 #endif
 }
@@ -2259,7 +2386,7 @@ static int elementwise_pass(int op, int dt, const void *x, const void *dy, void 
                 planes_by_op(op, x, dy, out, A * C, C, B, mm, s, b, h, stream, DT_F32, t, T);
             else
                 planes_by_op(op, x, dy, out, A * C, C, B, mm, s, b, h, stream, DT_BF16, t, T);
-#if HAVE_AVX512
+#if HAVE_STREAM
             if (stream) _mm_sfence();
 #endif
         }
