@@ -44,7 +44,7 @@
  * Memory traffic: training forward reads x twice and writes y once; backward reads x and dy
  * twice and writes dx once. Where a pass's tensors (inputs and output) do not fit in the
  * last-level cache together (bn_set_cache_bytes, default 32 MiB), the output is written with
- * non-temporal (streaming) stores where AVX-512 is available: no read-for-ownership of the
+ * non-temporal (streaming) stores where AVX-512 or AVX2 is: no read-for-ownership of the
  * output lines, and the input the pass reads is not evicted by them (see use_stream). Outputs of
  * 8 MiB and more are advised MADV_HUGEPAGE first (see advise_huge).
  *
