@@ -680,8 +680,8 @@ def test_compiler_failure_is_reported_not_raised(tmp_path):
 
 def test_concurrent_builds_of_the_portable_variant(tmp_path):
     """Two processes build at once into a fresh cache (as parallel test workers would), here the
-    portable C variant (no AVX-512 code: compiler-vectorized loops, regular stores), and check
-    it on a few layouts against float64."""
+    portable C variant (no AVX-512 code: compiler-vectorized loops, AVX2 streaming stores), and
+    check it on a few layouts against float64 (the whole file: test_this_file_passes_on_the_portable_variant)."""
     env = {**os.environ, "BATCHNORM_CACHE": str(tmp_path), "BATCHNORM_KERNEL_CFLAGS": "-mno-avx512f"}
     env["BATCHNORM_NO_EXTENSION"] = "1"  # the ctypes path; test_extension.py builds the C++ one
     code = textwrap.dedent(
