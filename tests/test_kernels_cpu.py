@@ -770,6 +770,18 @@ def test_concurrent_builds_of_the_portable_variant(tmp_path):
     assert leftovers == ["bn_cpu.c"]
 
 
+def test_the_kernel_compiles_without_avx2(tmp_path):
+    """The source compiles for a CPU with neither AVX-512 nor AVX2 (cpu.py's flags without
+    -march=native: baseline x86-64 here, as an ARM machine's compiler sees no x86 vector code
+    either); this build once failed on a macro defined only for AVX2."""
+    compiler = cpu._compiler("CC", ("cc", "gcc"))
+    flags = [f for f in cpu.CFLAGS if not f.startswith("-march")]
+    out = tmp_path / "libbn_generic.so"
+    proc = subprocess.run([*compiler, *flags, "-o", str(out), str(cpu.SOURCE)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_size > 0
+
+
 def _cpu_has_avx512() -> bool:
     try:
         with open("/proc/cpuinfo") as f:

@@ -235,6 +235,7 @@ INLINE void VSTORE_MASKED(void *p, int64_t i, __m512 v, __mmask16 k, int dt) {
 }
 #endif
 
+#define STREAM_N 16 /* the portable C's streaming stores go in groups of 16 values (stream16) */
 #if !HAVE_AVX512 && HAVE_STREAM
 /* The portable C's streaming store: v[0:16] to the output's elements [i, i+16), i a multiple of 16
  * of an output aligned to 64 bytes (use_stream). The values are computed by the compiler's
@@ -242,7 +243,6 @@ INLINE void VSTORE_MASKED(void *p, int64_t i, __m512 v, __mmask16 k, int dt) {
  * took its dx pass 3x as long as regular stores). On AVX2 (this Zen 4 with -mno-avx512f,
  * kernel_ab.py): eval of (32,64,56,56) channels_last float32 1433 -> 1102 us (the AVX-512 code's
  * speed), NCHW float32 backward 2816 -> 2379; bfloat16 unchanged. */
-#define STREAM_N 16
 INLINE void stream16(void *out, int64_t i, const float *v, int dt) {
     const __m256 f0 = _mm256_loadu_ps(v), f1 = _mm256_loadu_ps(v + 8);
     if (dt == DT_F32) {
