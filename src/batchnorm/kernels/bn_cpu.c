@@ -65,13 +65,12 @@
 #include <sys/mman.h>
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
 #define HAVE_AVX512 1 /* explicit vector code: short-plane reductions, streaming stores */
 #else
 #define HAVE_AVX512 0 /* portable C, vectorized by the compiler */
 #endif
 #if HAVE_AVX512 || defined(__AVX2__)
-#include <immintrin.h>
+#include <immintrin.h> /* the vector code (AVX-512) and the streaming stores (both) */
 #define HAVE_STREAM 1 /* streaming stores (the portable C's through stream16: AVX2 machines) */
 #else
 #define HAVE_STREAM 0 /* regular stores only */
@@ -1634,7 +1633,9 @@ INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, r
     else
         rows_avx512(op, x, dy, out, W, lo, hi, mw, sw, bw, hw, gsw, ghw, 0, dt);
 #else
-    (void)stream; /* unused where there are no streaming stores */
+#if !HAVE_STREAM
+    (void)stream;
+#endif
     for (int64_t r = lo; r < hi; r++) {
         const int64_t o = r * W;
 #if HAVE_STREAM
