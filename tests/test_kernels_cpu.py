@@ -545,6 +545,8 @@ def test_bfloat16_rounds_to_nearest_even(fmt, nthreads, streaming, restore_threa
     x = make((4, 16, 40, 40), fmt, torch.bfloat16)
     x[0, 0, 0, :7] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38, 1.0, -2.5, 0.0])
     scale, shift = params(16, seed=5)
+    # a NaN whose low 16 bits are set: rounding its bits as a number's would carry into the sign (-0)
+    scale[3] = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
     y = cpu.inference(x, scale, shift, 1)
     # x * scale is exact in float64, so this is the fused multiply-add's float32 result
     y32 = (x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)).float()

@@ -71,7 +71,7 @@
 #endif
 #if HAVE_AVX512 || defined(__AVX2__)
 #include <immintrin.h> /* the vector code (AVX-512) and the streaming stores (both) */
-#define HAVE_STREAM 1 /* streaming stores (the portable C's through stream16: AVX2 machines) */
+#define HAVE_STREAM 1 /* streaming stores (the portable C's through put16: AVX2 machines) */
 #else
 #define HAVE_STREAM 0 /* regular stores only */
 #endif
@@ -234,32 +234,67 @@ INLINE void VSTORE_MASKED(void *p, int64_t i, __m512 v, __mmask16 k, int dt) {
 }
 #endif
 
-#define STREAM_N 16 /* the portable C's streaming stores go in groups of 16 values (stream16) */
+#define STREAM_N 16 /* the portable C's groups of values (group16, put16): streaming stores, bfloat16 on AVX2 */
 #if !HAVE_AVX512 && HAVE_STREAM
-/* The portable C's streaming store: v[0:16] to the output's elements [i, i+16), i a multiple of 16
- * of an output aligned to 64 bytes (use_stream). The values are computed by the compiler's
- * vectorized loops into v; this only stores them, 32 bytes at once (bfloat16's in 16-byte stores
- * took its dx pass 3x as long as regular stores). On AVX2 (this Zen 4 with -mno-avx512f,
- * kernel_ab.py): eval of (32,64,56,56) channels_last float32 1433 -> 1102 us (the AVX-512 code's
- * speed), NCHW float32 backward 2816 -> 2379; bfloat16 unchanged. */
-INLINE void stream16(void *out, int64_t i, const float *v, int dt) {
-    const __m256 f0 = _mm256_loadu_ps(v), f1 = _mm256_loadu_ps(v + 8);
-    if (dt == DT_F32) {
-        _mm256_stream_ps((float *)out + i, f0);
-        _mm256_stream_ps((float *)out + i + 8, f1);
+/* 8 float32 lanes rounded to bfloat16 in the low halves of 32-bit lanes: f32_to_bf16 (round to nearest
+ * even, NaN -> 0x7FC0) 8 lanes at once. GCC's vector code for f32_to_bf16 takes 1.7x the instructions. */
+INLINE __m256i bf16_round8(__m256 f) {
+    const __m256i u = _mm256_castps_si256(f);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+}
+
+/* v[0:16] rounded to bfloat16, in order. */
+INLINE __m256i bf16x16(const float *v) {
+    const __m256i r = _mm256_packus_epi32(bf16_round8(_mm256_loadu_ps(v)), bf16_round8(_mm256_loadu_ps(v + 8)));
+    return _mm256_permute4x64_epi64(r, 0xD8); /* packus packs within 128-bit halves */
+}
+
+/* The 16 bfloat16 values at p + i widened to float32 in v, in the order of the in-lane unpacks: elements
+ * 0-3 and 8-11 in v[0:8], 4-7 and 12-15 in v[8:16]. bf16_unwiden16 packs them back in order, in-lane too:
+ * no lane-crossing shuffle either way, but only for work that is the same in every lane. */
+INLINE void bf16_widen16(const void *p, int64_t i, float *v) {
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)), z = _mm256_setzero_si256();
+    _mm256_storeu_ps(v, _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, h)));
+    _mm256_storeu_ps(v + 8, _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, h)));
+}
+
+INLINE __m256i bf16_unwiden16(const float *v) {
+    return _mm256_packus_epi32(bf16_round8(_mm256_loadu_ps(v)), bf16_round8(_mm256_loadu_ps(v + 8)));
+}
+
+/* 16 bfloat16 values to out + i: streaming stores (stream) or regular ones. */
+INLINE void put_h16(void *out, int64_t i, __m256i h, const int stream) {
+    __m256i *o = (__m256i *)((uint16_t *)out + i);
+    if (stream)
+        _mm256_stream_si256(o, h);
+    else
+        _mm256_storeu_si256(o, h);
+}
+#endif
+
+#if !HAVE_AVX512
+/* The portable C's store of v[0:16] to the output's elements [i, i+16); stream: with streaming stores,
+ * i a multiple of 16 of an output aligned to 64 bytes (use_stream), 32 bytes at once (bfloat16's in
+ * 16-byte stores took its dx pass 3x as long as regular stores). On AVX2 (this Zen 4 with
+ * -mno-avx512f, kernel_ab.py), streaming: eval of (32,64,56,56) channels_last float32 1433 -> 1102 us
+ * (the AVX-512 code's speed), NCHW float32 backward 2816 -> 2379. */
+INLINE void put16(void *out, int64_t i, const float *v, const int stream, int dt) {
+#if HAVE_STREAM
+    if (dt != DT_F32) {
+        put_h16(out, i, bf16x16(v), stream);
         return;
     }
-    __m256i r[2];
-    const __m256 f[2] = {f0, f1};
-    for (int k = 0; k < 2; k++) { /* f32_to_bf16, 8 lanes at once */
-        const __m256i u = _mm256_castps_si256(f[k]);
-        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-        r[k] = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
-        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f[k], f[k], _CMP_UNORD_Q));
-        r[k] = _mm256_blendv_epi8(r[k], _mm256_set1_epi32(0x7FC0), nan);
+    if (stream) {
+        _mm256_stream_ps((float *)out + i, _mm256_loadu_ps(v));
+        _mm256_stream_ps((float *)out + i + 8, _mm256_loadu_ps(v + 8));
+        return;
     }
-    const __m256i h = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xD8); /* packs per 128 bits */
-    _mm256_stream_si256((__m256i *)((uint16_t *)out + i), h);
+#else
+    (void)stream;
+#endif
+    for (int k = 0; k < STREAM_N; k++) ST(out, i + k, v[k], dt);
 }
 #endif
 
@@ -306,6 +341,24 @@ INLINE float lanes_sum(float *acc) {
 }
 
 /* ------------------------------------------------------------------ planes */
+
+/* One-pass statistics, bfloat16 only. Two passes (x - x0 summed, then its squared deviations
+ * from that mean) cost twice the widening and arithmetic, and a bfloat16 statistics pass is
+ * bound by them, not by memory; one pass sums d = x - x0 and d^2 together, M2 = S2 - S1^2 / n.
+ * That cancels what the shift x0 misses of the mean: S2 / M2 = 1 + n (mean - x0)^2 / M2, and
+ * M2 keeps about 24 - log2(S2 / M2) of float32's 24 bits. x0 is an estimate of the mean (the
+ * first vector's mean in a plane, the earlier blocks' mean in rows), so that ratio is near 1;
+ * where it exceeds ONE_PASS_CANCEL (more than 3 bits cancelled, still far more than bfloat16's
+ * 8 bits) or is not a number, the two passes run instead. -DONE_PASS_BF16=0 always runs them.
+ * (The portable C: seg_stats1_in, rows_block_stats1.) */
+#ifndef ONE_PASS_BF16
+#define ONE_PASS_BF16 1
+#endif
+#ifndef ONE_PASS_CANCEL
+#define ONE_PASS_CANCEL 8.f
+#endif
+INLINE int one_pass(int dt) { return ONE_PASS_BF16 && dt == DT_BF16; }
+
 
 #if HAVE_AVX512
 /* Masked load of the first `n` (< 16) of 16 values; the other lanes are 0. */
@@ -368,23 +421,6 @@ INLINE void seg_stats2(const void *x, int64_t off, int64_t n, int dt, double *me
     *mean = (double)x0f + (double)dmf;
     *m2 = (double)_mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
-
-/* One-pass statistics, bfloat16 only. Two passes (x - x0 summed, then its squared deviations
- * from that mean) cost twice the widening and arithmetic, and a bfloat16 statistics pass is
- * bound by them, not by memory; one pass sums d = x - x0 and d^2 together, M2 = S2 - S1^2 / n.
- * That cancels what the shift x0 misses of the mean: S2 / M2 = 1 + n (mean - x0)^2 / M2, and
- * M2 keeps about 24 - log2(S2 / M2) of float32's 24 bits. x0 is an estimate of the mean (the
- * first vector's mean in a plane, the earlier blocks' mean in rows), so that ratio is near 1;
- * where it exceeds ONE_PASS_CANCEL (more than 3 bits cancelled, still far more than bfloat16's
- * 8 bits) or is not a number, the two passes run instead. -DONE_PASS_BF16=0 always runs them.
- * (AVX-512 code only: the portable C loops keep the two passes.) */
-#ifndef ONE_PASS_BF16
-#define ONE_PASS_BF16 1
-#endif
-#ifndef ONE_PASS_CANCEL
-#define ONE_PASS_CANCEL 8.f
-#endif
-INLINE int one_pass(int dt) { return ONE_PASS_BF16 && dt == DT_BF16; }
 
 /* The lanes whose one-pass M2 (q2, from the sum of squares s2) may stand: S2 / M2 <= ONE_PASS_CANCEL. */
 INLINE __mmask16 one_pass_ok(__m512 s2, __m512 q2) {
@@ -645,11 +681,49 @@ INLINE void seg_stats_in(const void *x, int64_t off, int64_t n, int dt, const in
     *m2 = (double)(v8_sum(acc, nv) + t);
 }
 
+/* The same in one pass about x0, the mean of the first min(n, 8) values (S2 / M2 <= 1 + n / 8), where
+ * one_pass (as the AVX-512 code's seg_stats): 0 where that cancels more than ONE_PASS_CANCEL allows. */
+INLINE int seg_stats1_in(const void *x, int64_t off, int64_t n, int dt, const int nv, double *mean, double *m2) {
+    const int64_t n0 = n - n % (8 * nv);
+    float x0 = 0.f, t = 0.f, tq = 0.f;
+    if (n >= 8) { /* one vector's sum: no serial chain of adds */
+        v8f f = v8_load(x, off, dt);
+        x0 = v8_sum(&f, 1) / 8.f;
+    } else {
+        for (int64_t i = 0; i < n; i++) x0 += LD(x, off + i, dt);
+        x0 /= (float)n;
+    }
+    v8f a[LANES / 8], q[LANES / 8];
+    for (int v = 0; v < nv; v++) a[v] = q[v] = (v8f){0};
+    for (int64_t i = 0; i < n0; i += 8 * nv)
+        for (int v = 0; v < nv; v++) {
+            const v8f d = v8_load(x, off + i + 8 * v, dt) - x0;
+            a[v] += d;
+            q[v] = v8_madd(d, d, q[v]);
+        }
+    for (int64_t i = n0; i < n; i++) {
+        const float d = LD(x, off + i, dt) - x0;
+        t += d;
+        tq = madd(d, d, tq);
+    }
+    const double s1 = (double)(v8_sum(a, nv) + t), s2 = (double)(v8_sum(q, nv) + tq);
+    const double dm = s1 / (double)n, q2 = s2 - s1 * dm;
+    if (!(s2 <= ONE_PASS_CANCEL * q2)) return 0;
+    *mean = (double)x0 + dm;
+    *m2 = q2;
+    return 1;
+}
+
+/* nv a constant in each call, so that the loops over it unroll (as a variable: 1.7x the time) */
+INLINE void seg_stats_nv(const void *x, int64_t off, int64_t n, int dt, const int nv, double *mean, double *m2) {
+    if (!(one_pass(dt) && seg_stats1_in(x, off, n, dt, nv, mean, m2))) seg_stats_in(x, off, n, dt, nv, mean, m2);
+}
+
 INLINE void seg_stats(const void *x, int64_t off, int64_t n, int dt, double *mean, double *m2) {
     if (n < SHORT_SEG)
-        seg_stats_in(x, off, n, dt, SHORT_NV, mean, m2);
+        seg_stats_nv(x, off, n, dt, SHORT_NV, mean, m2);
     else
-        seg_stats_in(x, off, n, dt, LANES / 8, mean, m2);
+        seg_stats_nv(x, off, n, dt, LANES / 8, mean, m2);
 }
 
 /* sum(dy) and sum(dy * (x - mu)) over n contiguous values at off (gated: dy through gate1), in nv
@@ -844,8 +918,8 @@ INLINE __m512 opv_masked(int op, const void *x, const void *dy, int64_t i, __mma
 }
 #endif
 
-#if HAVE_AVX512
 #define PLANE_LOOP_MAX 4096 /* longest planes for planes_elementwise_cached (threads split whole planes) */
+#if HAVE_AVX512
 
 /* The elementwise pass with regular stores for planes of 16 <= B <= PLANE_LOOP_MAX values
  * (longer planes gain nothing, and a thread's share must not hang on few long planes: one
@@ -931,6 +1005,83 @@ INLINE void planes_elementwise_straddling(int op, const void *x, const void *dy,
     }
 }
 
+#else
+/* op1_g on the 16 values from element i (one channel's coefficients) to out + i; stream: with streaming
+ * stores (i a multiple of 16, the output aligned to 64 bytes). bfloat16 on AVX2 goes through float32
+ * copies of its inputs made by bf16_widen16, on which op1_g runs as on float32 tensors: eval of
+ * (32,2048,7,7) bfloat16 NCHW ... */
+INLINE void group16(int op, const void *x, const void *dy, void *out, int64_t i, float m, float s, float b, float h,
+                    float gs, float gh, const int stream, int dt) {
+    float v[STREAM_N];
+#if HAVE_STREAM
+    if (dt != DT_F32) {
+        float xv[STREAM_N], dv[STREAM_N];
+        bf16_widen16(x, i, xv);
+        if (op != OP_APPLY && op != OP_RELU) bf16_widen16(dy, i, dv);
+#pragma omp simd
+        for (int k = 0; k < STREAM_N; k++) v[k] = op1_g(op, xv, dv, k, m, s, b, h, gs, gh, DT_F32);
+        put_h16(out, i, bf16_unwiden16(v), stream);
+        return;
+    }
+#endif
+#pragma omp simd
+    for (int k = 0; k < STREAM_N; k++) v[k] = op1_g(op, x, dy, i + k, m, s, b, h, gs, gh, dt);
+    put16(out, i, v, stream, dt);
+}
+
+/* out[i:end] = op(...) with one channel's coefficients (portable variant); stream: the whole
+ * groups of STREAM_N with streaming stores, if i is a multiple of STREAM_N (the callers' ranges
+ * start on planes whose length is, or on multiples of 64). bfloat16 on AVX2 goes in groups with
+ * either kind of store. */
+INLINE void span(int op, const void *x, const void *dy, void *out, int64_t i, int64_t end, float m, float s,
+                 float b, float h, float gs, float gh, int stream, int dt) {
+    if (stream ? i % STREAM_N == 0 : HAVE_STREAM && dt != DT_F32)
+        for (; i + STREAM_N <= end; i += STREAM_N) group16(op, x, dy, out, i, m, s, b, h, gs, gh, stream, dt);
+#pragma omp simd
+    for (int64_t j = i; j < end; j++) ST(out, j, op1_g(op, x, dy, j, m, s, b, h, gs, gh, dt), dt);
+}
+
+/* The elementwise pass over the elements [lo, hi) of the planes of B values, plane by plane (lo a multiple
+ * of 64 or of B). */
+INLINE void planes_elementwise_straddling(int op, const void *x, const void *dy, void *out, int64_t C, int64_t B,
+                                    const float *m, const float *s, const float *b, const float *h,
+                                    const float *gs, const float *gh, int stream, int dt, int64_t lo, int64_t hi) {
+    if (lo >= hi) return;
+    /* Streaming stores only where every plane starts on a group: the groups that straddle planes
+     * would mix regular and streaming stores in one cache line, which took (32,2048,7,7) float32's
+     * dx pass 2.5x as long as regular stores alone. */
+    stream = stream && B % STREAM_N == 0;
+    int64_t p = lo / B, c = p % C;
+    for (int64_t i = lo; i < hi; p++) {
+        int64_t end = (p + 1) * B < hi ? (p + 1) * B : hi;
+        const int gated = op == OP_DX_RELU;
+        span(op, x, dy, out, i, end, m[c], s[c], is_dx(op) ? b[c] : 0.f, h[c], gated ? gs[c] : 0.f,
+             gated ? gh[c] : 0.f, stream, dt);
+        i = end;
+        if (++c == C) c = 0;
+    }
+}
+
+/* The elementwise pass with regular stores for planes of 16 <= B <= PLANE_LOOP_MAX values, as the
+ * AVX-512 code's: plane by plane, groups of 16, the last one ending at the plane's end and
+ * overlapping the one before (written twice, with the same values). The compiler's loop over a
+ * plane had a scalar tail and its set-up per plane. */
+INLINE void planes_elementwise_cached(int op, const void *x, const void *dy, void *out, int64_t C, int64_t B,
+                                      const float *m, const float *s, const float *b, const float *h,
+                                      const float *gs, const float *gh, int dt, int64_t lo, int64_t hi) {
+    const int gated = op == OP_DX_RELU;
+    for (int64_t p = lo, c = lo % C; p < hi; p++) {
+        const float mc = m[c], sc = s[c], bc = is_dx(op) ? b[c] : 0.f, hc = h[c];
+        const float gsc = gated ? gs[c] : 0.f, ghc = gated ? gh[c] : 0.f;
+        const int64_t o = p * B, last = o + B - STREAM_N;
+        for (int64_t i = o; i < last; i += STREAM_N) group16(op, x, dy, out, i, mc, sc, bc, hc, gsc, ghc, 0, dt);
+        group16(op, x, dy, out, last, mc, sc, bc, hc, gsc, ghc, 0, dt);
+        if (++c == C) c = 0;
+    }
+}
+
+#endif
+
 INLINE int plane_loop(int stream, int64_t B) { return !stream && B >= VEC && B <= PLANE_LOOP_MAX; }
 
 /* The elementwise pass over this thread's share of the P planes of B values: whole planes each
@@ -957,65 +1108,6 @@ INLINE void planes_elementwise_run(int op, const void *x, const void *dy, void *
     else
         planes_elementwise_straddling(op, x, dy, out, C, B, m, s, b, h, gs, gh, stream, dt, p0 * B, p1 * B);
 }
-#else
-/* out[i:end] = op(...) with one channel's coefficients (portable variant); stream: the whole
- * groups of STREAM_N with streaming stores, if i is a multiple of STREAM_N (the callers' ranges
- * start on planes whose length is, or on multiples of 64). */
-INLINE void span(int op, const void *x, const void *dy, void *out, int64_t i, int64_t end, float m, float s,
-                 float b, float h, float gs, float gh, int stream, int dt) {
-#if HAVE_STREAM
-    if (stream && i % STREAM_N == 0) {
-        for (; i + STREAM_N <= end; i += STREAM_N) {
-            float v[STREAM_N];
-#pragma omp simd
-            for (int k = 0; k < STREAM_N; k++) v[k] = op1_g(op, x, dy, i + k, m, s, b, h, gs, gh, dt);
-            stream16(out, i, v, dt);
-        }
-    }
-#else
-    (void)stream;
-#endif
-#pragma omp simd
-    for (int64_t j = i; j < end; j++) ST(out, j, op1_g(op, x, dy, j, m, s, b, h, gs, gh, dt), dt);
-}
-
-/* The elementwise pass over the elements [lo, hi) of the planes of B values. */
-INLINE void planes_elementwise_span(int op, const void *x, const void *dy, void *out, int64_t C, int64_t B,
-                                    const float *m, const float *s, const float *b, const float *h,
-                                    const float *gs, const float *gh, int stream, int dt, int64_t lo, int64_t hi) {
-    if (lo >= hi) return;
-    /* Streaming stores only where every plane starts on a group: the groups that straddle planes
-     * would mix regular and streaming stores in one cache line, which took (32,2048,7,7) float32's
-     * dx pass 2.5x as long as regular stores alone. */
-    stream = stream && B % STREAM_N == 0;
-    int64_t p = lo / B, c = p % C;
-    for (int64_t i = lo; i < hi; p++) {
-        int64_t end = (p + 1) * B < hi ? (p + 1) * B : hi;
-        const int gated = op == OP_DX_RELU;
-        span(op, x, dy, out, i, end, m[c], s[c], is_dx(op) ? b[c] : 0.f, h[c], gated ? gs[c] : 0.f,
-             gated ? gh[c] : 0.f, stream, dt);
-        i = end;
-        if (++c == C) c = 0;
-    }
-}
-
-/* The elementwise pass over this thread's share of the P planes of B values. */
-INLINE void planes_elementwise(int op, const void *x, const void *dy, void *out, int64_t P, int64_t C,
-                               int64_t B, const float *m, const float *s, const float *b, const float *h,
-                               const float *gs, const float *gh, int stream, int dt, int t, int T) {
-    int64_t lo, hi;
-    part_elems(P * B, t, T, &lo, &hi);
-    planes_elementwise_span(op, x, dy, out, C, B, m, s, b, h, gs, gh, stream, dt, lo, hi);
-}
-
-/* The elementwise pass over the whole planes [p0, p1) on one thread. */
-INLINE void planes_elementwise_run(int op, const void *x, const void *dy, void *out, int64_t C, int64_t B,
-                                   const float *m, const float *s, const float *b, const float *h, const float *gs,
-                                   const float *gh, int stream, int dt, int64_t p0, int64_t p1) {
-    planes_elementwise_span(op, x, dy, out, C, B, m, s, b, h, gs, gh, stream, dt, p0 * B, p1 * B);
-}
-
-#endif
 
 /* ------------------------------------------------------------------ rows */
 
@@ -1189,6 +1281,57 @@ INLINE void rows_block_stats(const void *x, int dt, int64_t base, int64_t W, int
 }
 #endif
 
+#if !HAVE_AVX512
+/* A block's per-column x0 (its first row), mean of x - x0 and M2, in two passes. */
+INLINE void rows_block_stats2(const void *x, int dt, int64_t base, int64_t W, int64_t nr, float *x0, float *sm,
+                              float *q) {
+    int64_t r;
+    for (int64_t j = 0; j < W; j++) {
+        x0[j] = LD(x, base + j, dt);
+        sm[j] = 0.f;
+        q[j] = 0.f;
+    }
+    /* pass 1: sum of x - x0 (row 0 adds nothing) */
+    for (r = 1; r < nr; r++)
+#pragma omp simd
+        for (int64_t j = 0; j < W; j++) sm[j] += LD(x, base + r * W + j, dt) - x0[j];
+    const float inv = 1.f / (float)nr;
+    for (int64_t j = 0; j < W; j++) sm[j] *= inv; /* block mean of x - x0 */
+    /* pass 2 (from cache): sum of squared deviations from the block mean */
+    for (r = 0; r < nr; r++)
+#pragma omp simd
+        for (int64_t j = 0; j < W; j++) {
+            float d = (LD(x, base + r * W + j, dt) - x0[j]) - sm[j];
+            q[j] += d * d;
+        }
+}
+
+/* The same in one pass about the shift already in x0 (the mean of the earlier blocks), where
+ * one_pass: 0 where some column cancels more than ONE_PASS_CANCEL allows (see one_pass). */
+INLINE int rows_block_stats1(const void *x, int dt, int64_t base, int64_t W, int64_t nr, const float *x0, float *sm,
+                             float *q) {
+    for (int64_t j = 0; j < W; j++) sm[j] = q[j] = 0.f;
+    for (int64_t r = 0; r < nr; r++) {
+#pragma omp simd
+        for (int64_t j = 0; j < W; j++) {
+            const float d = LD(x, base + r * W + j, dt) - x0[j];
+            sm[j] += d;
+            q[j] += d * d;
+        }
+    }
+    const float inv = 1.f / (float)nr;
+    int ok = 1;
+#pragma omp simd reduction(& : ok)
+    for (int64_t j = 0; j < W; j++) {
+        const float m = sm[j] * inv, q2 = q[j] - sm[j] * m;
+        ok &= q[j] <= ONE_PASS_CANCEL * q2;
+        sm[j] = m;
+        q[j] = q2;
+    }
+    return ok;
+}
+#endif
+
 /* Thread t: statistics of its wide rows, block by block (two passes per block), Chan-merged
  * into per-column accumulators amean/am2 (count *an, the same for every column). */
 INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, float *sm, float *q,
@@ -1204,25 +1347,8 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
 #if HAVE_AVX512
         rows_block_stats(x, dt, base, W, nr, one_pass(dt) && r0 > lo, pf, x0, sm, q);
 #else
-        int64_t r;
-        for (int64_t j = 0; j < W; j++) {
-            x0[j] = LD(x, base + j, dt);
-            sm[j] = 0.f;
-            q[j] = 0.f;
-        }
-        /* pass 1: sum of x - x0 (row 0 adds nothing) */
-        for (r = 1; r < nr; r++)
-#pragma omp simd
-            for (int64_t j = 0; j < W; j++) sm[j] += LD(x, base + r * W + j, dt) - x0[j];
-        const float inv = 1.f / (float)nr;
-        for (int64_t j = 0; j < W; j++) sm[j] *= inv; /* block mean of x - x0 */
-        /* pass 2 (from cache): sum of squared deviations from the block mean */
-        for (r = 0; r < nr; r++)
-#pragma omp simd
-            for (int64_t j = 0; j < W; j++) {
-                float d = (LD(x, base + r * W + j, dt) - x0[j]) - sm[j];
-                q[j] += d * d;
-            }
+        if (!(one_pass(dt) && r0 > lo && rows_block_stats1(x, dt, base, W, nr, x0, sm, q)))
+            rows_block_stats2(x, dt, base, W, nr, x0, sm, q);
 #endif
         double nb = (double)nr, n = na + nb;
         if (na == 0.0) {
@@ -1240,10 +1366,8 @@ INLINE void rows_stats_thread(const void *x, rows_shape s, int dt, float *x0, fl
             }
         }
         na = n;
-#if HAVE_AVX512
         if (one_pass(dt)) /* the next block's shift: the mean so far */
             for (int64_t j = 0; j < W; j++) x0[j] = (float)amean[j];
-#endif
     }
     *an = na;
 }
@@ -1645,7 +1769,7 @@ INLINE void rows_elementwise(int op, const void *x, const void *dy, void *out, r
 #pragma omp simd
                 for (int k = 0; k < STREAM_N; k++)
                     v[k] = rows_op1(op, x, dy, o + j + k, j + k, mw, sw, bw, hw, gsw, ghw, dt);
-                stream16(out, o + j, v, dt);
+                put16(out, o + j, v, 1, dt);
             }
             continue;
         }
