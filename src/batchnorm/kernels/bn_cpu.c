@@ -236,14 +236,18 @@ INLINE void VSTORE_MASKED(void *p, int64_t i, __m512 v, __mmask16 k, int dt) {
 
 #define STREAM_N 16 /* the portable C's groups of values (group16, put16): streaming stores, bfloat16 on AVX2 */
 #if !HAVE_AVX512 && HAVE_STREAM
-/* 8 float32 lanes rounded to bfloat16 in the low halves of 32-bit lanes: f32_to_bf16 (round to nearest
- * even, NaN -> 0x7FC0) 8 lanes at once. GCC's vector code for f32_to_bf16 takes 1.7x the instructions. */
-INLINE __m256i bf16_round8(__m256 f) {
+/* 8 float32 lanes rounded to bfloat16 in the high halves of their 32-bit lanes (the low halves: carry
+ * garbage): f32_to_bf16 (round to nearest even, NaN -> 0x7FC0) 8 lanes at once. GCC's vector code for
+ * f32_to_bf16 takes 1.7x the instructions. */
+INLINE __m256i bf16_round8_high(__m256 f) {
     const __m256i u = _mm256_castps_si256(f);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
-    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd);
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
 }
+
+/* The same in the low halves (the high halves 0). */
+INLINE __m256i bf16_round8(__m256 f) { return _mm256_srli_epi32(bf16_round8_high(f), 16); }
 
 /* v[0:16] rounded to bfloat16, in order. */
 INLINE __m256i bf16x16(const float *v) {
@@ -682,7 +686,10 @@ INLINE void seg_stats_in(const void *x, int64_t off, int64_t n, int dt, const in
 }
 
 /* The same in one pass about x0, the mean of the first min(n, 8) values (S2 / M2 <= 1 + n / 8), where
- * one_pass (as the AVX-512 code's seg_stats): 0 where that cancels more than ONE_PASS_CANCEL allows. */
+ * one_pass (as the AVX-512 code's seg_stats): 0 where that cancels more than ONE_PASS_CANCEL allows.
+ * Training forward, kernel_ab.py on AVX2: (32,1024,14,14) NCHW 1287 -> 1055 us, (32,2048,7,7) 864 ->
+ * 781 (torch 1445, 813). With x0 from 16 values added one by one, a serial chain, 7x7 planes lost:
+ * 1224 -> 1370. */
 INLINE int seg_stats1_in(const void *x, int64_t off, int64_t n, int dt, const int nv, double *mean, double *m2) {
     const int64_t n0 = n - n % (8 * nv);
     float x0 = 0.f, t = 0.f, tq = 0.f;
@@ -1008,8 +1015,10 @@ INLINE void planes_elementwise_straddling(int op, const void *x, const void *dy,
 #else
 /* op1_g on the 16 values from element i (one channel's coefficients) to out + i; stream: with streaming
  * stores (i a multiple of 16, the output aligned to 64 bytes). bfloat16 on AVX2 goes through float32
- * copies of its inputs made by bf16_widen16, on which op1_g runs as on float32 tensors: eval of
- * (32,2048,7,7) bfloat16 NCHW ... */
+ * copies of its inputs made by bf16_widen16, on which op1_g runs as on float32 tensors. kernel_ab.py
+ * on AVX2 (-mno-avx512f), with planes_elementwise_cached: eval of (32,2048,7,7) bfloat16 NCHW 392 ->
+ * 307 us, (8,3,224,224) 116 -> 79, backward of (32,1024,14,14) 1627 -> 1457 (torch's AVX2 kernels 373,
+ * 101, 2853); widened in order (two vpmovzxwd, and a permute back) 446 and 120 against in-lane's 378, 110. */
 INLINE void group16(int op, const void *x, const void *dy, void *out, int64_t i, float m, float s, float b, float h,
                     float gs, float gh, const int stream, int dt) {
     float v[STREAM_N];
@@ -1065,7 +1074,8 @@ INLINE void planes_elementwise_straddling(int op, const void *x, const void *dy,
 /* The elementwise pass with regular stores for planes of 16 <= B <= PLANE_LOOP_MAX values, as the
  * AVX-512 code's: plane by plane, groups of 16, the last one ending at the plane's end and
  * overlapping the one before (written twice, with the same values). The compiler's loop over a
- * plane had a scalar tail and its set-up per plane. */
+ * plane had a scalar tail and its set-up per plane (alone: eval of (32,2048,7,7) bfloat16 406 -> 377 us,
+ * training forward of (32,1024,14,14) 2034 -> 1826). */
 INLINE void planes_elementwise_cached(int op, const void *x, const void *dy, void *out, int64_t C, int64_t B,
                                       const float *m, const float *s, const float *b, const float *h,
                                       const float *gs, const float *gh, int dt, int64_t lo, int64_t hi) {
@@ -1307,7 +1317,10 @@ INLINE void rows_block_stats2(const void *x, int dt, int64_t base, int64_t W, in
 }
 
 /* The same in one pass about the shift already in x0 (the mean of the earlier blocks), where
- * one_pass: 0 where some column cancels more than ONE_PASS_CANCEL allows (see one_pass). */
+ * one_pass: 0 where some column cancels more than ONE_PASS_CANCEL allows (see one_pass). Training
+ * forward, kernel_ab.py on AVX2 (-mno-avx512f), two passes -> one: (32,512,28,28) channels_last
+ * 2949 -> 2528 us, (32,1024,14,14) 1268 -> 1069, (4096,1024) 801 -> 672 (torch's AVX2 kernels 2845,
+ * 1361, 929). */
 INLINE int rows_block_stats1(const void *x, int dt, int64_t base, int64_t W, int64_t nr, const float *x0, float *sm,
                              float *q) {
     for (int64_t j = 0; j < W; j++) sm[j] = q[j] = 0.f;
@@ -1686,17 +1699,28 @@ INLINE void rows_tail(int op, const void *x, const void *dy, void *out, rows_sha
 }
 
 #if HAVE_AVX512 && defined(__AVX512BF16__) && !defined(NO_BF16_PAIRS)
-#define BF16_PAIRS 1
-/* Coefficients per column (W of them, W % 32 == 0) in the order rows_apply_pairs reads them: in
- * each run of 32 columns, the 16 even ones, then the 16 odd ones. */
+#define BF16_PAIRS 32 /* rows_apply_pairs, 32 columns a step (AVX-512) */
+#elif !HAVE_AVX512 && HAVE_STREAM && !defined(NO_BF16_PAIRS)
+#define BF16_PAIRS 16 /* rows_apply_pairs, 16 columns a step (AVX2) */
+#else
+#define BF16_PAIRS 0
+#endif
+
+#define PAIRS_N (BF16_PAIRS ? BF16_PAIRS : 1) /* a divisor for the test below */
+#if BF16_PAIRS
+/* Coefficients per column (W of them, W % BF16_PAIRS == 0) in the order rows_apply_pairs reads them:
+ * in each run of BF16_PAIRS columns, the even ones, then the odd ones. */
 static void pairs_order(const float *v, float *p, int64_t W) {
-    for (int64_t j = 0; j < W; j += 32)
-        for (int i = 0; i < 16; i++) {
+    const int half = BF16_PAIRS / 2;
+    for (int64_t j = 0; j < W; j += BF16_PAIRS)
+        for (int i = 0; i < half; i++) {
             p[j + i] = v[j + 2 * i];
-            p[j + 16 + i] = v[j + 2 * i + 1];
+            p[j + half + i] = v[j + 2 * i + 1];
         }
 }
+#endif
 
+#if BF16_PAIRS == 32
 /* rows_apply_pairs' pass on nrows (a constant where inlined) whole rows from element o0: the
  * coefficients of each 32 columns loaded once for all of them. */
 INLINE void pairs_rows(const void *x, void *y, int64_t W, int64_t o0, const int nrows, const float *sp,
@@ -1737,8 +1761,35 @@ static void rows_apply_pairs(const void *x, void *y, int64_t W, int64_t lo, int6
 #endif
     for (; r < hi; r++) pairs_rows(x, y, W, r * W, 1, sp, hp, order, odd);
 }
+#elif BF16_PAIRS == 16
+/* The same on AVX2 (W % 16 == 0), 16 values per step: one 256-bit load split by a shift (even values)
+ * and a mask (odd ones), two multiply-adds with the coefficients in pairs_order, and each result
+ * rounded where it lies, the even ones to the low halves of the 32-bit lanes and the odd ones to the
+ * high halves: one OR puts them back in memory order, without a shuffle (bf16x16 needs two). stream:
+ * streaming stores (the rows start on 32 bytes). Bitwise the other paths' result: the same float32
+ * multiply-add (fused where the compiler fuses affine1's), the same rounding. Eval, kernel_ab.py on AVX2
+ * (-mno-avx512f), against the compiler's loop: (32,2048,7,7) channels_last 322 -> 264 us, (32,1024,14,14)
+ * 596 -> 505, (4096,1024) 383 -> 253, (32,512,28,28) (streaming) 1147 -> 1097 (torch's AVX2 kernels 316,
+ * 650, 402, 1217). */
+static void rows_apply_pairs(const void *x, void *y, int64_t W, int64_t lo, int64_t hi, const float *sp,
+                             const float *hp, int stream) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int64_t r = lo; r < hi; r++)
+        for (int64_t j = 0; j < W; j += 16) {
+            const int64_t o = r * W + j;
+            const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + o));
+            const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+            const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(h, high));
+            const __m256 se = _mm256_loadu_ps(sp + j), so = _mm256_loadu_ps(sp + j + 8);
+            const __m256 he = _mm256_loadu_ps(hp + j), ho = _mm256_loadu_ps(hp + j + 8);
+#ifdef __FMA__
+            const __m256 ye = _mm256_fmadd_ps(xe, se, he), yo = _mm256_fmadd_ps(xo, so, ho);
 #else
-#define BF16_PAIRS 0
+            const __m256 ye = _mm256_add_ps(_mm256_mul_ps(xe, se), he), yo = _mm256_add_ps(_mm256_mul_ps(xo, so), ho);
+#endif
+            put_h16(y, o, _mm256_or_si256(bf16_round8(ye), _mm256_and_si256(bf16_round8_high(yo), high)), stream);
+        }
+}
 #endif
 
 /* The elementwise pass over this thread's wide rows, with per-column coefficient vectors of
@@ -2518,9 +2569,10 @@ static int elementwise_pass(int op, int dt, const void *x, const void *dy, void 
         free(zero);
     } else {
         rows_shape r = rows_layout(A, C, B);
-        /* in pairs where the pass is bound by its arithmetic: in cache (memory-bound, the widening
-         * shuffles measured 3% faster than pairs' 512-bit streaming stores) */
-        const int pairs = BF16_PAIRS && dt == DT_BF16 && op == OP_APPLY && !m && r.W % 32 == 0 && !stream;
+        /* in pairs where the pass is bound by its arithmetic: AVX-512 in cache (memory-bound, the widening
+         * shuffles measured 3% faster than pairs' 512-bit streaming stores), AVX2 always */
+        const int pairs = BF16_PAIRS && dt == DT_BF16 && op == OP_APPLY && !m && r.W % PAIRS_N == 0 &&
+                          (!stream || BF16_PAIRS == 16);
         float *coefw = malloc(sizeof(float) * (pairs ? 6 : 4) * (size_t)r.W); /* per column: m, s, b, h (, s, h) */
         if (!coefw) return 1;
         float *mw = m ? coefw : NULL, *sw = coefw + r.W, *bw = coefw + 2 * r.W, *hw = coefw + 3 * r.W;
@@ -2541,7 +2593,12 @@ static int elementwise_pass(int op, int dt, const void *x, const void *dy, void 
             if (pairs) {
                 int64_t lo, hi;
                 part(r.Ms, t, T, &lo, &hi);
+#if BF16_PAIRS == 32
                 rows_apply_pairs(x, out, r.W, lo, hi, coefw + 4 * r.W, coefw + 5 * r.W);
+#else
+                rows_apply_pairs(x, out, r.W, lo, hi, coefw + 4 * r.W, coefw + 5 * r.W, stream);
+                if (stream) _mm_sfence();
+#endif
                 if (t == T - 1) rows_tail(OP_APPLY, x, NULL, out, r, NULL, sw, NULL, hw, NULL, NULL, DT_BF16);
             } else
 #endif
