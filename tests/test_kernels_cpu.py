@@ -784,14 +784,21 @@ def test_the_kernel_compiles_without_avx2(tmp_path):
     assert out.stat().st_size > 0
 
 
-@pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() != "AVX512", reason="without AVX-512 this file already runs the portable C"
-)
+PORTABLE_VARIANTS = [  # (flags, the CPU capabilities where the native build is another variant)
+    pytest.param("-mno-avx512f", ("AVX512",), id="avx2"),  # streaming stores, explicit AVX2 bfloat16 code
+    pytest.param("-mno-avx512f -mno-avx2", ("AVX512", "AVX2"), id="no-avx2"),  # plain C: ARM, x86 before AVX2
+]
+
+
+@pytest.mark.parametrize("flags,native_elsewhere", PORTABLE_VARIANTS)
 @pytest.mark.skipif(bool(os.environ.get("BATCHNORM_KERNEL_CFLAGS")), reason="already a run of a variant build")
-def test_this_file_passes_on_the_portable_variant():
-    """Everything above, once more on the kernel an AVX2 machine builds (-mno-avx512f: the portable C
-    with its streaming stores and short-plane lanes), with the C++ entry points built against it."""
-    env = {**os.environ, "BATCHNORM_KERNEL_CFLAGS": "-mno-avx512f"}
+def test_this_file_passes_on_the_portable_variant(flags, native_elsewhere):
+    """Everything above, once more on the kernel a CPU without AVX-512 builds: with AVX2 (the portable
+    C with its streaming stores and AVX2 bfloat16 code) and without (the plain C that ARM machines and
+    x86 before AVX2 run), with the C++ entry points built against it."""
+    if torch.backends.cpu.get_cpu_capability() not in native_elsewhere:
+        pytest.skip("this CPU's own build is this variant: the file above ran on it")
+    env = {**os.environ, "BATCHNORM_KERNEL_CFLAGS": flags}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "not portable_variant"],
         env=env,

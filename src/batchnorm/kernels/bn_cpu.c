@@ -363,7 +363,6 @@ INLINE float lanes_sum(float *acc) {
 #endif
 INLINE int one_pass(int dt) { return ONE_PASS_BF16 && dt == DT_BF16; }
 
-
 #if HAVE_AVX512
 /* Masked load of the first `n` (< 16) of 16 values; the other lanes are 0. */
 INLINE __m512 VLDM(const void *p, int64_t i, __mmask16 k, int dt) {
@@ -927,7 +926,6 @@ INLINE __m512 opv_masked(int op, const void *x, const void *dy, int64_t i, __mma
 
 #define PLANE_LOOP_MAX 4096 /* longest planes for planes_elementwise_cached (threads split whole planes) */
 #if HAVE_AVX512
-
 /* The elementwise pass with regular stores for planes of 16 <= B <= PLANE_LOOP_MAX values
  * (longer planes gain nothing, and a thread's share must not hang on few long planes: one
  * (1, 3, 224, 224) image would split 2:1): plane by plane, whole
@@ -1053,8 +1051,9 @@ INLINE void span(int op, const void *x, const void *dy, void *out, int64_t i, in
 /* The elementwise pass over the elements [lo, hi) of the planes of B values, plane by plane (lo a multiple
  * of 64 or of B). */
 INLINE void planes_elementwise_straddling(int op, const void *x, const void *dy, void *out, int64_t C, int64_t B,
-                                    const float *m, const float *s, const float *b, const float *h,
-                                    const float *gs, const float *gh, int stream, int dt, int64_t lo, int64_t hi) {
+                                          const float *m, const float *s, const float *b, const float *h,
+                                          const float *gs, const float *gh, int stream, int dt, int64_t lo,
+                                          int64_t hi) {
     if (lo >= hi) return;
     /* Streaming stores only where every plane starts on a group: the groups that straddle planes
      * would mix regular and streaming stores in one cache line, which took (32,2048,7,7) float32's
