@@ -2784,6 +2784,16 @@ INLINE void mplanes16_grad(const void *dy, const void *x, const uint8_t *mask, c
     store16_pd(r2 + p0, reduce16(v2));
 }
 #else
+/* v where the mask byte k is set, else +0: as `k ? v : 0.f` bit for bit, but as an AND of the bits,
+ * which the compiler vectorizes (a select between a byte and a float it left scalar). On AVX2
+ * (-mno-avx512f), a masked BatchNorm1d over (32,512,128) ~60% real, fwd+bwd: float32 5.5-6.4 -> 2.9 ms,
+ * bfloat16 6.7-7.2 -> 2.8-2.9 (the AVX-512 build: 2.4, 1.8). */
+INLINE float keep_if(uint8_t k, float v) {
+    union { float f; uint32_t u; } b = {v};
+    b.u &= 0u - (uint32_t)(k != 0);
+    return b.f;
+}
+
 /* Mean and M2 of the cnt >= 1 real values among x[off : off+n] (mk: their n mask bytes). */
 INLINE void mseg_stats(const void *x, const uint8_t *mk, int64_t off, int64_t n, double cnt, int dt, double *mean,
                        double *m2) {
@@ -2795,22 +2805,22 @@ INLINE void mseg_stats(const void *x, const uint8_t *mk, int64_t off, int64_t n,
     for (i = 0; i + LANES <= n; i += LANES)
         for (int j = 0; j < LANES; j++) {
             const float v = LD(x, off + i + j, dt) - x0;
-            acc[j] += mk[i + j] ? v : 0.f;
+            acc[j] += keep_if(mk[i + j], v);
         }
     for (int j = 0; i + j < n; j++) {
         const float v = LD(x, off + i + j, dt) - x0;
-        acc[j] += mk[i + j] ? v : 0.f;
+        acc[j] += keep_if(mk[i + j], v);
     }
     const float dm = lanes_sum(acc) / (float)cnt; /* mean of x - x0 */
     for (int j = 0; j < LANES; j++) acc[j] = 0.f;
     for (i = 0; i + LANES <= n; i += LANES)
         for (int j = 0; j < LANES; j++) {
             const float d = (LD(x, off + i + j, dt) - x0) - dm;
-            acc[j] += mk[i + j] ? d * d : 0.f;
+            acc[j] += keep_if(mk[i + j], d * d);
         }
     for (int j = 0; i + j < n; j++) {
         const float d = (LD(x, off + i + j, dt) - x0) - dm;
-        acc[j] += mk[i + j] ? d * d : 0.f;
+        acc[j] += keep_if(mk[i + j], d * d);
     }
     *mean = (double)x0 + (double)dm;
     *m2 = (double)lanes_sum(acc);
@@ -2825,13 +2835,13 @@ INLINE void mseg_grad_sums(const void *dy, const void *x, const uint8_t *mk, int
     for (i = 0; i + LANES <= n; i += LANES)
         for (int j = 0; j < LANES; j++) {
             const float g = LD(dy, off + i + j, dt), gx = g * (LD(x, off + i + j, dt) - mu);
-            a1[j] += mk[i + j] ? g : 0.f;
-            a2[j] += mk[i + j] ? gx : 0.f;
+            a1[j] += keep_if(mk[i + j], g);
+            a2[j] += keep_if(mk[i + j], gx);
         }
     for (int j = 0; i + j < n; j++) {
         const float g = LD(dy, off + i + j, dt), gx = g * (LD(x, off + i + j, dt) - mu);
-        a1[j] += mk[i + j] ? g : 0.f;
-        a2[j] += mk[i + j] ? gx : 0.f;
+        a1[j] += keep_if(mk[i + j], g);
+        a2[j] += keep_if(mk[i + j], gx);
     }
     *s1 = (double)lanes_sum(a1);
     *s2 = (double)lanes_sum(a2);
@@ -2920,7 +2930,7 @@ INLINE void mplanes_elementwise(int op, const void *x, const void *dy, const uin
 #pragma omp simd
         for (int64_t e = 0; e < B; e++) {
             const float v = op1(op, x, dy, o + e, vm, vs, vb, vh, dt);
-            ST(out, o + e, mk[e] ? v : 0.f, dt);
+            ST(out, o + e, keep_if(mk[e], v), dt);
         }
         if (++c == C) c = 0;
     }
