@@ -249,12 +249,6 @@ INLINE __m256i bf16_round8_high(__m256 f) {
 /* The same in the low halves (the high halves 0). */
 INLINE __m256i bf16_round8(__m256 f) { return _mm256_srli_epi32(bf16_round8_high(f), 16); }
 
-/* v[0:16] rounded to bfloat16, in order. */
-INLINE __m256i bf16x16(const float *v) {
-    const __m256i r = _mm256_packus_epi32(bf16_round8(_mm256_loadu_ps(v)), bf16_round8(_mm256_loadu_ps(v + 8)));
-    return _mm256_permute4x64_epi64(r, 0xD8); /* packus packs within 128-bit halves */
-}
-
 /* The 16 bfloat16 values at p + i widened to float32 in v, in the order of the in-lane unpacks: elements
  * 0-3 and 8-11 in v[0:8], 4-7 and 12-15 in v[8:16]. bf16_unwiden16 packs them back in order, in-lane too:
  * no lane-crossing shuffle either way, but only for work that is the same in every lane. */
@@ -266,6 +260,11 @@ INLINE void bf16_widen16(const void *p, int64_t i, float *v) {
 
 INLINE __m256i bf16_unwiden16(const float *v) {
     return _mm256_packus_epi32(bf16_round8(_mm256_loadu_ps(v)), bf16_round8(_mm256_loadu_ps(v + 8)));
+}
+
+/* v[0:16] rounded to bfloat16, in order. */
+INLINE __m256i bf16x16(const float *v) {
+    return _mm256_permute4x64_epi64(bf16_unwiden16(v), 0xD8); /* packus packs within 128-bit halves */
 }
 
 /* 16 bfloat16 values to out + i: streaming stores (stream) or regular ones. */
